@@ -1,0 +1,32 @@
+# Fresh machine: `make demo` (main job) or `make test` (suite). Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-fast demo lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch first: the pinned CPU wheel; every later install is held to it by the constraints file.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -e ".[dev,peft]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(BIN)/tokensift quickstart --out runs/quickstart
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

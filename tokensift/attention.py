@@ -1,0 +1,113 @@
+"""One attention function wrapping the model's own, so no modeling file is forked.
+
+transformers routes every attention call through ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``.
+We register ``tokensift+<base>`` which, per call, reads what our layer pre-hooks left on the attention
+module as ``module.tokensift_call`` (an attribute, because not every model passes ``**kwargs`` down to
+its attention function):
+
+- ``policy`` ``[B, N]``: DynamicViT's policy attention. Keys with policy 0 are invisible to
+  every query except themselves, renormalised with the policy so the gradient reaches a straight-through
+  hard decision (an additive ``log p`` bias would be ``-inf`` with an infinite gradient there).
+- ``key_bias`` ``[B, N]``: added to every query's logits for that key (ToMe's ``log size``).
+- ``capture`` (a dict): store this layer's attention probabilities and head-averaged keys, so a
+  method that scores with attention pays for eager attention at that one layer only.
+
+Without any of them, the call goes to the base implementation unchanged (SDPA, flash, ...), so ``keep_ratio=1``
+reproduces the unpruned model bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+PREFIX = "tokensift+"
+
+
+def attention_probs(query: Tensor, key: Tensor, attention_mask: Tensor | None, scaling: float | None) -> Tensor:
+    """Softmax attention probabilities ``[B, H, Nq, Nk]`` in float32, as eager attention computes them."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        logits = logits + attention_mask.float()
+    return logits.softmax(dim=-1)
+
+
+def policy_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    policy: Tensor,
+    scaling: float | None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """DynamicViT's softmax with policy: each query sees kept keys and itself, renormalised."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        logits = logits + attention_mask.float()
+    n = policy.shape[1]
+    eye = torch.eye(n, device=policy.device, dtype=torch.float32)
+    keep = policy.float()[:, None, None, :]
+    keep = keep + (1.0 - keep) * eye  # a dropped token still attends to itself, so its row stays finite
+    logits = logits - logits.amax(dim=-1, keepdim=True).detach()
+    weights = logits.exp() * keep
+    probs = (weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)
+    out = torch.matmul(probs.to(value.dtype), value)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+def _eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    probs = attention_probs(query, key, attention_mask, scaling).to(query.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+CALL_ATTRIBUTE = "tokensift_call"
+
+
+def _make(base: str):
+    def tokensift_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        call = getattr(module, CALL_ATTRIBUTE, None) or {}
+        policy, capture, key_bias = call.get("policy"), call.get("capture"), call.get("key_bias")
+        if key_bias is not None:
+            bias = key_bias.to(query.dtype)[:, None, None, :]
+            attention_mask = bias if attention_mask is None else attention_mask + bias
+        if capture is not None:
+            capture["keys"] = key.float().mean(dim=1)  # [B, N, Dk]
+        if policy is not None:
+            out, probs = policy_attention(query, key, value, attention_mask, policy, scaling)
+            if capture is not None:
+                capture["attention"] = probs.detach()
+            return out, probs
+        if capture is not None:
+            out, probs = _eager(module, query, key, value, attention_mask, scaling, dropout)
+            capture["attention"] = probs.detach().float()
+            return out, probs
+        fn = _eager if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    tokensift_attention.__name__ = f"tokensift_attention_{base}"
+    return tokensift_attention
+
+
+def wrapped_name(base: str) -> str:
+    """Register (once) and return the name of the attention function wrapping ``base``."""
+    if base.startswith(PREFIX):
+        return base
+    name = PREFIX + base
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        if base != "eager" and base not in ALL_ATTENTION_FUNCTIONS:
+            raise ValueError(
+                f"attn_implementation {base!r} is not registered with transformers; "
+                "use 'sdpa', 'eager' or a registered kernel."
+            )
+        AttentionInterface.register(name, _make(base))
+    return name
+
+
+def base_name(name: str) -> str:
+    return name[len(PREFIX) :] if name.startswith(PREFIX) else name

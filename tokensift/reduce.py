@@ -1,0 +1,244 @@
+"""The one reduction mechanism: hooks on an unmodified backbone that run a method at its sites.
+
+- gather mode (inference): after a site's block the method picks survivors and the sequence *shrinks*
+  (``gather`` in ascending original order); every later block runs on fewer tokens.
+- mask mode (training): the sequence keeps its length; the method's keep policy enters every later
+  block's attention (``tokensift.attention``), and the head's pooling sees only kept tokens.
+
+Both modes share the per-forward bookkeeping (original indices, merge sizes, policy) kept in ``_Run``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from tokensift import attention as attn
+from tokensift.backbones.vision import VisionAdapter
+from tokensift.budget import Budget
+from tokensift.scorers.base import TokenMethod, num_prunable_alive
+from tokensift.state import TokenState
+
+Mode = Literal["gather", "mask"]
+
+
+@dataclass
+class SiteRecord:
+    """What happened at one site in the last forward pass (for losses, stats and overlays)."""
+
+    site: str
+    kept_orig_index: Tensor | None  # gather mode: [B, K] original indices of the survivors
+    policy: Tensor | None  # mask mode: [B, N] cumulative keep decision (differentiable when learned)
+    keep_fraction: Tensor  # [B] prunable tokens kept / prunable tokens in the unpruned input
+    target: float  # the budget's cumulative keep fraction at this site
+    hidden: Tensor | None = None  # gather mode: the survivors' hidden states right after the site
+
+
+@dataclass
+class _Run:
+    grid: tuple[int, int]
+    protected: Tensor | None = None
+    orig_index: Tensor | None = None
+    size: Tensor | None = None
+    policy: Tensor | None = None
+    num_prefix: int = 0
+    num_prunable: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    capture: dict | None = None
+    records: list[SiteRecord] = field(default_factory=list)
+
+
+class PruningHandle:
+    """A method applied to a model. ``remove()`` (or leaving the ``with`` block) restores it exactly."""
+
+    def __init__(
+        self,
+        adapter: VisionAdapter,
+        method: TokenMethod,
+        budget: Budget,
+        sites: list[str] | None = None,
+        mode: Mode = "gather",
+    ):
+        if mode not in ("gather", "mask"):
+            raise ValueError(f"mode must be 'gather' (inference) or 'mask' (training), got {mode!r}")
+        if mode == "mask" and method.merges:
+            raise ValueError(f"{method.name} merges tokens and only runs in gather mode")
+        self.adapter = adapter
+        self.method = method
+        self.budget = budget
+        self.mode: Mode = mode
+        self.enabled = True
+        self.sites = list(sites or method.config.sites or method.default_sites(adapter))
+        self._site_layers = {adapter.layer_of(site): site for site in self.sites}
+        if len(self._site_layers) != len(self.sites):
+            raise ValueError(f"sites must be distinct, got {self.sites}")
+        self.sites = [self._site_layers[i] for i in sorted(self._site_layers)]
+        self._run: _Run | None = None
+        self.last_records: list[SiteRecord] = []
+        self._original_attn = adapter.config._attn_implementation
+        adapter.tower.set_attn_implementation(attn.wrapped_name(self._original_attn))
+        self._hooks = [adapter.tower.register_forward_pre_hook(self._start, with_kwargs=True)]
+        for index, layer in enumerate(adapter.layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._before_layer(index), with_kwargs=True))
+            if index in self._site_layers:
+                self._hooks.append(layer.register_forward_hook(self._after_site(index)))
+        self._hooks.append(adapter.final_token_module.register_forward_hook(self._pool_kept_only))
+        self.model = adapter.model
+
+    # -- public ---------------------------------------------------------------------------------
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for module in self.adapter.attention_modules:
+            if hasattr(module, attn.CALL_ATTRIBUTE):
+                delattr(module, attn.CALL_ATTRIBUTE)
+        self.adapter.tower.set_attn_implementation(self._original_attn)
+
+    def __enter__(self) -> PruningHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def set_budget(self, keep_ratio=None, keep_count=None) -> None:
+        self.budget = Budget(keep_ratio=keep_ratio, keep_count=keep_count)
+
+    def site_counts(self, num_prunable: int | None = None) -> dict[str, int]:
+        """Prunable tokens kept after each site for the current budget."""
+        n = num_prunable or self.adapter.num_patches()
+        return self.budget.counts(self.sites, n)
+
+    @property
+    def kept_orig_index(self) -> Tensor | None:
+        """``[B, K]`` original indices of the tokens that survived the last site of the last forward."""
+        records = [r for r in self.last_records if r.kept_orig_index is not None]
+        return records[-1].kept_orig_index if records else None
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _start(self, module: nn.Module, args: tuple, kwargs: dict):
+        if not self.enabled:
+            self._run = None
+            return None
+        pixel_values = kwargs.get("pixel_values", args[0] if args else None)
+        self._run = _Run(grid=self.adapter.grid_for(pixel_values))
+        self.last_records = self._run.records
+        return None
+
+    def _init_tokens(self, run: _Run, hidden: Tensor) -> None:
+        b, n = hidden.shape[:2]
+        run.num_prefix = n - run.grid[0] * run.grid[1]
+        run.num_prunable = run.grid[0] * run.grid[1]
+        run.orig_index = torch.arange(n, device=hidden.device).expand(b, n)
+        run.protected = run.orig_index < run.num_prefix
+        run.size = torch.ones(b, n, device=hidden.device, dtype=torch.float32)
+        run.counts = self.budget.counts(self.sites, run.num_prunable)
+
+    def _before_layer(self, index: int):
+        attention_module = self.adapter.attention_modules[index]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            run = self._run
+            call = {}
+            if run is not None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                if run.orig_index is None:
+                    self._init_tokens(run, hidden)
+                if _attention_mask(args, kwargs) is not None and hidden.shape[1] != _full_length(run):
+                    raise NotImplementedError("tokensift cannot yet shrink a vision tower that gets an attention mask")
+                if run.policy is not None:
+                    call["policy"] = run.policy
+                if not bool((run.size == 1).all()):
+                    call["key_bias"] = run.size.log()  # ToMe's proportional attention
+                site = self._site_layers.get(index)
+                if site is not None and self._site_is_active(run, site):
+                    if self.method.needs_attention or self.method.needs_keys:
+                        run.capture = call["capture"] = {}
+            setattr(attention_module, attn.CALL_ATTRIBUTE, call or None)
+
+        return hook
+
+    def _site_is_active(self, run: _Run, site: str) -> bool:
+        alive = _alive_prunable(run)
+        return run.counts[site] < alive or (self.mode == "mask" and self.method.kind == "learned")
+
+    def _after_site(self, index: int):
+        site = self._site_layers[index]
+
+        def hook(module: nn.Module, args: tuple, output):
+            run = self._run
+            if run is None:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            count = run.counts[site]
+            target = count / run.num_prunable
+            if not self._site_is_active(run, site):
+                run.capture = None
+                return None
+            capture = run.capture or {}
+            run.capture = None
+            state = TokenState(
+                hidden=hidden,
+                protected=run.protected,
+                orig_index=run.orig_index,
+                size=run.size,
+                grid=run.grid,
+                num_prefix=run.num_prefix,
+                site=site,
+                layer=index,
+                policy=run.policy,
+                attention=capture.get("attention"),
+                keys=capture.get("keys"),
+                keep_target=torch.full((hidden.shape[0],), target, device=hidden.device),
+            )
+            if self.mode == "mask":
+                run.policy = self.method.keep_policy(state, count)
+                kept = (run.policy * (~run.protected).float()).sum(1)
+                run.records.append(SiteRecord(site, None, run.policy, kept / run.num_prunable, target))
+                return None
+            reduced = self.method.reduce(state, count)
+            run.protected, run.orig_index, run.size = reduced.protected, reduced.orig_index, reduced.size
+            kept = (~reduced.protected).sum(1).float()
+            run.records.append(
+                SiteRecord(site, reduced.orig_index, None, kept / run.num_prunable, target, reduced.hidden)
+            )
+            if isinstance(output, tuple):
+                return (reduced.hidden, *output[1:])
+            return reduced.hidden
+
+        return hook
+
+    def _pool_kept_only(self, module: nn.Module, args: tuple, output):
+        """Mask mode: give dropped tokens the mean of the kept ones, so a mean-pooling head sees only those."""
+        run = self._run
+        if run is None or run.policy is None or self.adapter.pooling not in ("mean_all", "mean_patches"):
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        pooled = run.policy if self.adapter.pooling == "mean_all" else run.policy * (~run.protected).float()
+        weights = pooled.to(hidden.dtype).unsqueeze(-1)
+        mean = (hidden * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1e-6)
+        filled = hidden * weights + mean * (1 - weights)
+        keep_special = run.protected.unsqueeze(-1)
+        filled = torch.where(keep_special, hidden, filled)
+        return (filled, *output[1:]) if isinstance(output, tuple) else filled
+
+
+def _alive_prunable(run: _Run) -> int:
+    alive = ~run.protected
+    if run.policy is not None:
+        alive = alive & (run.policy > 0)
+    return int(alive.sum(1).max())
+
+
+def _full_length(run: _Run) -> int:
+    return run.num_prefix + run.num_prunable
+
+
+def _attention_mask(args: tuple, kwargs: dict) -> Tensor | None:
+    return args[1] if len(args) > 1 else kwargs.get("attention_mask")
+
+
+__all__ = ["PruningHandle", "SiteRecord", "num_prunable_alive"]

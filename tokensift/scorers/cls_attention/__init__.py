@@ -1,0 +1,3 @@
+from tokensift.scorers.cls_attention.model import ClsAttentionConfig, ClsAttentionMethod
+
+__all__ = ["ClsAttentionConfig", "ClsAttentionMethod"]

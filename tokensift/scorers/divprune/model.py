@@ -1,0 +1,57 @@
+"""DivPrune: keep a maximally diverse subset (greedy max-min cosine distance), no scores needed.
+
+The first pick is the token farthest from its nearest neighbour; each next pick maximises its
+distance to the closest token already picked. Special tokens are kept and play no part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tokensift.scorers.base import MethodConfig, TokenMethod
+from tokensift.scorers.registry import register
+from tokensift.state import TokenState
+
+
+@dataclass
+class DivPruneConfig(MethodConfig):
+    pass
+
+
+def max_min_diverse(features: Tensor, candidates: Tensor, num_keep: int) -> Tensor:
+    """Greedy max-min diversity: ``[B, num_keep]`` indices among ``candidates`` ([B, N] bool)."""
+    normed = features.float() / features.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    distance = 1.0 - normed @ normed.transpose(1, 2)  # [B, N, N]
+    b, n, _ = distance.shape
+    ninf = torch.tensor(float("-inf"), device=features.device)
+    pair_ok = candidates.unsqueeze(1) & candidates.unsqueeze(2) & ~torch.eye(n, dtype=torch.bool, device=features.device)
+    nearest = distance.masked_fill(~pair_ok, float("inf")).amin(dim=-1)  # distance to nearest other candidate
+    first = torch.where(candidates, nearest, ninf).argmax(dim=-1)
+    picks = [first]
+    closest = distance.gather(1, first.view(b, 1, 1).expand(b, 1, n)).squeeze(1)  # min distance to picks
+    chosen = torch.zeros_like(candidates)
+    chosen[torch.arange(b), first] = True
+    for _ in range(num_keep - 1):
+        pick = torch.where(candidates & ~chosen, closest, ninf).argmax(dim=-1)
+        picks.append(pick)
+        chosen[torch.arange(b), pick] = True
+        closest = torch.minimum(closest, distance.gather(1, pick.view(b, 1, 1).expand(b, 1, n)).squeeze(1))
+    return torch.stack(picks, dim=1)
+
+
+@register
+class DivPruneMethod(TokenMethod):
+    name = "divprune"
+    config_class = DivPruneConfig
+    description = "keep a maximally diverse subset (greedy max-min cosine distance, DivPrune)"
+
+    def select(self, state: TokenState, num_keep: int) -> Tensor:
+        picks = max_min_diverse(state.hidden, state.prunable, num_keep)
+        special = state.protected & state.alive
+        keep = special.clone()
+        keep.scatter_(1, picks, True)
+        count = int(keep[0].sum())
+        return keep.float().topk(count, dim=1).indices.sort(dim=1).values

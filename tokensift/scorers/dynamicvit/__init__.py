@@ -1,0 +1,3 @@
+from tokensift.scorers.dynamicvit.model import DynamicViTConfig, DynamicViTMethod
+
+__all__ = ["DynamicViTConfig", "DynamicViTMethod"]

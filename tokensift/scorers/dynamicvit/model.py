@@ -1,0 +1,108 @@
+"""DynamicViT's prediction module, one per stage, trained on a frozen backbone.
+
+Per token: LayerNorm → Linear → GELU gives a feature whose first half is local and whose second half
+is pooled over the live patch tokens (weighted by the current policy) as global context; local ⊕
+global → MLP → keep logit. Training samples a hard keep decision with binary Gumbel noise and a
+straight-through gradient, multiplied into the previous stage's decision (a dropped token stays
+dropped). At inference the logits rank tokens and the budget picks the top ones.
+
+``budget_conditioned``: the MLP also reads ``log(keep target)`` of the site, so one scorer trained
+over a range of keep ratios knows which budget it is asked to meet (the budget loss is then
+consistent across ratios instead of pulling towards their mean).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tokensift.scorers.base import MethodConfig, TokenMethod
+from tokensift.scorers.registry import register
+from tokensift.state import TokenState
+
+
+@dataclass
+class DynamicViTConfig(MethodConfig):
+    """``hidden_size`` and ``sites`` are filled from the backbone when left unset."""
+
+    hidden_size: int | None = None
+    num_stages: int = 3
+    hidden_ratio: float = 0.5  # predictor width relative to the backbone's hidden size
+    budget_conditioned: bool = True
+    gumbel_tau: float = 1.0
+
+
+class _Predictor(nn.Module):
+    def __init__(self, dim: int, width: int, conditioned: bool):
+        super().__init__()
+        self.conditioned = conditioned
+        self.in_proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, width), nn.GELU())
+        extra = 1 if conditioned else 0
+        self.head = nn.Sequential(
+            nn.Linear(width + extra, width // 2),
+            nn.GELU(),
+            nn.Linear(width // 2, width // 4),
+            nn.GELU(),
+            nn.Linear(width // 4, 1),
+        )
+
+    def forward(self, hidden: Tensor, pool_weight: Tensor, keep_target: Tensor | None) -> Tensor:
+        feat = self.in_proj(hidden)
+        local, glob = feat.chunk(2, dim=-1)
+        w = pool_weight.to(feat.dtype).unsqueeze(-1)
+        glob = (glob * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        parts = [local, glob.expand_as(local)]
+        if self.conditioned:
+            target = keep_target.clamp_min(1e-3).log().to(feat.dtype)
+            parts.append(target.view(-1, 1, 1).expand(-1, feat.shape[1], 1))
+        return self.head(torch.cat(parts, dim=-1)).squeeze(-1)
+
+
+@register
+class DynamicViTMethod(TokenMethod):
+    name = "dynamicvit"
+    kind = "learned"
+    config_class = DynamicViTConfig
+    num_default_sites = 3
+    description = "DynamicViT prediction modules: local ⊕ global features → MLP → keep logit (learned)"
+
+    def __init__(self, config: DynamicViTConfig | None = None):
+        super().__init__(config)
+        cfg = self.config
+        if cfg.hidden_size is None or cfg.sites is None:
+            raise ValueError(
+                "DynamicViTConfig needs hidden_size and sites; build it with DynamicViTMethod.for_backbone()."
+            )
+        width = max(8, int(cfg.hidden_size * cfg.hidden_ratio) // 4 * 4)
+        self.predictors = nn.ModuleList(
+            _Predictor(cfg.hidden_size, width, cfg.budget_conditioned) for _ in cfg.sites
+        )
+
+    @classmethod
+    def for_backbone(cls, adapter, config: DynamicViTConfig | None = None) -> DynamicViTMethod:
+        config = config or DynamicViTConfig()
+        if config.hidden_size is None:
+            config.hidden_size = adapter.hidden_size
+        if config.sites is None:
+            config.sites = adapter.spread_sites(config.num_stages)
+        return cls(config)
+
+    def score(self, state: TokenState) -> Tensor:
+        stage = self.config.sites.index(state.site)
+        pool_weight = state.prunable.float() if state.policy is None else state.policy * (~state.protected)
+        return self.predictors[stage](state.hidden, pool_weight, state.keep_target)
+
+    def keep_policy(self, state: TokenState, num_keep: int) -> Tensor:
+        if not self.training:
+            return super().keep_policy(state, num_keep)
+        logits = self.score(state)
+        u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+        noise = u.log() - (-u).log1p()  # logistic = difference of two Gumbels: binary Gumbel-softmax
+        soft = torch.sigmoid((logits + noise) / self.config.gumbel_tau)
+        hard = (soft > 0.5).to(soft.dtype)
+        decision = hard - soft.detach() + soft  # straight-through
+        previous = torch.ones_like(decision) if state.policy is None else state.policy
+        decision = torch.where(state.protected, torch.ones_like(decision), decision)
+        return decision * previous

@@ -1,0 +1,3 @@
+from tokensift.scorers.random.model import RandomConfig, RandomMethod
+
+__all__ = ["RandomConfig", "RandomMethod"]
