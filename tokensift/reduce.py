@@ -154,9 +154,9 @@ class PruningHandle:
                 if not bool((run.size == 1).all()):
                     call["key_bias"] = run.size.log()  # ToMe's proportional attention
                 site = self._site_layers.get(index)
-                if site is not None and self._site_is_active(run, site):
-                    if self.method.needs_attention or self.method.needs_keys:
-                        run.capture = call["capture"] = {}
+                wants_capture = self.method.needs_attention or self.method.needs_keys
+                if site is not None and wants_capture and self._site_is_active(run, site):
+                    run.capture = call["capture"] = {}
             setattr(attention_module, attn.CALL_ATTRIBUTE, call or None)
 
         return hook

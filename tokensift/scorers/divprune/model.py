@@ -27,7 +27,8 @@ def max_min_diverse(features: Tensor, candidates: Tensor, num_keep: int) -> Tens
     distance = 1.0 - normed @ normed.transpose(1, 2)  # [B, N, N]
     b, n, _ = distance.shape
     ninf = torch.tensor(float("-inf"), device=features.device)
-    pair_ok = candidates.unsqueeze(1) & candidates.unsqueeze(2) & ~torch.eye(n, dtype=torch.bool, device=features.device)
+    others = ~torch.eye(n, dtype=torch.bool, device=features.device)
+    pair_ok = candidates.unsqueeze(1) & candidates.unsqueeze(2) & others
     nearest = distance.masked_fill(~pair_ok, float("inf")).amin(dim=-1)  # distance to nearest other candidate
     first = torch.where(candidates, nearest, ninf).argmax(dim=-1)
     picks = [first]

@@ -32,7 +32,7 @@ def bipartite_merge(
     Returns hidden, metric, size, protected and orig_index of the ``N - r`` remaining tokens, in
     ascending original order. Protected tokens are never merged away nor merged into.
     """
-    b, n, d = hidden.shape
+    _b, n, _d = hidden.shape
     if r <= 0:
         return hidden, metric, size, protected, orig_index
     normed = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
