@@ -1,0 +1,56 @@
+"""``tokensift`` console script: LightningCLI for fit/validate/test, plain typed functions for the rest."""
+
+from __future__ import annotations
+
+import sys
+
+from jsonargparse import auto_cli
+from lightning.pytorch.cli import LightningCLI
+
+TOOL_COMMANDS = ("export",)
+
+DEFAULT_CALLBACKS = [
+    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+    {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"monitor": "val/acc", "mode": "max", "save_last": True, "filename": "best"},
+    },
+]
+DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
+
+
+class TokensiftCLI(LightningCLI):
+    """LightningCLI with the scorer trainer, any LightningDataModule and tokensift's defaults."""
+
+    def __init__(self, args=None, run: bool = True, **kwargs):
+        from lightning.pytorch.core import LightningDataModule
+
+        from tokensift.trainer import ScorerTrainer
+
+        super().__init__(
+            ScorerTrainer,
+            LightningDataModule,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS, "trainer.logger": DEFAULT_LOGGER})
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOL_COMMANDS:
+        from tokensift.export.checkpoint import export
+
+        commands = {"export": export}
+        auto_cli(commands[argv[0]], args=argv[1:])
+        return
+    TokensiftCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The LightningModule that trains a learned token scorer on a frozen backbone.
+
+One forward of the frozen backbone with the handle disabled is the teacher (no second copy of the
+weights); the same backbone with the scorer in mask mode is the student. Only the scorer's parameters
+reach the optimizer, and the backbone stays in eval mode (dropout off) whatever Lightning asks.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from tokensift.backbones import adapt, load_backbone
+from tokensift.budget import Budget
+from tokensift.reduce import PruningHandle
+from tokensift.scorers import TokenMethod, get_method_class
+from tokensift.trainer.losses import LossWeights, scorer_objective
+
+CHECKPOINT_KEY = "tokensift"
+
+
+class ScorerTrainer(L.LightningModule):
+    """Train ``method`` on the frozen ``backbone``.
+
+    Args:
+        backbone: a local ``save_pretrained`` directory or a hub name of a ViT / CLIP / SigLIP classifier.
+        method: a learned method name (``dynamicvit``).
+        method_options: the method's config fields (e.g. ``{"num_stages": 3, "hidden_ratio": 0.5}``).
+        keep_ratio_range: each training batch samples its final keep ratio uniformly from this range, so
+            one scorer serves any budget in it; ``[r, r]`` trains a fixed-ratio scorer.
+        eval_keep_ratios: validation/test report accuracy at each of these (hard top-k, gather mode).
+        loss: weights of the objective's terms.
+        lr, weight_decay, warmup_fraction: AdamW with linear warm-up then cosine decay.
+        attn_implementation: the backbone's attention kernel ("sdpa" or "eager").
+    """
+
+    strict_loading = False  # checkpoints leave out the frozen backbone; it is rebuilt from `backbone`
+
+    def __init__(
+        self,
+        backbone: str,
+        method: str = "dynamicvit",
+        method_options: dict[str, Any] | None = None,
+        keep_ratio_range: tuple[float, float] = (0.25, 0.75),
+        eval_keep_ratios: list[float] | None = None,
+        loss: LossWeights | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_fraction: float = 0.05,
+        attn_implementation: str = "sdpa",
+        seed: int = 0,
+    ):
+        super().__init__()
+        low, high = keep_ratio_range
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"keep_ratio_range must satisfy 0 < low <= high <= 1, got {keep_ratio_range}.")
+        eval_keep_ratios = list(eval_keep_ratios or [0.5, 0.25])
+        for ratio in eval_keep_ratios:
+            Budget(keep_ratio=ratio)  # validates
+        self.save_hyperparameters()
+        self.keep_ratio_range = (float(low), float(high))
+        self.eval_keep_ratios = eval_keep_ratios
+        self.loss_weights = loss or LossWeights()
+        self.backbone = load_backbone(backbone, attn_implementation=attn_implementation)
+        self.adapter = adapt(self.backbone)
+        _freeze(self.backbone)
+        cls = get_method_class(method)
+        if cls.kind != "learned":
+            raise ValueError(f"method {method!r} is training-free; train a learned method such as 'dynamicvit'.")
+        config = cls.config_class.from_dict(method_options)
+        self.method: TokenMethod = cls.for_backbone(self.adapter, config)
+        self.handle = PruningHandle(self.adapter, self.method, Budget(keep_ratio=high), mode="mask")
+        self._final_tokens: torch.Tensor | None = None
+        self.adapter.final_token_module.register_forward_hook(self._grab_final_tokens)
+        self._rng = random.Random(seed)
+        num_classes = int(self.backbone.config.num_labels)
+        self.val_acc = nn.ModuleDict({_key(r): MulticlassAccuracy(num_classes) for r in ["full", *eval_keep_ratios]})
+        self.test_acc = nn.ModuleDict({_key(r): MulticlassAccuracy(num_classes) for r in ["full", *eval_keep_ratios]})
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> ScorerTrainer:
+        super().train(mode)
+        self.backbone.eval()  # frozen means frozen: dropout stays off during fit
+        return self
+
+    def configure_optimizers(self):
+        params = [p for p in self.method.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(total * self.hparams.warmup_fraction))
+        schedule = torch.optim.lr_scheduler.SequentialLR(
+            optimizer,
+            [
+                torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
+                torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup)),
+            ],
+            milestones=[warmup],
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        pixel_values, labels = batch["pixel_values"], batch["labels"]
+        with torch.no_grad():
+            self.handle.enabled = False
+            teacher_logits = self.adapter.logits(pixel_values)
+            teacher_tokens = self._final_tokens
+        keep_ratio = self._rng.uniform(*self.keep_ratio_range)
+        self.handle.enabled, self.handle.mode = True, "mask"
+        self.handle.set_budget(keep_ratio=keep_ratio)
+        self.method.train()
+        logits = self.adapter.logits(pixel_values)
+        terms = scorer_objective(
+            logits=logits,
+            labels=labels,
+            teacher_logits=teacher_logits,
+            tokens=self._final_tokens,
+            teacher_tokens=teacher_tokens,
+            records=self.handle.last_records,
+            weights=self.loss_weights,
+        )
+        batch_size = labels.shape[0]
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
+        kept = torch.stack([r.keep_fraction.mean() for r in self.handle.last_records]).mean()
+        self.log("train/keep_fraction", kept, batch_size=batch_size)
+        self.log("train/keep_target", keep_ratio, batch_size=batch_size)
+        return terms["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_acc, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_acc, "test")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("backbone.")]:
+            del state[key]  # frozen and reloadable: keeps checkpoints scorer-sized
+        checkpoint[CHECKPOINT_KEY] = self.artifact_metadata()
+
+    # -- helpers --------------------------------------------------------------------------------
+    def artifact_metadata(self) -> dict:
+        from dataclasses import asdict
+
+        return {
+            "method": self.method.name,
+            "config": asdict(self.method.config),
+            "fingerprint": self.adapter.fingerprint(),
+            "trained_keep_ratio_range": list(self.keep_ratio_range),
+            "default_budget": {"keep_ratio": self.eval_keep_ratios[0]},
+        }
+
+    def _evaluate(self, batch: dict, metrics: nn.ModuleDict, stage: str) -> None:
+        pixel_values, labels = batch["pixel_values"], batch["labels"]
+        self.handle.enabled = False
+        metrics[_key("full")].update(self.adapter.logits(pixel_values), labels)
+        self.handle.enabled, self.handle.mode = True, "gather"
+        for ratio in self.eval_keep_ratios:
+            self.handle.set_budget(keep_ratio=ratio)
+            metrics[_key(ratio)].update(self.adapter.logits(pixel_values), labels)
+        self.handle.mode = "mask"
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracy(self.val_acc, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy(self.test_acc, "test")
+
+    def _log_accuracy(self, metrics: nn.ModuleDict, stage: str) -> None:
+        """``<stage>/acc_<budget>`` per budget, and ``<stage>/acc``: the mean over pruned budgets (monitored)."""
+        values = {name: metric.compute() for name, metric in metrics.items()}
+        for name, value in values.items():
+            self.log(f"{stage}/acc_{name}", value, prog_bar=name != "full")
+        pruned = [v for name, v in values.items() if name != "full"]
+        self.log(f"{stage}/acc", torch.stack(pruned).mean())
+        for metric in metrics.values():
+            metric.reset()
+
+    def _grab_final_tokens(self, module: nn.Module, args: tuple, output) -> None:
+        self._final_tokens = output[0] if isinstance(output, tuple) else output
+
+
+def _freeze(model: nn.Module) -> None:
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+
+
+def _key(ratio) -> str:
+    return "full" if ratio == "full" else f"keep{ratio:g}".replace(".", "_")
