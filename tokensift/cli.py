@@ -11,10 +11,13 @@ TOOL_COMMANDS = ("export",)
 
 DEFAULT_CALLBACKS = [
     {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+    # best by mean pruned validation accuracy, and the latest weights (Lightning's save_last only
+    # refreshes when the best improves)
     {
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {"monitor": "val/acc", "mode": "max", "save_last": True, "filename": "best"},
+        "init_args": {"monitor": "val/acc", "mode": "max", "filename": "best"},
     },
+    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"filename": "last"}},
 ]
 DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
 
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         from tokensift.export.checkpoint import export
 
         commands = {"export": export}
-        auto_cli(commands[argv[0]], args=argv[1:])
+        auto_cli(commands[argv[0]], args=argv[1:], prog=f"tokensift {argv[0]}")
         return
     TokensiftCLI(args=argv)
 

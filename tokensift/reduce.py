@@ -76,6 +76,7 @@ class PruningHandle:
         if len(self._site_layers) != len(self.sites):
             raise ValueError(f"sites must be distinct, got {self.sites}")
         self.sites = [self._site_layers[i] for i in sorted(self._site_layers)]
+        budget.counts(self.sites, adapter.num_patches())  # a per-site budget must name these sites: fail before hooking
         self._run: _Run | None = None
         self.last_records: list[SiteRecord] = []
         self._original_attn = adapter.config._attn_implementation
@@ -105,7 +106,9 @@ class PruningHandle:
         self.remove()
 
     def set_budget(self, keep_ratio=None, keep_count=None) -> None:
-        self.budget = Budget(keep_ratio=keep_ratio, keep_count=keep_count)
+        budget = Budget(keep_ratio=keep_ratio, keep_count=keep_count)
+        budget.counts(self.sites, self.adapter.num_patches())  # fail now, not in the next forward's hooks
+        self.budget = budget
 
     def site_counts(self, num_prunable: int | None = None) -> dict[str, int]:
         """Prunable tokens kept after each site for the current budget."""
