@@ -67,7 +67,8 @@ def apply(
     if method.kind == "learned" and sites is not None and list(sites) != list(method.config.sites):
         raise ValueError(f"a learned {method.name} scorer runs at the sites it was trained for: {method.config.sites}")
     method.to(next(model.parameters()).device)
-    method.eval()
+    if mode == "gather":
+        method.eval()  # mask mode keeps the caller's choice: a learned method in train() samples its policy
     return PruningHandle(adapter, method, budget, sites=sites, mode=mode)
 
 

@@ -77,6 +77,8 @@ class PruningHandle:
             raise ValueError(f"sites must be distinct, got {self.sites}")
         self.sites = [self._site_layers[i] for i in sorted(self._site_layers)]
         budget.counts(self.sites, adapter.num_patches())  # a per-site budget must name these sites: fail before hooking
+        if attn.base_name(adapter.config._attn_implementation) != adapter.config._attn_implementation:
+            raise ValueError("this model already has a tokensift method applied; remove() its handle first.")
         self._run: _Run | None = None
         self.last_records: list[SiteRecord] = []
         self._original_attn = adapter.config._attn_implementation

@@ -18,7 +18,6 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import ViTConfig, ViTForImageClassification
 
-
 REPORT = "tokensift_backbone.json"  # what the recipe measured, beside the weights
 
 

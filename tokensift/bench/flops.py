@@ -1,0 +1,201 @@
+"""An analytic FLOPs model of a (pruned) vision transformer forward pass.
+
+One multiply-add counts as 2 FLOPs. Per transformer block with ``n`` tokens, hidden size ``d`` and MLP
+width ``m``:
+
+- attention projections q, k, v, o: ``4 · n · d²`` multiply-adds → ``8 n d²``
+- attention scores ``QKᵀ`` and the weighted sum ``AV``: ``2 · n² · d`` multiply-adds → ``4 n² d``
+- MLP (two linears): ``2 · n · d · m`` multiply-adds → ``4 n d m``
+
+LayerNorms, softmax, GELU, residual adds and biases are left out (they are O(n·d) and do not change the
+picture). The patch embedding (``2 · P · C · p² · d`` for ``P`` patches of ``p × p × C`` pixels) and the
+classifier head (``2 · in · out`` per ``nn.Linear`` of ``model.classifier``, applied once to the pooled
+vector) are counted once: pruning does not change them, but they belong to the total the ratio is taken of.
+
+Token counts: every block before the first site sees all ``num_prefix + P`` tokens; a site ``vit.i``
+(output of block ``i``) keeps ``count`` prunable tokens, so every block after it sees ``count +
+num_prefix`` tokens (ToMe's merged tokens count once each).
+
+The scorer's own cost is added at each site where it actually runs (a site whose budget keeps every
+token that is still alive is skipped by the reduction hooks, so it costs nothing):
+
+- learned scorers: every ``nn.Linear`` of the stage's predictor (``method.predictors[stage]``) costs
+  ``2 · in · out`` per token present at the site; a learned method without ``predictors`` is charged
+  all of its ``nn.Linear`` layers at every site.
+- training-free scorers, with ``n`` tokens present at the site, hidden size ``d``, ``k`` tokens kept:
+  ``l2norm`` ``n·d`` (squares and sums), ``divprune`` ``n²·d + k·n`` (cosine similarity matrix, then
+  ``k`` greedy max-min sweeps), ``tome`` ``n²/4 · d`` (similarity between the two halves of the
+  bipartite split, per merge round), ``cls_attention`` 0 (the attention probabilities it reads are
+  those of the block itself, computed eagerly at that one layer instead of by SDPA: no extra work),
+  ``random`` and the benchmark's ``oracle`` 0. A method may override this with a method
+  ``analytic_flops(n, d, k) -> float``; any other training-free method is charged 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import nn
+
+from tokensift.backbones.vision import VisionAdapter
+
+# cost of one selection at a site: (tokens present n, hidden d, prunable tokens kept k) -> FLOPs
+TRAINING_FREE_COSTS: dict[str, Callable[[int, int, int], float]] = {
+    "l2norm": lambda n, d, k: float(n * d),
+    "divprune": lambda n, d, k: float(n * n * d + k * n),
+    "tome": lambda n, d, k: n * n / 4 * d,
+    "cls_attention": lambda n, d, k: 0.0,
+    "random": lambda n, d, k: 0.0,
+    "oracle": lambda n, d, k: 0.0,
+}
+
+
+def block_flops(n: int, d: int, m: int) -> float:
+    """FLOPs of one transformer block on ``n`` tokens (hidden ``d``, MLP width ``m``)."""
+    return float(8 * n * d * d + 4 * n * n * d + 4 * n * d * m)
+
+
+def _mlp_width(adapter: VisionAdapter) -> int:
+    width = getattr(adapter.config, "intermediate_size", None)
+    return int(width) if width is not None else 4 * adapter.hidden_size
+
+
+def _linear_flops(module: nn.Module) -> float:
+    """FLOPs per input vector of every ``nn.Linear`` inside ``module``: ``2 · in · out`` each."""
+    return float(sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear)))
+
+
+def embed_flops(adapter: VisionAdapter, num_patches: int | None = None) -> float:
+    """Patch embedding: a ``p × p`` convolution over ``C`` channels to ``d`` features, once per patch."""
+    patches = adapter.num_patches() if num_patches is None else num_patches
+    channels = int(getattr(adapter.config, "num_channels", 3))
+    return float(2 * patches * channels * adapter.patch_size**2 * adapter.hidden_size)
+
+
+def head_flops(adapter: VisionAdapter) -> float:
+    """The classifier's linear layers on the pooled vector (0 for a bare tower without a classifier)."""
+    classifier = getattr(adapter.model, "classifier", None)
+    return _linear_flops(classifier) if isinstance(classifier, nn.Module) else 0.0
+
+
+def tokens_per_layer(
+    adapter: VisionAdapter, site_counts: Mapping[str, int] | None = None, num_patches: int | None = None
+) -> list[int]:
+    """Tokens entering each block: all of them up to the first site, ``count + num_prefix`` after a site."""
+    patches = adapter.num_patches() if num_patches is None else num_patches
+    counts = dict(site_counts or {})
+    by_layer = {adapter.layer_of(site): count for site, count in counts.items()}
+    current = adapter.num_prefix + patches
+    out = []
+    for index in range(adapter.num_layers):
+        out.append(current)
+        if index in by_layer:
+            current = min(current, adapter.num_prefix + int(by_layer[index]))
+    return out
+
+
+def backbone_flops(adapter: VisionAdapter, tokens_per_layer: list[int], num_patches: int | None = None) -> float:
+    """Patch embedding + every block at its token count + the classifier head."""
+    if len(tokens_per_layer) != adapter.num_layers:
+        raise ValueError(
+            f"tokens_per_layer has {len(tokens_per_layer)} entries; this backbone has {adapter.num_layers} blocks."
+        )
+    d, m = adapter.hidden_size, _mlp_width(adapter)
+    blocks = sum(block_flops(n, d, m) for n in tokens_per_layer)
+    return embed_flops(adapter, num_patches) + blocks + head_flops(adapter)
+
+
+def scorer_flops(
+    adapter: VisionAdapter,
+    method: nn.Module | None,
+    site_counts: Mapping[str, int],
+    num_patches: int | None = None,
+) -> float:
+    """The method's own cost, summed over the sites where it runs (see the module docstring)."""
+    if method is None or not site_counts:
+        return 0.0
+    patches = adapter.num_patches() if num_patches is None else num_patches
+    tokens = tokens_per_layer(adapter, site_counts, patches)
+    d = adapter.hidden_size
+    kind = getattr(method, "kind", "training-free")
+    config_sites = list(getattr(getattr(method, "config", None), "sites", None) or [])
+    predictors = getattr(method, "predictors", None)
+    total, alive = 0.0, patches
+    for site in sorted(site_counts, key=adapter.layer_of):
+        count = int(site_counts[site])
+        if count >= alive:  # the hooks skip a site with nothing to remove
+            continue
+        n = tokens[adapter.layer_of(site)]  # a block's output has as many tokens as its input
+        custom = getattr(method, "analytic_flops", None)
+        if callable(custom):
+            total += float(custom(n, d, count))
+        elif kind == "learned":
+            if isinstance(predictors, nn.ModuleList) and site in config_sites and len(predictors) == len(config_sites):
+                total += n * _linear_flops(predictors[config_sites.index(site)])
+            else:
+                total += n * _linear_flops(method)
+        else:
+            cost = TRAINING_FREE_COSTS.get(getattr(method, "name", ""))
+            total += cost(n, d, count) if cost is not None else 0.0
+        alive = count
+    return total
+
+
+def unpruned_flops(adapter: VisionAdapter, num_patches: int | None = None) -> float:
+    patches = adapter.num_patches() if num_patches is None else num_patches
+    return backbone_flops(adapter, tokens_per_layer(adapter, None, patches), patches)
+
+
+def pruned_flops(
+    adapter: VisionAdapter,
+    handle_or_site_counts: Any = None,
+    method: nn.Module | None = None,
+    num_patches: int | None = None,
+) -> dict[str, Any]:
+    """FLOPs of a pruned forward pass.
+
+    ``handle_or_site_counts`` is a ``PruningHandle`` (its current budget and method are used), a mapping
+    ``site -> prunable tokens kept after it`` (pass ``method`` to charge its scorer), or ``None``
+    (unpruned). Returns ``backbone``, ``scorer``, ``total`` (FLOPs), ``unpruned`` (FLOPs of the same
+    model without pruning), ``ratio`` (``total / unpruned``) and ``tokens_per_layer``.
+    """
+    patches = adapter.num_patches() if num_patches is None else num_patches
+    if handle_or_site_counts is None:
+        counts: dict[str, int] = {}
+    elif isinstance(handle_or_site_counts, Mapping):
+        counts = {str(k): int(v) for k, v in handle_or_site_counts.items()}
+    elif hasattr(handle_or_site_counts, "site_counts"):
+        counts = dict(handle_or_site_counts.site_counts(patches))
+        method = handle_or_site_counts.method if method is None else method
+    else:
+        raise TypeError(
+            "pruned_flops takes a PruningHandle, a {site: kept count} mapping or None, "
+            f"got {type(handle_or_site_counts).__name__}"
+        )
+    tokens = tokens_per_layer(adapter, counts, patches)
+    backbone = backbone_flops(adapter, tokens, patches)
+    scorer = scorer_flops(adapter, method, counts, patches)
+    unpruned = unpruned_flops(adapter, patches)
+    total = backbone + scorer
+    return {
+        "backbone": backbone,
+        "scorer": scorer,
+        "total": total,
+        "unpruned": unpruned,
+        "ratio": total / unpruned,
+        "tokens_per_layer": tokens,
+    }
+
+
+__all__ = [
+    "TRAINING_FREE_COSTS",
+    "backbone_flops",
+    "block_flops",
+    "embed_flops",
+    "head_flops",
+    "pruned_flops",
+    "scorer_flops",
+    "tokens_per_layer",
+    "unpruned_flops",
+]

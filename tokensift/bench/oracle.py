@@ -1,0 +1,41 @@
+"""The benchmark's oracle: keep the target's patches first, then random others.
+
+Not registered with ``ts.methods()``: it needs each batch's ground-truth ``oracle_mask`` ([B, P] bool,
+row-major over the patch grid), which the benchmark sets on the instance (``oracle_mask``) before every
+forward pass. It is the upper bound a token scorer can reach on a task whose relevant tokens are known.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from tokensift.scorers.base import MethodConfig, TokenMethod
+from tokensift.state import TokenState
+
+
+class OracleMethod(TokenMethod):
+    """Oracle patches ranked first (all of them survive whenever the budget allows), then random, seeded."""
+
+    name: ClassVar[str] = "oracle"
+    kind: ClassVar[str] = "training-free"
+    description: ClassVar[str] = "keep the ground-truth target patches first, then random others (benchmark only)"
+
+    def __init__(self, config: MethodConfig | None = None, seed: int = 0):
+        super().__init__(config)
+        self.seed = seed
+        self.oracle_mask: Tensor | None = None
+
+    def score(self, state: TokenState) -> Tensor:
+        if self.oracle_mask is None:
+            raise RuntimeError("OracleMethod.oracle_mask is not set; assign the batch's [B, P] oracle mask first.")
+        mask = self.oracle_mask.to(state.hidden.device).bool()
+        if mask.shape[0] != state.batch_size:
+            raise ValueError(f"oracle_mask has {mask.shape[0]} rows; the batch has {state.batch_size} images.")
+        patch = state.orig_index - state.num_prefix
+        on_target = mask.gather(1, patch.clamp(min=0, max=mask.shape[1] - 1)) & (patch >= 0)
+        generator = torch.Generator().manual_seed(self.seed)
+        noise = torch.rand(state.hidden.shape[:2], generator=generator).to(state.hidden.device)
+        return on_target.float() * 2.0 + noise  # noise < 1: every target patch outranks every other one
