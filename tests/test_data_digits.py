@@ -10,7 +10,7 @@ from sklearn.datasets import load_digits
 from tokensift.data import ClutteredDigits, ClutteredDigitsDataModule
 from tokensift.data.digits import compose, normalize, split_sources, upscale
 
-SMALL = dict(num_samples=16)
+SMALL = dict(num_samples=16, patch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_determinism_same_seed_and_access_order():
         _assert_items_equal(forward[i], backward[i])
     _assert_items_equal(a[5], a[-11])
     # item i does not depend on num_samples either (only on seed, split, i)
-    _assert_items_equal(ClutteredDigits("train", num_samples=100, seed=3)[7], forward[7])
+    _assert_items_equal(ClutteredDigits("train", num_samples=100, seed=3, patch_size=4)[7], forward[7])
 
 
 def test_determinism_different_seed_or_split_differs():
@@ -182,7 +182,7 @@ def test_item_matches_spec_rendered_by_compose(digits):
 
 
 def test_clutter_does_not_overlap_target_box():
-    ds = ClutteredDigits("train", num_samples=64, seed=9)
+    ds = ClutteredDigits("train", num_samples=64, seed=9, patch_size=4)
     for i in range(64):
         spec = ds.sample_spec(i)
         tr, tc = spec.target_pos
@@ -239,7 +239,9 @@ def test_no_clutter_allowed_on_small_canvas():
 
 
 def test_datamodule_setup_and_batches():
-    dm = ClutteredDigitsDataModule(batch_size=8, train_samples=32, val_samples=16, test_samples=16, seed=7)
+    dm = ClutteredDigitsDataModule(
+        batch_size=8, train_samples=32, val_samples=16, test_samples=16, seed=7, patch_size=4
+    )
     assert (dm.num_classes, dm.image_size, dm.patch_size) == (10, 64, 4)
     assert (dm.num_channels, dm.num_patches) == (3, 256)
     dm.setup("fit")
@@ -255,7 +257,9 @@ def test_datamodule_setup_and_batches():
         next(iter(dm.val_dataloader()))["labels"],
         torch.stack([dm.val_dataset[i]["labels"] for i in range(8)]),
     )
-    dm2 = ClutteredDigitsDataModule(batch_size=8, train_samples=32, val_samples=16, test_samples=16, seed=7)
+    dm2 = ClutteredDigitsDataModule(
+        batch_size=8, train_samples=32, val_samples=16, test_samples=16, seed=7, patch_size=4
+    )
     dm2.setup("fit")
     assert torch.equal(
         next(iter(dm.train_dataloader()))["pixel_values"], next(iter(dm2.train_dataloader()))["pixel_values"]

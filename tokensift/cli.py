@@ -7,7 +7,7 @@ import sys
 from jsonargparse import auto_cli
 from lightning.pytorch.cli import LightningCLI
 
-TOOL_COMMANDS = ("export",)
+TOOL_COMMANDS = ("export", "bench", "quickstart")
 
 DEFAULT_CALLBACKS = [
     {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
@@ -47,10 +47,14 @@ class TokensiftCLI(LightningCLI):
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOL_COMMANDS:
+        from tokensift.bench import bench
         from tokensift.export.checkpoint import export
+        from tokensift.quickstart import quickstart
 
-        commands = {"export": export}
-        auto_cli(commands[argv[0]], args=argv[1:], prog=f"tokensift {argv[0]}")
+        commands = {"export": export, "bench": bench, "quickstart": quickstart}
+        # `export CKPT OUT_DIR` reads as a sentence; bench and quickstart take --flags only
+        positional = argv[0] == "export"
+        auto_cli(commands[argv[0]], args=argv[1:], prog=f"tokensift {argv[0]}", as_positional=positional)
         return
     TokensiftCLI(args=argv)
 

@@ -24,6 +24,8 @@ def quickstart(
     scorer_epochs: int | None = None,
     keep_ratios: str = "1,0.5,0.25,0.1",
     bench_batch_size: int = 64,
+    data_options: dict | None = None,
+    backbone_options: dict | None = None,
 ) -> dict:
     """Run the embedded default end to end and print where each method stands.
 
@@ -35,6 +37,8 @@ def quickstart(
         scorer_epochs: override the recipe's ``trainer.max_epochs``.
         keep_ratios: comma-separated budgets to bench.
         bench_batch_size: batch size of the bench (timings use one such batch).
+        data_options: ``ClutteredDigitsDataModule`` arguments applied to every stage (e.g. a smaller canvas).
+        backbone_options: ``BackboneClassifier`` arguments (width, depth, lr) of the ViT trained from scratch.
     """
     from tokensift.backbones.pretrain import REPORT, pretrain_backbone
     from tokensift.bench import run_bench
@@ -44,6 +48,7 @@ def quickstart(
 
     console = Console()
     out = Path(out)
+    data_options = dict(data_options or {})
     if not Path(recipe).is_file():
         raise FileNotFoundError(f"recipe {recipe} not found; run from a tokensift checkout or pass --recipe.")
 
@@ -52,8 +57,8 @@ def quickstart(
         console.print(f"[green]reusing backbone[/] {backbone}")
     else:
         console.rule("1/4 train the ViT backbone (once)")
-        data = ClutteredDigitsDataModule(train_samples=backbone_train_samples)
-        pretrain_backbone(backbone, data, max_epochs=backbone_epochs)
+        data = ClutteredDigitsDataModule(**({"train_samples": backbone_train_samples} | data_options))
+        pretrain_backbone(backbone, data, max_epochs=backbone_epochs, **(backbone_options or {}))
     backbone_accuracy = json.loads((backbone / REPORT).read_text())["test_accuracy"]
     console.print(f"backbone unpruned test accuracy: {backbone_accuracy:.4f}")
 
@@ -64,6 +69,7 @@ def quickstart(
         console.rule("2/4 train the dynamicvit scorer on the frozen backbone")
         args = ["fit", f"--config={recipe}", f"--model.backbone={backbone}"]
         args.append(f"--trainer.logger.init_args.save_dir={out / 'scorer'}")
+        args += [f"--data.init_args.{key}={json.dumps(value)}" for key, value in data_options.items()]
         if scorer_epochs is not None:
             args.append(f"--trainer.max_epochs={scorer_epochs}")
         cli = TokensiftCLI(args=args)
@@ -73,7 +79,7 @@ def quickstart(
     console.rule("4/4 bench: learned vs training-free on the same frozen model")
     methods = [f"dynamicvit:{artifact}", *TRAINING_FREE]
     ratios = [float(r) for r in keep_ratios.split(",")]
-    data = ClutteredDigitsDataModule(batch_size=bench_batch_size)
+    data = ClutteredDigitsDataModule(**(data_options | {"batch_size": bench_batch_size}))
     return run_bench(
         model_dir=str(backbone), data=data, methods=methods, keep_ratios=ratios, out=out / "bench"
     )

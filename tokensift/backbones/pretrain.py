@@ -27,7 +27,7 @@ class BackboneClassifier(L.LightningModule):
     def __init__(
         self,
         image_size: int = 64,
-        patch_size: int = 4,
+        patch_size: int = 8,
         num_channels: int = 3,
         num_labels: int = 10,
         hidden_size: int = 64,

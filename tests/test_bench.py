@@ -1,0 +1,248 @@
+"""``tokensift bench`` end to end on a tiny ViT and a tiny cluttered-digits test split."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from jsonargparse import auto_cli
+from transformers import ViTConfig, ViTForImageClassification
+
+import tokensift as ts
+from tokensift.backbones import adapt
+from tokensift.bench import FIELDS, bench, run_bench
+from tokensift.bench.runner import oracle_on_model_grid
+from tokensift.data import ClutteredDigitsDataModule
+from tokensift.scorers.dynamicvit import DynamicViTMethod
+
+TRAINING_FREE = ["random", "l2norm", "tome", "divprune", "cls_attention"]
+RATIOS = [1.0, 0.5, 0.25]
+DATA = dict(canvas_size=32, patch_size=4, clutter_size=(2, 3), num_clutter=2, test_samples=32, batch_size=16)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def save_backbone(path: Path) -> Path:
+    torch.manual_seed(0)
+    # a wider init than the default 0.02, so the untrained model's predictions vary from image to image
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=4,
+        num_labels=10,
+        initializer_range=0.2,
+    )
+    ViTForImageClassification(config).eval().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    start = time.perf_counter()
+    root = tmp_path_factory.mktemp("bench")
+    backbone = save_backbone(root / "backbone")
+    model = ViTForImageClassification.from_pretrained(backbone)
+    adapter = adapt(model)
+    torch.manual_seed(1)
+    scorer = DynamicViTMethod.for_backbone(adapter)
+    artifact = ts.save_artifact(scorer, adapter.fingerprint(), root / "artifact")
+    datamodule = ClutteredDigitsDataModule(**DATA)
+    result = run_bench(
+        str(backbone),
+        datamodule,
+        [*TRAINING_FREE, f"dynamicvit:{artifact}"],
+        RATIOS,
+        out=root / "out",
+        batch_size=None,
+        timing_batches=1,
+        repeats=2,
+        warmup=1,
+        overlay_ratio=0.25,
+    )
+    elapsed = time.perf_counter() - start
+    return SimpleNamespace(
+        root=root, backbone=backbone, artifact=artifact, result=result, out=root / "out", elapsed=elapsed
+    )
+
+
+def _by_method(rows: list[dict]) -> dict[str, dict[float, dict]]:
+    grouped: dict[str, dict[float, dict]] = {}
+    for row in rows:
+        grouped.setdefault(row["method"], {})[row["keep_ratio"]] = row
+    return grouped
+
+
+def test_runs_quickly(run):
+    assert run.elapsed < 60, f"the tiny bench took {run.elapsed:.1f}s"
+
+
+def test_writes_every_output(run):
+    for name in ("results.json", "results.csv", "pareto.png", "overlays.png"):
+        path = run.out / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    for name in ("pareto.png", "overlays.png"):
+        assert (run.out / name).read_bytes()[:8] == PNG_MAGIC
+    assert not [p for p in run.out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    saved = json.loads((run.out / "results.json").read_text())
+    assert saved["rows"] == run.result["rows"]
+    meta = saved["metadata"]
+    for key in ("model", "data", "batch_size", "device", "torch_version", "num_samples", "memory_measure"):
+        assert key in meta, key
+    assert meta["model"] == str(run.backbone)
+    assert meta["data"]["class_path"] == "tokensift.data.digits.ClutteredDigitsDataModule"
+    assert meta["data"]["init_args"]["canvas_size"] == 32
+    assert meta["batch_size"] == 16 and meta["num_samples"] == 32
+    assert meta["device"] == "cpu" and meta["torch_version"] == torch.__version__
+    with (run.out / "results.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == len(saved["rows"])
+    assert list(table[0]) == list(FIELDS)
+
+
+def test_every_method_and_ratio_has_a_full_row(run):
+    rows = run.result["rows"]
+    grouped = _by_method(rows)
+    assert set(grouped) == {"unpruned", *TRAINING_FREE, "dynamicvit", "oracle"}
+    assert list(grouped["unpruned"]) == [1.0]
+    for name in [*TRAINING_FREE, "dynamicvit", "oracle"]:
+        assert sorted(grouped[name]) == sorted(RATIOS), name
+    for row in rows:
+        assert set(row) == set(FIELDS)
+        for field in ("accuracy", "retention", "oracle_recall", "flops_ratio", "speedup", "mem_ratio", "time_ms"):
+            assert isinstance(row[field], float) and row[field] >= 0, (row["method"], field, row[field])
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["oracle_recall"] <= 1.0
+        assert row["num_samples"] == 32 and row["num_patches"] == 64
+        assert row["peak_mem_bytes"] > 0
+    assert grouped["dynamicvit"][0.5]["kind"] == "learned"
+    assert grouped["dynamicvit"][0.5]["artifact"] == str(run.artifact)
+    assert grouped["dynamicvit"][0.5]["sites"] == ["vit.0", "vit.1", "vit.2"]
+
+
+def test_keep_one_matches_unpruned(run):
+    grouped = _by_method(run.result["rows"])
+    base = grouped["unpruned"][1.0]
+    assert base["retention"] == 1.0 and base["flops_ratio"] == 1.0 and base["oracle_recall"] == 1.0
+    for name, by_ratio in grouped.items():
+        row = by_ratio[1.0]
+        assert row["accuracy"] == base["accuracy"], name
+        assert row["flops_ratio"] == 1.0 and row["oracle_recall"] == 1.0 and row["keep_count"] == 64, name
+    for row in run.result["rows"]:
+        assert row["retention"] == pytest.approx(row["accuracy"] / base["accuracy"])
+
+
+def test_flops_ratio_falls_with_the_keep_ratio(run):
+    for name, by_ratio in _by_method(run.result["rows"]).items():
+        if name == "unpruned":
+            continue
+        flops = [by_ratio[r]["flops_ratio"] for r in sorted(by_ratio, reverse=True)]
+        assert flops == sorted(set(flops), reverse=True), (name, flops)  # strictly decreasing
+        counts = [by_ratio[r]["keep_count"] for r in sorted(by_ratio, reverse=True)]
+        assert counts == [64, 32, 16], name
+    # a learned scorer pays for its predictors: more FLOPs than the backbone alone
+    learned = _by_method(run.result["rows"])["dynamicvit"][0.5]
+    assert learned["flops_scorer"] > 0 and learned["flops"] == learned["flops_backbone"] + learned["flops_scorer"]
+
+
+def test_oracle_keeps_every_target_patch_when_the_budget_allows(run):
+    datamodule = ClutteredDigitsDataModule(**DATA)
+    datamodule.setup("test")
+    most = max(int(datamodule.test_dataset[i]["oracle_mask"].sum()) for i in range(len(datamodule.test_dataset)))
+    oracle = _by_method(run.result["rows"])["oracle"]
+    covered = [row for row in oracle.values() if row["keep_count"] >= most]
+    assert len(covered) >= 2  # keep 1.0 and 0.5 (32 of 64 patches) cover every target on this data
+    for row in covered:
+        assert row["oracle_recall"] == 1.0, row
+    for row in run.result["rows"]:
+        if row["method"] != "oracle" and row["keep_ratio"] == 0.25:
+            assert row["oracle_recall"] <= oracle[0.25]["oracle_recall"] + 1e-9, row["method"]
+    assert "oracle" not in ts.methods()  # benchmark-only, never in the public registry
+
+
+def test_cli_function_with_a_yaml_data_config(run, tmp_path):
+    config = tmp_path / "data.yaml"
+    config.write_text(
+        "data:\n"
+        "  class_path: tokensift.data.ClutteredDigitsDataModule\n"
+        "  init_args: {canvas_size: 32, patch_size: 2, clutter_size: [2, 3], num_clutter: 2, test_samples: 8,\n"
+        "    batch_size: 64}\n"
+    )
+    out = tmp_path / "cli"
+    result = auto_cli(
+        bench,
+        args=[
+            f"--model={run.backbone}",
+            f"--data={config}",
+            "--methods=random,l2norm",
+            "--keep_ratios=1,0.5",
+            f"--out={out}",
+            "--batch_size=4",
+            "--repeats=1",
+            "--warmup=0",
+            "--max_batches=1",
+        ],
+        as_positional=False,  # model/data/methods as --flags (the default makes the required ones positional)
+    )
+    assert {p.name for p in out.iterdir()} >= {"results.json", "results.csv", "pareto.png", "overlays.png"}
+    assert result["metadata"]["batch_size"] == 4 and result["metadata"]["num_samples"] == 4
+    assert {(r["method"], r["keep_ratio"]) for r in result["rows"]} == {
+        ("unpruned", 1.0),
+        *((m, r) for m in ("random", "l2norm", "oracle") for r in (1.0, 0.5)),
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(methods=["magic"]), ValueError, r"methods: unknown method 'magic'"),
+        (dict(methods=["magic:some/dir"]), ValueError, r"methods: unknown method 'magic'"),
+        (dict(methods=["dynamicvit"]), ValueError, r"dynamicvit:ARTIFACT_DIR"),
+        (dict(methods=["dynamicvit:does/not/exist"]), FileNotFoundError, r"methods: the artifact .* does not exist"),
+        (dict(keep_ratios=[1.0, 1.5]), ValueError, r"keep_ratios: 1.5 is outside \(0, 1\]"),
+        (dict(keep_ratios=[0.0]), ValueError, r"keep_ratios: 0.0 is outside \(0, 1\]"),
+        (dict(overlay_ratio=2.0), ValueError, r"overlay_ratio: 2.0 is outside"),
+        (dict(model_dir="does/not/exist"), FileNotFoundError, r"model: .* is not a directory"),
+        (dict(data="no.such.DataModule"), ValueError, r"data: cannot import class_path 'no.such.DataModule'"),
+        (dict(data="missing.yaml"), FileNotFoundError, r"data: 'missing.yaml' is neither"),
+        (dict(repeats=0), ValueError, r"repeats: must be an integer >= 1"),
+    ],
+)
+def test_errors_name_the_field_and_the_fix(run, tmp_path, kwargs, error, match):
+    args = dict(
+        model_dir=str(run.backbone),
+        data=ClutteredDigitsDataModule(**DATA),
+        methods=["random"],
+        keep_ratios=[1.0],
+        out=tmp_path / "out",
+    )
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        run_bench(**args)
+    assert not (tmp_path / "out").exists()  # validation happens before anything is written
+
+
+def test_artifact_name_must_match_and_image_size_is_checked(run, tmp_path):
+    with pytest.raises(ValueError, match=r"holds a 'dynamicvit' scorer; write dynamicvit:"):
+        run_bench(str(run.backbone), ClutteredDigitsDataModule(**DATA), [f"l2norm:{run.artifact}"], [1.0], tmp_path)
+    with pytest.raises(ValueError, match=r"data: test images are 64x64 .*canvas_size: 32"):
+        run_bench(
+            str(run.backbone), "tokensift.data.ClutteredDigitsDataModule", ["random"], [1.0], tmp_path, batch_size=2
+        )
+
+
+def test_oracle_mask_moves_onto_the_model_grid():
+    fine = torch.zeros(1, 4, 4, dtype=torch.bool)  # a 4x4 data grid of 2-pixel patches on an 8x8 image
+    fine[0, 1, 2] = True  # -> model patch (0, 1) of a 2x2 grid of 4-pixel patches
+    fine[0, 3, 0] = True  # -> model patch (1, 0)
+    coarse = oracle_on_model_grid(fine.view(1, 16), (1, 3, 8, 8), (2, 2))
+    assert coarse.tolist() == [[False, True, True, False]]
+    same = torch.tensor([[True, False, False, True]])
+    assert torch.equal(oracle_on_model_grid(same, (1, 3, 8, 8), (2, 2)), same)
+    with pytest.raises(ValueError, match=r"data: oracle_mask has 4 patches .* init_args.patch_size: 2"):
+        oracle_on_model_grid(same, (1, 3, 8, 8), (4, 4))

@@ -1,0 +1,85 @@
+"""``tokensift bench``: learned and training-free token methods side by side, against the unpruned model.
+
+``run_bench`` is the Python entry point; ``bench`` is its typed command-line face (strings for the lists),
+meant for ``jsonargparse.auto_cli``::
+
+    tokensift bench --model runs/backbone --data configs/data.yaml \\
+        --methods dynamicvit:runs/x/artifact,random,l2norm,tome,divprune,cls_attention \\
+        --keep_ratios 1,0.5,0.25,0.1 --out runs/bench
+"""
+
+from __future__ import annotations
+
+from tokensift.bench.flops import backbone_flops, pruned_flops, scorer_flops, tokens_per_layer
+from tokensift.bench.oracle import OracleMethod
+from tokensift.bench.runner import FIELDS, parse_keep_ratios, parse_methods, resolve_datamodule, run_bench
+
+
+def bench(
+    model: str,
+    data: str,
+    methods: str,
+    keep_ratios: str = "1,0.5,0.25,0.1",
+    out: str = "runs/bench",
+    batch_size: int | None = 64,
+    timing_batches: int = 1,
+    repeats: int = 5,
+    warmup: int = 2,
+    overlay_ratio: float = 0.25,
+    max_batches: int | None = None,
+    device: str = "cpu",
+    num_threads: int | None = None,
+) -> dict:
+    """Benchmark token methods × keep ratios on a data module's test split.
+
+    Writes results.json, results.csv, pareto.png and overlays.png to ``out`` and prints a table.
+
+    Args:
+        model: a save_pretrained directory of the frozen classifier (the backbone the scorers were trained on).
+        data: a YAML file with class_path/init_args of a LightningDataModule (or a `tokensift fit` config with a
+            data: section), or a class path built with its defaults, e.g. tokensift.data.ClutteredDigitsDataModule.
+        methods: comma-separated; training-free names (random, cls_attention, tome, divprune, l2norm) and
+            NAME:ARTIFACT_DIR for exported learned scorers, e.g. dynamicvit:runs/x/artifact. The unpruned model
+            is always included, and the oracle whenever the data carries oracle masks.
+        keep_ratios: comma-separated fractions of patch tokens kept after the last site, each in (0, 1].
+        out: output directory.
+        batch_size: test batch size (overrides the data config; null keeps the data module's).
+        timing_batches: how many of the first test batches form the fixed timing set.
+        repeats: timed repeats per row (median reported).
+        warmup: untimed warm-up repeats before timing.
+        overlay_ratio: keep ratio shown in overlays.png.
+        max_batches: evaluate only the first this-many test batches.
+        device: cpu, cuda or cuda:N.
+        num_threads: torch intra-op threads for the run (default: leave torch's setting).
+    """
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    return run_bench(
+        model_dir=model,
+        data=data,
+        methods=method_list,
+        keep_ratios=parse_keep_ratios(keep_ratios),
+        out=out,
+        batch_size=batch_size,
+        timing_batches=timing_batches,
+        repeats=repeats,
+        warmup=warmup,
+        overlay_ratio=overlay_ratio,
+        max_batches=max_batches,
+        device=device,
+        num_threads=num_threads,
+    )
+
+
+__all__ = [
+    "FIELDS",
+    "OracleMethod",
+    "backbone_flops",
+    "bench",
+    "parse_keep_ratios",
+    "parse_methods",
+    "pruned_flops",
+    "resolve_datamodule",
+    "run_bench",
+    "scorer_flops",
+    "tokens_per_layer",
+]

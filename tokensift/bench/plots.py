@@ -1,0 +1,187 @@
+"""The benchmark's figures: an accuracy/compute Pareto plot and kept-token overlays (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: never open a window
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+UNPRUNED = "unpruned"
+ORACLE = "oracle"
+
+
+def save_figure(fig: Figure, path: Path, dpi: int = 110) -> Path:
+    """Write ``fig`` as PNG under a temporary name, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _method_style(method: str, kind: str, index: int) -> dict:
+    if method == ORACLE:
+        return {"color": "0.35", "linestyle": "--", "marker": "D", "linewidth": 1.5}
+    color = plt.get_cmap("tab10")(index % 10)
+    if kind == "learned":
+        return {"color": color, "linestyle": "-", "marker": "o", "linewidth": 2.6}
+    return {"color": color, "linestyle": "-", "marker": "s", "linewidth": 1.5}
+
+
+def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> Path:
+    """Accuracy vs analytic FLOPs ratio (left) and vs measured wall-clock speedup (right), one line per method."""
+    unpruned = next((r for r in rows if r["method"] == UNPRUNED), None)
+    methods: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["method"] != UNPRUNED:
+            methods.setdefault(row["method"], []).append(row)
+    with_speed = any(r.get("speedup") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if with_speed else 1, figsize=(13 if with_speed else 7.5, 5.2), squeeze=False)
+    panels = [("flops_ratio", "FLOPs ratio (analytic, incl. scorer; unpruned = 1)")]
+    if with_speed:
+        panels.append(("speedup", "wall-clock speedup vs unpruned (×, median)"))
+    for ax, (field, xlabel) in zip(axes[0], panels, strict=True):
+        for index, (name, group) in enumerate(methods.items()):
+            # in budget order, so each line traces the method's keep-ratio sweep
+            group = sorted(group, key=lambda r: -r["keep_ratio"])
+            points = [(r[field], r["accuracy"], r["keep_ratio"]) for r in group if r.get(field) is not None]
+            if not points:
+                continue
+            xs, ys, _ = zip(*points, strict=True)
+            style = _method_style(name, group[0].get("kind", ""), index)
+            ax.plot(xs, ys, label=f"{name} ({group[0].get('kind', '')})", markersize=6, alpha=0.9, **style)
+            if field == "flops_ratio":
+                for x, y, ratio in points:
+                    ax.annotate(
+                        f"{ratio:g}",
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=7,
+                        color=style["color"],
+                    )
+        if unpruned is not None and unpruned.get(field) is not None:
+            ax.plot(
+                [unpruned[field]],
+                [unpruned["accuracy"]],
+                marker="*",
+                markersize=18,
+                color="gold",
+                markeredgecolor="black",
+                linestyle="none",
+                label="unpruned",
+                zorder=5,
+            )
+            ax.axhline(unpruned["accuracy"], color="0.6", linestyle=":", linewidth=1)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.grid(True, alpha=0.3)
+        if field == "flops_ratio":
+            ax.set_xlim(left=0)
+            ax.set_title("accuracy vs compute (labels: keep ratio)")
+        else:
+            ax.set_title("accuracy vs measured speed")
+        accuracies = [r["accuracy"] for r in rows]
+        low, high = min(accuracies), max(accuracies)
+        pad = max(0.02, 0.08 * (high - low))
+        ax.set_ylim(max(0.0, low - pad), min(1.02, high + pad))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(
+        handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False, bbox_to_anchor=(0.5, -0.08)
+    )
+    if title:
+        fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _to_display(image: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """``[C, H, W]`` float → an image imshow can draw (min-max scaled; grey when the channels agree)."""
+    image = image.astype(np.float32)
+    lo, hi = float(image.min()), float(image.max())
+    image = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+    if image.shape[0] == 1 or np.allclose(image, image[:1]):
+        return image[0], "gray"
+    return np.transpose(image[:3], (1, 2, 0)), None
+
+
+def plot_overlays(
+    images: np.ndarray,
+    labels: Sequence[int],
+    oracle_masks: np.ndarray | None,
+    columns: Sequence[dict],
+    grid: tuple[int, int],
+    path: Path,
+    title: str = "",
+) -> Path:
+    """A grid of images × methods; dropped patches are dimmed, the target's patches outlined.
+
+    ``images`` is ``[R, C, H, W]``; ``oracle_masks`` ``[R, P]`` bool (or ``None``); each column is a dict with
+    ``title``, ``kept`` (``[R, P]`` bool) and ``preds`` (``[R]``); the first column shows the plain images
+    with the unpruned model's ``preds``.
+    """
+    rows = images.shape[0]
+    ncols = len(columns)
+    fig, axes = plt.subplots(rows, ncols, figsize=(2.15 * ncols, 2.35 * rows), squeeze=False)
+    height, width = images.shape[-2:]
+    ph, pw = height / grid[0], width / grid[1]
+    for r in range(rows):
+        display, cmap = _to_display(images[r])
+        oracle = None if oracle_masks is None else oracle_masks[r].reshape(grid)
+        for c, column in enumerate(columns):
+            ax = axes[r][c]
+            ax.imshow(display, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            kept = column.get("kept")
+            if kept is not None:
+                dropped = ~kept[r].reshape(grid)
+                shade = np.zeros((height, width, 4), dtype=np.float32)
+                shade[..., :3] = (0.05, 0.1, 0.35)
+                shade[..., 3] = np.kron(dropped.astype(np.float32), np.ones((int(ph), int(pw)))) * 0.72
+                ax.imshow(shade, interpolation="nearest")
+            if oracle is not None and oracle.any():
+                rr, cc = np.nonzero(oracle)
+                box = Rectangle(
+                    (cc.min() * pw - 0.5, rr.min() * ph - 0.5),
+                    (cc.max() - cc.min() + 1) * pw,
+                    (rr.max() - rr.min() + 1) * ph,
+                    fill=False,
+                    edgecolor="#ff3b30",
+                    linewidth=1.6,
+                )
+                ax.add_patch(box)
+            pred = int(column["preds"][r])
+            correct = pred == int(labels[r])
+            note = f"pred {pred} {'✓' if correct else '✗'}"
+            if kept is not None and oracle is not None and oracle.any():
+                recall = float((kept[r].reshape(grid) & oracle).sum() / oracle.sum())
+                note += f"  recall {recall:.2f}"
+            ax.set_xlabel(note, fontsize=8, color="#1a7f37" if correct else "#c62828")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(column["title"], fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"label {int(labels[r])}", fontsize=9)
+    caption = "blue tint: dropped patches (ToMe: merged away) · red box: the target's (oracle) patches"
+    fig.suptitle(f"{title}\n{caption}" if title else caption, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+__all__ = ["plot_overlays", "plot_pareto", "save_figure"]
