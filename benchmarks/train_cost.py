@@ -9,6 +9,7 @@ Without --backbone a random-init ViT of the demo's shape is used (timings do not
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -36,6 +37,10 @@ def main() -> None:
     parser.add_argument("--backbone", default=None, help="save_pretrained ViT directory (default: random init)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--vit", default="", help='random-init ViT shape as JSON, e.g. \'{"hidden_size": 192, "num_hidden_layers": 12, '
+        '"num_attention_heads": 3, "intermediate_size": 768, "image_size": 224, "patch_size": 16}\' (ViT-Tiny)'
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -43,7 +48,7 @@ def main() -> None:
         backbone = args.backbone
         if backbone is None:
             backbone = f"{tmp}/vit"
-            BackboneClassifier().model.save_pretrained(backbone)
+            BackboneClassifier(**json.loads(args.vit or "{}")).model.save_pretrained(backbone)
         scorer = ScorerTrainer(backbone)
         scorer.train()
         full = BackboneClassifier()

@@ -44,6 +44,14 @@ class TokensiftCLI(LightningCLI):
         parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS, "trainer.logger": DEFAULT_LOGGER})
 
 
+def _underscore_flag(arg: str) -> str:
+    """Accept ``--keep-ratios`` as well as ``--keep_ratios``."""
+    if not arg.startswith("--"):
+        return arg
+    name, sep, value = arg.partition("=")
+    return "--" + name[2:].replace("-", "_") + sep + value
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOL_COMMANDS:
@@ -54,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         commands = {"export": export, "bench": bench, "quickstart": quickstart}
         # `export CKPT OUT_DIR` reads as a sentence; bench and quickstart take --flags only
         positional = argv[0] == "export"
-        auto_cli(commands[argv[0]], args=argv[1:], prog=f"tokensift {argv[0]}", as_positional=positional)
+        args = [_underscore_flag(arg) for arg in argv[1:]]
+        auto_cli(commands[argv[0]], args=args, prog=f"tokensift {argv[0]}", as_positional=positional)
         return
     TokensiftCLI(args=argv)
 
