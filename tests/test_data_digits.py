@@ -10,7 +10,7 @@ from sklearn.datasets import load_digits
 from tokensift.data import ClutteredDigits, ClutteredDigitsDataModule
 from tokensift.data.digits import compose, normalize, split_sources, upscale
 
-SMALL = dict(num_samples=16, patch_size=4)
+SMALL = dict(num_samples=16, patch_size=4, clutter_scale=2, align_target=False)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_determinism_same_seed_and_access_order():
         _assert_items_equal(forward[i], backward[i])
     _assert_items_equal(a[5], a[-11])
     # item i does not depend on num_samples either (only on seed, split, i)
-    _assert_items_equal(ClutteredDigits("train", num_samples=100, seed=3, patch_size=4)[7], forward[7])
+    _assert_items_equal(ClutteredDigits("train", seed=3, **(SMALL | {"num_samples": 100}))[7], forward[7])
 
 
 def test_determinism_different_seed_or_split_differs():
@@ -182,7 +182,7 @@ def test_item_matches_spec_rendered_by_compose(digits):
 
 
 def test_clutter_does_not_overlap_target_box():
-    ds = ClutteredDigits("train", num_samples=64, seed=9, patch_size=4)
+    ds = ClutteredDigits("train", num_samples=64, seed=9, patch_size=4, clutter_scale=2, align_target=False)
     for i in range(64):
         spec = ds.sample_spec(i)
         tr, tc = spec.target_pos
@@ -216,7 +216,7 @@ def test_oracle_mask_matches_target_ink(digits):
         (dict(canvas_size=16, patch_size=4, target_scale=3), "target_scale"),
         (dict(clutter_size=(5, 4)), "clutter_size"),
         (dict(clutter_size=(4, 9)), "clutter_size"),
-        (dict(canvas_size=32, clutter_size=(4, 8)), "clutter_size"),
+        (dict(canvas_size=32, clutter_size=(4, 8), clutter_scale=2), "clutter_size"),
         (dict(num_clutter=-1), "num_clutter"),
         (dict(num_channels=0), "num_channels"),
         (dict(split_fractions=(0.5, 0.5, 0.5)), "split_fractions"),
@@ -298,3 +298,13 @@ def test_datamodule_from_jsonargparse_config():
     dm = parser.instantiate_classes(cfg).data
     assert isinstance(dm, ClutteredDigitsDataModule)
     assert (dm.batch_size, dm.image_size, dm.patch_size, dm.num_patches) == (4, 32, 8, 16)
+
+
+def test_default_task_aligns_target_to_patches_and_draws_small_clutter():
+    ds = ClutteredDigits("train", num_samples=32, seed=3)
+    assert ds.clutter_scale == 1 and ds.align_target
+    for i in range(32):
+        spec = ds.sample_spec(i)
+        assert spec.target_pos[0] % ds.patch_size == 0 and spec.target_pos[1] % ds.patch_size == 0
+        # a 16-px target on an 8-px grid covers at most a 2x2 block of patches
+        assert int(ds[i]["oracle_mask"].sum()) <= 4

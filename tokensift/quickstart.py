@@ -19,8 +19,8 @@ TRAINING_FREE = ("random", "l2norm", "cls_attention", "tome", "divprune")
 def quickstart(
     out: Path = Path("runs/quickstart"),
     recipe: Path = RECIPE,
-    backbone_epochs: int = 12,
-    backbone_train_samples: int = 8192,
+    backbone_epochs: int = 4,
+    backbone_train_samples: int = 16384,
     scorer_epochs: int | None = None,
     keep_ratios: str = "1,0.5,0.25,0.1",
     bench_batch_size: int = 64,
@@ -57,7 +57,8 @@ def quickstart(
         console.print(f"[green]reusing backbone[/] {backbone}")
     else:
         console.rule("1/4 train the ViT backbone (once)")
-        data = ClutteredDigitsDataModule(**({"train_samples": backbone_train_samples} | data_options))
+        backbone_data = {"train_samples": backbone_train_samples, "batch_size": 128} | data_options
+        data = ClutteredDigitsDataModule(**backbone_data)
         pretrain_backbone(backbone, data, max_epochs=backbone_epochs, **(backbone_options or {}))
     backbone_accuracy = json.loads((backbone / REPORT).read_text())["test_accuracy"]
     console.print(f"backbone unpruned test accuracy: {backbone_accuracy:.4f}")

@@ -31,12 +31,12 @@ class BackboneClassifier(L.LightningModule):
         num_channels: int = 3,
         num_labels: int = 10,
         hidden_size: int = 64,
-        num_hidden_layers: int = 6,
+        num_hidden_layers: int = 4,
         num_attention_heads: int = 4,
         intermediate_size: int = 128,
-        lr: float = 2e-3,
+        lr: float = 3e-3,
         weight_decay: float = 0.05,
-        label_smoothing: float = 0.1,
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -88,7 +88,7 @@ class BackboneClassifier(L.LightningModule):
 def pretrain_backbone(
     out_dir: str | os.PathLike,
     data: L.LightningDataModule,
-    max_epochs: int = 12,
+    max_epochs: int = 4,
     trainer_kwargs: dict | None = None,
     **model_kwargs,
 ) -> tuple[Path, float]:

@@ -26,7 +26,11 @@ Generation rules (all deterministic from ``seed``):
 * Each clutter fragment comes from a source image different from the target's (same class allowed). Its
   crop size (height and width independently) is uniform in ``clutter_size`` (inclusive, in source
   pixels); the crop window is re-drawn (up to 10 times) until at least 25 % of its pixels are inked,
-  else the inkiest window is kept. The fragment is placed uniformly among the positions whose box does
+  else the inkiest window is kept. Fragments are upscaled by ``clutter_scale`` (default ``None``: the same
+  factor as the target). A smaller ``clutter_scale`` (e.g. 1 with ``target_scale`` 2) draws clutter as
+  small stroke fragments, so the target is recognisable as "the big digit" while clutter still puts ink
+  in many patches; with equal scales a fragment can look like a whole digit and the task is much harder
+  for a small ViT trained from scratch. The fragment is placed uniformly among the positions whose box does
   NOT overlap the target's box, so clutter never covers a target pixel (it may share a boundary patch
   with the target, and clutter fragments may overlap each other).
 * Layers are composited with a pixel-wise maximum.
@@ -176,6 +180,7 @@ def validate_config(
     clutter_size: Sequence[int],
     num_channels: int,
     split_fractions: Sequence[float],
+    clutter_scale: int | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the offending field (and how to fix it) for an invalid configuration."""
 
@@ -191,6 +196,11 @@ def validate_config(
     ):
         if not _is_int(value) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if clutter_scale is not None and (not _is_int(clutter_scale) or clutter_scale < 1):
+        raise ValueError(
+            f"clutter_scale must be None (same as target_scale) or an integer >= 1, got {clutter_scale!r}"
+        )
+    fragment_scale = target_scale if clutter_scale is None else clutter_scale
     if canvas_size % patch_size != 0:
         raise ValueError(
             f"canvas_size ({canvas_size}) must be divisible by patch_size ({patch_size}); pick a canvas_size "
@@ -212,12 +222,12 @@ def validate_config(
         )
     if num_clutter > 0:
         room = (canvas_size - target_size + 1) // 2
-        if hi * target_scale > room:
+        if hi * fragment_scale > room:
             raise ValueError(
-                f"clutter_size max ({hi}) * target_scale ({target_scale}) = {hi * target_scale} pixels is "
+                f"clutter_size max ({hi}) * clutter scale ({fragment_scale}) = {hi * fragment_scale} pixels is "
                 f"too large to always place clutter beside the {target_size}x{target_size} target on a "
                 f"{canvas_size}x{canvas_size} canvas (at most {room} px guaranteed); reduce clutter_size, "
-                f"reduce target_scale, raise canvas_size, or set num_clutter=0"
+                f"reduce clutter_scale/target_scale, raise canvas_size, or set num_clutter=0"
             )
     if len(split_fractions) != 3:
         raise ValueError(f"split_fractions must be 3 numbers (train, val, test), got {split_fractions!r}")
@@ -283,6 +293,8 @@ class ClutteredDigits(Dataset):
         num_channels: int = 3,
         seed: int = 0,
         split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+        clutter_scale: int | None = 1,
+        align_target: bool = True,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -298,6 +310,7 @@ class ClutteredDigits(Dataset):
             clutter_size=clutter_size,
             num_channels=num_channels,
             split_fractions=split_fractions,
+            clutter_scale=clutter_scale,
         )
         self.split = split
         self.split_id = SPLITS[split]
@@ -308,6 +321,8 @@ class ClutteredDigits(Dataset):
         self.target_size = SOURCE_SIZE * self.target_scale
         self.num_clutter = int(num_clutter)
         self.clutter_size = (int(clutter_size[0]), int(clutter_size[1]))
+        self.clutter_scale = self.target_scale if clutter_scale is None else int(clutter_scale)
+        self.align_target = bool(align_target)
         self.num_channels = int(num_channels)
         self.seed = int(seed)
         self.split_fractions = tuple(float(f) for f in split_fractions)
@@ -341,7 +356,11 @@ class ClutteredDigits(Dataset):
         n_src = len(sources)
         canvas, size = self.canvas_size, self.target_size
         t_local = int(rng.integers(n_src))
-        t_row, t_col = (int(v) for v in rng.integers(0, canvas - size + 1, size=2))
+        if self.align_target:  # on the patch grid: each target patch holds the same part of the digit
+            slots = (canvas - size) // self.patch_size + 1
+            t_row, t_col = (int(v) * self.patch_size for v in rng.integers(0, slots, size=2))
+        else:
+            t_row, t_col = (int(v) for v in rng.integers(0, canvas - size + 1, size=2))
         lo, hi = self.clutter_size
         clutter = []
         for _ in range(self.num_clutter):
@@ -349,7 +368,7 @@ class ClutteredDigits(Dataset):
             c_local += c_local >= t_local  # any source but the target's
             source = int(sources[c_local])
             crop = self._draw_crop(rng, self._images[source], lo, hi)
-            frag_h, frag_w = crop[2] * self.target_scale, crop[3] * self.target_scale
+            frag_h, frag_w = crop[2] * self.clutter_scale, crop[3] * self.clutter_scale
             rows = np.arange(canvas - frag_h + 1)
             cols = np.arange(canvas - frag_w + 1)
             row_ok = (rows + frag_h <= t_row) | (rows >= t_row + size)
@@ -378,14 +397,12 @@ class ClutteredDigits(Dataset):
 
     def render(self, spec: SampleSpec) -> tuple[np.ndarray, np.ndarray]:
         """Render a spec with :func:`compose`: raw float32 canvas [H, W] (0..16) and bool oracle mask."""
-        scale = self.target_scale
-        target = upscale(self._images[spec.target_source], scale)
+        target = upscale(self._images[spec.target_source], self.target_scale)
         clutter = []
         for c in spec.clutter:
             row, col, height, width = c.crop
-            clutter.append(
-                (upscale(self._images[c.source][row : row + height, col : col + width], scale), c.pos)
-            )
+            fragment = self._images[c.source][row : row + height, col : col + width]
+            clutter.append((upscale(fragment, self.clutter_scale), c.pos))
         return compose(self.canvas_size, self.patch_size, target, spec.target_pos, clutter)
 
     def target_source(self, index: int) -> int:
@@ -407,7 +424,7 @@ class ClutteredDigits(Dataset):
             f"{type(self).__name__}(split={self.split!r}, num_samples={self.num_samples}, "
             f"canvas_size={self.canvas_size}, patch_size={self.patch_size}, "
             f"target_scale={self.target_scale}, num_clutter={self.num_clutter}, "
-            f"clutter_size={self.clutter_size}, num_channels={self.num_channels}, "
+            f"clutter_size={self.clutter_size}, clutter_scale={self.clutter_scale}, num_channels={self.num_channels}, "
             f"seed={self.seed}, sources={len(self.source_indices)})"
         )
 
@@ -443,6 +460,8 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
         seed: int = 0,
         split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
         pin_memory: bool = False,
+        clutter_scale: int | None = 1,
+        align_target: bool = True,
     ) -> None:
         super().__init__()
         for name, value, minimum in (
@@ -462,6 +481,7 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
             clutter_size=clutter_size,
             num_channels=num_channels,
             split_fractions=split_fractions,
+            clutter_scale=clutter_scale,
         )
         self.save_hyperparameters()
         self.batch_size = batch_size
@@ -480,6 +500,8 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
             target_scale=target_scale,
             num_clutter=num_clutter,
             clutter_size=tuple(clutter_size),
+            clutter_scale=clutter_scale,
+            align_target=align_target,
             num_channels=num_channels,
             seed=seed,
             split_fractions=tuple(split_fractions),
