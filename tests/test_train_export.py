@@ -52,6 +52,8 @@ def trained(tmp_path_factory):
             f"--model.backbone={backbone}",
             "--model.lr=3e-3",
             "--model.keep_ratio_range=[0.5,0.5]",
+            # DynamicViT's own per-token decision: its budget term has something to learn here
+            '--model.method_options={"selection": "threshold"}',
             "--trainer.max_epochs=2",
             "--trainer.log_every_n_steps=1",
             f"--trainer.logger.init_args.save_dir={root / 'runs'}",
@@ -185,3 +187,17 @@ def test_trainer_rejects_bad_settings(tmp_path):
         ScorerTrainer(backbone, method_options={"num_stagez": 2})
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_backbone(str(tmp_path / "nowhere" / "model"))
+
+
+def test_topk_selection_keeps_exactly_the_budget_while_training(tmp_path):
+    model = load_backbone(str(save_vit(tmp_path / "backbone")))
+    method = DynamicViTMethod.for_backbone(ts.backbones.adapt(model))
+    handle = ts.apply(model, method, keep_ratio=0.25, mode="mask")
+    method.train()
+    logits = model(pixel_values=torch.randn(4, 3, 32, 32)).logits
+    counts = handle.site_counts()
+    for record in handle.last_records:
+        kept = record.policy[:, 1:].sum(dim=1)  # patches only
+        assert torch.equal(kept, torch.full_like(kept, counts[record.site]))
+    logits.sum().backward()
+    assert all(p.grad is not None for p in method.parameters())

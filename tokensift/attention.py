@@ -44,7 +44,13 @@ def policy_attention(
     scaling: float | None,
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
-    """DynamicViT's softmax with policy: each query sees kept keys and itself, renormalised."""
+    """DynamicViT's softmax with policy: each query sees kept keys and itself, renormalised.
+
+    The max is taken over the keys a query can see, and a dropped key's logit is capped at that max:
+    the forward value is unchanged (dropped keys are multiplied by 0), but the straight-through gradient
+    towards keeping a dropped key stays bounded. With the max over all keys (DynamicViT's code), a
+    dropped key far above every kept one makes that gradient explode (~1/eps).
+    """
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
     if attention_mask is not None:
@@ -53,8 +59,8 @@ def policy_attention(
     eye = torch.eye(n, device=policy.device, dtype=torch.float32)
     keep = policy.float()[:, None, None, :]
     keep = keep + (1.0 - keep) * eye  # a dropped token still attends to itself, so its row stays finite
-    logits = logits - logits.amax(dim=-1, keepdim=True).detach()
-    weights = logits.exp() * keep
+    visible_max = logits.masked_fill(keep.detach() <= 0, float("-inf")).amax(dim=-1, keepdim=True).detach()
+    weights = (torch.minimum(logits, visible_max) - visible_max).exp() * keep
     probs = (weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)
     out = torch.matmul(probs.to(value.dtype), value)
     return out.transpose(1, 2).contiguous(), probs

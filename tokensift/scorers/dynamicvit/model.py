@@ -32,6 +32,13 @@ class DynamicViTConfig(MethodConfig):
     hidden_ratio: float = 0.5  # predictor width relative to the backbone's hidden size
     budget_conditioned: bool = True
     gumbel_tau: float = 1.0
+    # "topk": keep exactly the budget's count of the Gumbel-perturbed logits (Gumbel top-k), so training
+    # keeps what inference keeps; "threshold": DynamicViT's per-token binary Gumbel decision (variable count)
+    selection: str = "topk"
+
+    def __post_init__(self) -> None:
+        if self.selection not in ("topk", "threshold"):
+            raise ValueError(f"selection must be 'topk' or 'threshold', got {self.selection!r}")
 
 
 class _Predictor(nn.Module):
@@ -100,7 +107,15 @@ class DynamicViTMethod(TokenMethod):
         logits = self.score(state)
         u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
         noise = u.log() - (-u).log1p()  # logistic = difference of two Gumbels: binary Gumbel-softmax
-        soft = torch.sigmoid((logits + noise) / self.config.gumbel_tau)
+        perturbed = logits + noise
+        if self.config.selection == "topk":
+            candidates = perturbed.masked_fill(~state.prunable, float("-inf"))
+            ranked = candidates.sort(dim=1, descending=True).values
+            # threshold halfway between the last kept and the first dropped perturbed logit
+            low = ranked[:, num_keep].clamp_min(ranked[:, num_keep - 1] - 1.0) if num_keep < ranked.shape[1] else None
+            threshold = (ranked[:, num_keep - 1] + low) / 2 if low is not None else ranked[:, -1] - 1.0
+            perturbed = perturbed - threshold.detach().unsqueeze(1)
+        soft = torch.sigmoid(perturbed / self.config.gumbel_tau)
         hard = (soft > 0.5).to(soft.dtype)
         decision = hard - soft.detach() + soft  # straight-through
         previous = torch.ones_like(decision) if state.policy is None else state.policy
