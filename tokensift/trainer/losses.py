@@ -45,7 +45,9 @@ def scorer_objective(
         log_target=True,
         reduction="batchmean",
     ) * (t * t)
-    kept = records[-1].policy.unsqueeze(-1)
+    # which tokens count is a hard, non-differentiable choice (as DynamicViT's boolean mask): a gradient
+    # through it would teach the scorer to drop exactly the tokens pruning perturbs most
+    kept = (records[-1].policy.detach() > 0.5).to(tokens.dtype).unsqueeze(-1)
     token_error = ((tokens - teacher_tokens) ** 2 * kept).sum() / (kept.sum() * tokens.shape[-1]).clamp_min(1.0)
     loss = (
         weights.task * task
