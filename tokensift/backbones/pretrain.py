@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import lightning as L
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import ViTConfig, ViTForImageClassification
+
+from tokensift.io import atomic_directory
+from tokensift.trainer.schedule import warmup_cosine
 
 REPORT = "tokensift_backbone.json"  # what the recipe measured, beside the weights
 
@@ -72,16 +73,7 @@ class BackboneClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(1, total // 20)
-        schedule = torch.optim.lr_scheduler.SequentialLR(
-            optimizer,
-            [
-                torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
-                torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup)),
-            ],
-            milestones=[warmup],
-        )
+        schedule = warmup_cosine(optimizer, int(self.trainer.estimated_stepping_batches), warmup_fraction=0.05)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -113,15 +105,7 @@ def pretrain_backbone(
     )
     trainer.fit(module, datamodule=data)
     accuracy = float(trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         module.model.save_pretrained(tmp)
         (tmp / REPORT).write_text(json.dumps({"test_accuracy": accuracy, "max_epochs": max_epochs}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out, accuracy

@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from tokensift.io import atomic_directory
 from tokensift.scorers.base import TokenMethod
 from tokensift.scorers.registry import get_method_class
 
@@ -65,19 +64,11 @@ def save_artifact(
         "backbone": fingerprint,
         **(extra or {}),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
         save_file(state, tmp / WEIGHTS, metadata={"format": FORMAT, "method": method.name})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(_model_card(manifest))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

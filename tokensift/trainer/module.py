@@ -20,6 +20,7 @@ from tokensift.budget import Budget
 from tokensift.reduce import PruningHandle
 from tokensift.scorers import TokenMethod, get_method_class
 from tokensift.trainer.losses import LossWeights, scorer_objective
+from tokensift.trainer.schedule import warmup_cosine
 
 CHECKPOINT_KEY = "tokensift"
 
@@ -91,16 +92,8 @@ class ScorerTrainer(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.method.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(1, int(total * self.hparams.warmup_fraction))
-        schedule = torch.optim.lr_scheduler.SequentialLR(
-            optimizer,
-            [
-                torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
-                torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup)),
-            ],
-            milestones=[warmup],
-        )
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = warmup_cosine(optimizer, total, warmup_fraction=self.hparams.warmup_fraction)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
