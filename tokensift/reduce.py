@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tokensift import attention as attn
 from tokensift.backbones.vision import VisionAdapter
 from tokensift.budget import Budget
-from tokensift.scorers.base import TokenMethod, num_prunable_alive
+from tokensift.scorers.base import TokenMethod
 from tokensift.state import TokenState
 
 Mode = Literal["gather", "mask"]
@@ -47,6 +47,7 @@ class _Run:
     num_prefix: int = 0
     num_prunable: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    merged: bool = False  # some token stands for several: later blocks need ToMe's size bias
     capture: dict | None = None
     records: list[SiteRecord] = field(default_factory=list)
 
@@ -156,7 +157,7 @@ class PruningHandle:
                     raise NotImplementedError("tokensift cannot yet shrink a vision tower that gets an attention mask")
                 if run.policy is not None:
                     call["policy"] = run.policy
-                if not bool((run.size == 1).all()):
+                if run.merged:
                     call["key_bias"] = run.size.log()  # ToMe's proportional attention
                 site = self._site_layers.get(index)
                 wants_capture = self.method.needs_attention or self.method.needs_keys
@@ -206,6 +207,7 @@ class PruningHandle:
                 return None
             reduced = self.method.reduce(state, count)
             run.protected, run.orig_index, run.size = reduced.protected, reduced.orig_index, reduced.size
+            run.merged = run.merged or self.method.merges
             kept = (~reduced.protected).sum(1).float()
             run.records.append(
                 SiteRecord(site, reduced.orig_index, None, kept / run.num_prunable, target, reduced.hidden)
@@ -246,4 +248,4 @@ def _attention_mask(args: tuple, kwargs: dict) -> Tensor | None:
     return args[1] if len(args) > 1 else kwargs.get("attention_mask")
 
 
-__all__ = ["PruningHandle", "SiteRecord", "num_prunable_alive"]
+__all__ = ["Mode", "PruningHandle", "SiteRecord"]

@@ -31,14 +31,6 @@ class TokenState:
     keep_target: Tensor | None = None  # [B] cumulative keep fraction this site aims for
 
     @property
-    def batch_size(self) -> int:
-        return self.hidden.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.hidden.shape[1]
-
-    @property
     def alive(self) -> Tensor:
         """Tokens still in play: all of them in gather mode, those with a non-zero policy in mask mode."""
         if self.policy is None:
@@ -48,13 +40,6 @@ class TokenState:
     @property
     def prunable(self) -> Tensor:
         return self.alive & ~self.protected
-
-    def patch_rows_cols(self) -> tuple[Tensor, Tensor]:
-        """Row and column of each token on the original patch grid (-1 for special tokens)."""
-        patch = self.orig_index - self.num_prefix
-        rows = torch.where(patch >= 0, patch // self.grid[1], -1)
-        cols = torch.where(patch >= 0, patch % self.grid[1], -1)
-        return rows, cols
 
     def gather(self, index: Tensor) -> TokenState:
         """Keep the tokens at ``index`` ([B, K], ascending) in every per-token field."""

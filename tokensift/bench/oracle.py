@@ -32,8 +32,8 @@ class OracleMethod(TokenMethod):
         if self.oracle_mask is None:
             raise RuntimeError("OracleMethod.oracle_mask is not set; assign the batch's [B, P] oracle mask first.")
         mask = self.oracle_mask.to(state.hidden.device).bool()
-        if mask.shape[0] != state.batch_size:
-            raise ValueError(f"oracle_mask has {mask.shape[0]} rows; the batch has {state.batch_size} images.")
+        if mask.shape[0] != state.hidden.shape[0]:
+            raise ValueError(f"oracle_mask has {mask.shape[0]} rows; the batch has {state.hidden.shape[0]} images.")
         patch = state.orig_index - state.num_prefix
         on_target = mask.gather(1, patch.clamp(min=0, max=mask.shape[1] - 1)) & (patch >= 0)
         generator = torch.Generator().manual_seed(self.seed)

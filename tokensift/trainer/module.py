@@ -8,6 +8,7 @@ reach the optimizer, and the backbone stays in eval mode (dropout off) whatever 
 from __future__ import annotations
 
 import random
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -138,8 +139,6 @@ class ScorerTrainer(L.LightningModule):
 
     # -- helpers --------------------------------------------------------------------------------
     def artifact_metadata(self) -> dict:
-        from dataclasses import asdict
-
         return {
             "method": self.method.name,
             "config": asdict(self.method.config),
