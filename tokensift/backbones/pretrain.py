@@ -82,6 +82,7 @@ def pretrain_backbone(
     data: L.LightningDataModule,
     max_epochs: int = 4,
     trainer_kwargs: dict | None = None,
+    seed: int = 0,
     **model_kwargs,
 ) -> tuple[Path, float]:
     """Train a ViT on ``data`` and ``save_pretrained`` it to ``out_dir`` (atomically).
@@ -90,6 +91,7 @@ def pretrain_backbone(
     ``num_classes``). Returns the directory and the unpruned test accuracy.
     """
     out = Path(out_dir)
+    L.seed_everything(seed, workers=True)  # the demo's backbone is the same on every fresh run
     geometry = {
         "image_size": data.image_size,
         "patch_size": data.patch_size,
