@@ -140,3 +140,30 @@ def test_mask_mode_without_budget_loss_still_trains_every_stage():
         grads = [p.grad for p in predictor.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
         assert sum(float(g.abs().sum()) for g in grads) > 0, f"stage {stage} got no gradient from the logits"
+
+
+def test_topk_training_signal_ignores_a_shift_of_all_logits():
+    # top-k keeps the same tokens if every logit moves by a constant, so the straight-through gradient must
+    # not push that common mode: it once grew every logit and ranked the target's patches last
+    model, x = build_tiny("vit"), make_pixel_values()
+    model.requires_grad_(False)
+    method = DynamicViTMethod.for_backbone(adapt(model))
+    scored = []
+    score = method.score
+
+    def keep_grad(state):
+        logits = score(state)
+        logits.retain_grad()
+        scored.append((logits, state.prunable.clone()))
+        return logits
+
+    method.score = keep_grad
+    torch.manual_seed(0)
+    with ts.apply(model, method, keep_ratio=0.25, mode="mask"):
+        method.train()
+        torch.nn.functional.cross_entropy(model(pixel_values=x).logits, torch.tensor([0, 1, 2])).backward()
+    assert len(scored) == 3
+    for logits, prunable in scored:
+        assert logits.grad.abs().sum() > 0
+        per_sample = (logits.grad * prunable).sum(dim=1)
+        torch.testing.assert_close(per_sample, torch.zeros_like(per_sample), atol=1e-9, rtol=0)

@@ -105,6 +105,8 @@ class DynamicViTMethod(TokenMethod):
         if not self.training:
             return super().keep_policy(state, num_keep)
         logits = self.score(state)
+        if self.config.selection == "topk":
+            logits = logits - _masked_mean(logits, state.prunable)
         u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
         noise = u.log() - (-u).log1p()  # logistic = difference of two Gumbels: binary Gumbel-softmax
         perturbed = logits + noise
@@ -121,3 +123,8 @@ class DynamicViTMethod(TokenMethod):
         previous = torch.ones_like(decision) if state.policy is None else state.policy
         decision = torch.where(state.protected, torch.ones_like(decision), decision)
         return decision * previous
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    weight = mask.to(values.dtype)
+    return (values * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp_min(1.0)
