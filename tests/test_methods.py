@@ -11,7 +11,10 @@ from conftest import FAMILIES, NUM_PATCHES, NUM_PREFIX, build_tiny, make_pixel_v
 import tokensift as ts
 from tokensift.backbones import adapt
 
-TRAINING_FREE = sorted(name for name, info in ts.methods().items() if info["kind"] == "training-free")
+# training-free methods that run on a vision tower (the multimodal-LLM ones are tested in test_mllm.py)
+TRAINING_FREE = sorted(
+    name for name, info in ts.methods().items() if info["kind"] == "training-free" and "vit.<i>" in info["sites"]
+)
 # methods whose selection for a sample does not depend on the rest of the batch
 BATCH_INDEPENDENT = [name for name in TRAINING_FREE if name != "random"]
 SITE = "vit.1"

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from torch import nn
 
-from tokensift.backbones import adapt
+from tokensift.backbones import MLLMAdapter, adapt
 from tokensift.budget import Budget
 from tokensift.export.artifact import Artifact, check_fingerprint, load_artifact
 from tokensift.reduce import Mode, PruningHandle
+from tokensift.reduce_mllm import MLLMPruningHandle
 from tokensift.scorers import TokenMethod, build_method
 from tokensift.scorers import methods as _methods
 
@@ -35,8 +36,11 @@ def apply(
     mode: Mode = "gather",
     strict: bool = True,
     **options,
-) -> PruningHandle:
+) -> PruningHandle | MLLMPruningHandle:
     """Prune ``model``'s tokens with ``method`` at a budget chosen now.
+
+    ``model`` is a vision transformer (sites ``vit.<i>``) or a multimodal LLM, LLaVA or Qwen2-VL (sites
+    ``vit.<i>``, ``pre_llm``, ``llm.<k>``; the budget counts each sample's visual tokens).
 
     ``method`` is a registered name (``ts.methods()``), an artifact directory or ``Artifact``, or a
     ``TokenMethod``. ``keep_ratio`` / ``keep_count`` apply to the last site (earlier sites follow a
@@ -69,6 +73,13 @@ def apply(
     method.to(next(model.parameters()).device)
     if mode == "gather":
         method.eval()  # mask mode keeps the caller's choice: a learned method in train() samples its policy
+    if not isinstance(adapter, MLLMAdapter) and "vit" not in method.site_kinds:
+        raise ValueError(
+            f"{method.name} runs inside a multimodal LLM (sites {list(method.site_kinds)}); "
+            f"{type(model).__name__} is a vision model. Methods for it: vit sites in ts.methods()."
+        )
+    if isinstance(adapter, MLLMAdapter):
+        return MLLMPruningHandle(adapter, method, budget, sites=sites, mode=mode)
     return PruningHandle(adapter, method, budget, sites=sites, mode=mode)
 
 

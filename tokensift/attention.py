@@ -10,7 +10,8 @@ its attention function):
   hard decision (an additive ``log p`` bias would be ``-inf`` with an infinite gradient there).
 - ``key_bias`` ``[B, N]``: added to every query's logits for that key (ToMe's ``log size``).
 - ``capture`` (a dict): store this layer's attention probabilities and head-averaged keys, so a
-  method that scores with attention pays for eager attention at that one layer only.
+  method that scores with attention pays for them at that one layer only; the layer's output still
+  comes from the base kernel.
 
 Without any of them, the call goes to the base implementation unchanged (SDPA, flash, ...), so ``keep_ratio=1``
 reproduces the unpruned model bit for bit.
@@ -21,18 +22,49 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 PREFIX = "tokensift+"
 
 
-def attention_probs(query: Tensor, key: Tensor, attention_mask: Tensor | None, scaling: float | None) -> Tensor:
+def additive_mask(attention_mask: Tensor | None, query: Tensor, key: Tensor, causal: bool = False) -> Tensor | None:
+    """The mask as a float bias to add to attention logits, whatever form the model built it in.
+
+    SDPA masks are boolean (True = attend) and a causal decoder may pass none at all, relying on the kernel's
+    ``is_causal``; eager masks are already additive. Blocked entries get the dtype's minimum rather than
+    ``-inf``, as transformers' eager masks do: a fully masked row (a padding query) then stays finite, where
+    ``-inf`` would make it NaN and the NaN would reach every later layer through that slot's keys and values.
+    """
+    if attention_mask is None:
+        if not causal or query.shape[-2] == 1:
+            return None
+        q_len, k_len = query.shape[-2], key.shape[-2]
+        # lower-right aligned: the last query sees every key (the cache holds k_len - q_len earlier tokens)
+        rows = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+        attention_mask = torch.arange(k_len, device=query.device)[None, :] <= rows
+    if attention_mask.dtype == torch.bool:
+        blocked = torch.finfo(torch.float32).min
+        return torch.zeros(attention_mask.shape, device=query.device).masked_fill(~attention_mask, blocked)
+    return attention_mask.float()
+
+
+def attention_probs(
+    query: Tensor, key: Tensor, attention_mask: Tensor | None, scaling: float | None, causal: bool = False
+) -> Tensor:
     """Softmax attention probabilities ``[B, H, Nq, Nk]`` in float32, as eager attention computes them."""
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        logits = logits + attention_mask.float()
+    bias = additive_mask(attention_mask, query, key, causal)
+    if bias is not None:
+        logits = logits + bias
     return logits.softmax(dim=-1)
+
+
+def _repeat_kv(states: Tensor, module) -> Tensor:
+    """Grouped-query attention: repeat each key/value head for the query heads that share it."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    return states if groups == 1 else states.repeat_interleave(groups, dim=1)
 
 
 def policy_attention(
@@ -67,7 +99,9 @@ def policy_attention(
 
 
 def _eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    probs = attention_probs(query, key, attention_mask, scaling).to(query.dtype)
+    key, value = _repeat_kv(key, module), _repeat_kv(value, module)
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+    probs = attention_probs(query, key, attention_mask, scaling, causal).to(query.dtype)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
@@ -90,9 +124,11 @@ def _make(base: str):
                 capture["attention"] = probs.detach()
             return out, probs
         if capture is not None:
-            out, probs = _eager(module, query, key, value, attention_mask, scaling, dropout)
-            capture["attention"] = probs.detach().float()
-            return out, probs
+            # the probabilities are computed on the side: the layer's output still comes from the model's own
+            # kernel, so scoring a layer never changes what it computes
+            causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+            probs = attention_probs(query, _repeat_kv(key, module), attention_mask, scaling, causal)
+            capture["attention"] = probs.detach()
         fn = _eager if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
@@ -112,6 +148,9 @@ def wrapped_name(base: str) -> str:
                 "use 'sdpa', 'eager' or a registered kernel."
             )
         AttentionInterface.register(name, _make(base))
+        if base in ALL_MASK_ATTENTION_FUNCTIONS:
+            # decoders build their causal/padding mask by the attention name; without this they would build none
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
 
 

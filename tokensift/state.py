@@ -18,24 +18,35 @@ class TokenState:
     """
 
     hidden: Tensor
-    protected: Tensor  # bool: special tokens ([CLS], registers) that are never pruned
+    protected: Tensor  # bool: tokens never pruned: [CLS] / registers; text and special tokens at MLLM sites
     orig_index: Tensor  # long: index of the token in the unpruned sequence (merged tokens: their anchor)
     size: Tensor  # float: how many original tokens each token stands for (ToMe merges grow it)
     grid: tuple[int, int]  # patch grid (rows, cols) of the unpruned image
     num_prefix: int  # number of special tokens before the patches in the unpruned sequence
     site: str
-    layer: int  # index of the block whose output this site is
+    layer: int  # index of the block whose output this site is (MLLM: the LLM layer the site feeds, -1 pre_llm)
     policy: Tensor | None = None
-    attention: Tensor | None = None  # [B, H, N, N] attention probabilities of the site's block, on request
-    keys: Tensor | None = None  # [B, N, Dk] keys of the site's block averaged over heads, on request
+    attention: Tensor | None = None  # [B, H, N, N] attention probabilities of the site's block (llm.<k>: of layer k-1)
+    # [B, N, Dk] keys of the site's block averaged over heads; llm.<k>: layer k-1's key projection (all heads, no RoPE)
+    keys: Tensor | None = None
     keep_target: Tensor | None = None  # [B] cumulative keep fraction this site aims for
+    # -- multimodal LLM sites (pre_llm, llm.<k>); None on a vision tower ---------------------------------
+    valid: Tensor | None = None  # bool: False for padding slots (samples of a batch keep different counts)
+    kind: Tensor | None = None  # long: 0 text / special, 1 image, 2 video
+    image_id: Tensor | None = None  # long: which image or video of the batch a visual token is from, -1 text
+    coords: Tensor | None = None  # [B, N, 3] long: (t, h, w) of a visual token in its image's token grid
+    tower_attention: Tensor | None = None  # [B, N] importance from the vision tower ([CLS] attention), on request
+    tower_keys: Tensor | None = None  # [B, N, Dk] vision-tower keys of each visual token, on request
+    text_mean: Tensor | None = None  # [B, D] mean hidden state of the text tokens at this site
+    text_last: Tensor | None = None  # [B, D] hidden state of the last text token (the one that predicts next)
 
     @property
     def alive(self) -> Tensor:
-        """Tokens still in play: all of them in gather mode, those with a non-zero policy in mask mode."""
+        """Tokens still in play: all real ones in gather mode, those with a non-zero policy in mask mode."""
+        alive = torch.ones_like(self.protected) if self.valid is None else self.valid
         if self.policy is None:
-            return torch.ones_like(self.protected)
-        return self.policy > 0
+            return alive
+        return alive & (self.policy > 0)
 
     @property
     def prunable(self) -> Tensor:
@@ -54,4 +65,11 @@ class TokenState:
         }
         if self.policy is not None:
             fields["policy"] = self.policy.gather(1, index)
+        for name in ("valid", "kind", "image_id", "tower_attention"):
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name).gather(1, index)
+        for name in ("coords", "tower_keys"):
+            value = getattr(self, name)
+            if value is not None:
+                fields[name] = value.gather(1, index.unsqueeze(-1).expand(-1, -1, value.shape[-1]))
         return replace(self, **fields)

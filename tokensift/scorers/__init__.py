@@ -1,6 +1,18 @@
 """Token methods, one folder each (config dataclass + module + registration)."""
 
-from tokensift.scorers import cls_attention, divprune, dynamicvit, l2norm, random, tome  # noqa: F401  (register)
+from tokensift.scorers import (  # noqa: F401  (register)
+    cls_attention,
+    d2pruner,
+    dart,
+    divprune,
+    dynamicvit,
+    fastv,
+    l2norm,
+    pyramiddrop,
+    random,
+    tome,
+    visionzip,
+)
 from tokensift.scorers.base import MethodConfig, TokenMethod
 from tokensift.scorers.registry import build_method, get_method_class, methods, register
 

@@ -48,13 +48,24 @@ class TokenMethod(nn.Module):
     merges: ClassVar[bool] = False  # reduces by merging (no mask-mode equivalent)
     num_default_sites: ClassVar[int] = 1
     description: ClassVar[str] = ""
+    # where the method can run: "vit" (vision blocks), "pre_llm" and "llm" (a multimodal LLM's decoder)
+    site_kinds: ClassVar[tuple[str, ...]] = ("vit",)
+    needs_tower_attention: ClassVar[bool] = False  # pre_llm: the vision tower's attention and keys per token
 
     def __init__(self, config: MethodConfig | None = None):
         super().__init__()
         self.config = config if config is not None else self.config_class()
 
     def default_sites(self, adapter) -> list[str]:
+        if getattr(adapter, "is_multimodal", False):
+            return self.default_mllm_sites(adapter)
         return adapter.spread_sites(self.num_default_sites)
+
+    def default_mllm_sites(self, adapter) -> list[str]:
+        """Sites on a multimodal LLM: before the LLM when the method can run there, else spread over its layers."""
+        if "pre_llm" in self.site_kinds:
+            return ["pre_llm"]
+        return adapter.spread_llm_sites(self.num_default_sites)
 
     def score(self, state: TokenState) -> Tensor:
         """``[B, N]`` keep scores, higher = keep. Protected and dropped tokens are handled by ``select``."""
@@ -67,6 +78,17 @@ class TokenMethod(nn.Module):
 
     def reduce(self, state: TokenState, num_keep: int) -> TokenState:
         return state.gather(self.select(state, num_keep))
+
+    def select_tokens(self, state: TokenState, num_keep: Tensor) -> Tensor:
+        """Multimodal sites: ``[B, N]`` bool, the text tokens and ``num_keep[b]`` visual tokens of sample ``b``.
+
+        Samples differ in layout and visual token count, so the keep set is a mask, not equal-length indices.
+        """
+        return top_k_mask(self.score(state).float(), state, num_keep)
+
+    def reduce_tokens(self, state: TokenState, num_keep: Tensor) -> tuple[Tensor, Tensor]:
+        """Multimodal sites: the keep mask and the hidden states to carry (a merge writes into kept tokens)."""
+        return self.select_tokens(state, num_keep), state.hidden
 
     def keep_policy(self, state: TokenState, num_keep: int) -> Tensor:
         """Mask-mode decision ``[B, N]``: 1 for survivors, 0 otherwise (learned methods: differentiable)."""
@@ -87,6 +109,16 @@ def top_k_with_protected(scores: Tensor, state: TokenState, num_keep: int) -> Te
     ranked = scores.masked_fill(~state.alive, float("-inf")).masked_fill(protected, float("inf"))
     index = ranked.topk(num_keep + num_protected, dim=1).indices
     return index.sort(dim=1).values
+
+
+def top_k_mask(scores: Tensor, state: TokenState, num_keep: Tensor) -> Tensor:
+    """``[B, N]`` bool: each sample's ``num_keep[b]`` best prunable tokens by score, plus its protected ones."""
+    candidates = state.prunable
+    order = scores.masked_fill(~candidates, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    keep = candidates & (rank < num_keep.to(rank.device).unsqueeze(1))
+    return keep | (state.protected & state.alive)
 
 
 def num_prunable_alive(state: TokenState) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tokensift.scorers.base import TokenMethod
 
 _METHODS: dict[str, type[TokenMethod]] = {}
+_SITE_PATTERNS = {"vit": "vit.<i>", "pre_llm": "pre_llm", "llm": "llm.<k>"}
 
 
 def register(cls: type[TokenMethod]) -> type[TokenMethod]:
@@ -33,7 +34,7 @@ def methods() -> dict[str, dict]:
     return {
         name: {
             "kind": cls.kind,
-            "sites": ["vit.<i>"],
+            "sites": [_SITE_PATTERNS[kind] for kind in cls.site_kinds],
             "needs_attention": cls.needs_attention,
             "description": cls.description,
         }

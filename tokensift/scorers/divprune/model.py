@@ -48,6 +48,7 @@ class DivPruneMethod(TokenMethod):
     name = "divprune"
     config_class = DivPruneConfig
     description = "keep a maximally diverse subset (greedy max-min cosine distance, DivPrune)"
+    site_kinds = ("vit", "pre_llm", "llm")
 
     def select(self, state: TokenState, num_keep: int) -> Tensor:
         picks = max_min_diverse(state.hidden, state.prunable, num_keep)
@@ -56,3 +57,15 @@ class DivPruneMethod(TokenMethod):
         keep.scatter_(1, picks, True)
         count = int(keep[0].sum())
         return keep.float().topk(count, dim=1).indices.sort(dim=1).values
+
+    def select_tokens(self, state: TokenState, num_keep: Tensor) -> Tensor:
+        keep = state.protected & state.alive
+        most = int(num_keep.max()) if num_keep.numel() else 0
+        if most == 0:
+            return keep
+        picks = max_min_diverse(state.hidden, state.prunable, most)
+        # the greedy picks are nested, so sample b's first num_keep[b] picks are its own max-min subset
+        wanted = torch.arange(most, device=picks.device).unsqueeze(0) < num_keep.to(picks.device).unsqueeze(1)
+        rows = torch.arange(picks.shape[0], device=picks.device).unsqueeze(1).expand_as(picks)
+        keep[rows[wanted], picks[wanted]] = True
+        return keep

@@ -24,6 +24,7 @@ class RandomMethod(TokenMethod):
     name = "random"
     config_class = RandomConfig
     description = "keep a uniformly random subset of tokens"
+    site_kinds = ("vit", "pre_llm", "llm")
 
     def score(self, state: TokenState) -> Tensor:
         generator = None

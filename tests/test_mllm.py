@@ -1,0 +1,531 @@
+"""Multimodal LLMs (LLaVA with a Llama LM, Qwen2-VL): every MLLM method x both families, table-driven.
+
+The models are tiny random-init ones saved with ``save_pretrained`` and loaded back (no hub). Checks:
+keep_ratio=1 is exact; budgets per sample; a padded batch equals its samples one by one; cached decoding
+after a pruned prefill equals uncached recomputation of the same layout; remove() restores the model;
+per-sample visual exit (keep count 0 for some samples); the methods' own selection rules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny_mllm import MLLM_FAMILIES, build_tiny_mllm, image_token_id, make_batch, visual_counts
+from transformers import AutoModelForImageTextToText
+
+import tokensift as ts
+from tokensift.backbones import MLLMAdapter, adapt
+from tokensift.scorers.base import TokenMethod
+from tokensift.scorers.d2pruner import debiased_importance, greedy_independent_sets
+from tokensift.scorers.dart import DARTConfig, DARTMethod
+from tokensift.scorers.visionzip import VisionZipMethod
+from tokensift.state import TokenState
+
+MLLM_METHODS = sorted(name for name, info in ts.methods().items() if {"pre_llm", "llm.<k>"} & set(info["sites"]))
+# selection that depends only on the tokens up to the image, so uncached decoding re-selects the same set
+PREFIX_STABLE = {"divprune", "visionzip"}
+NEW_TOKENS = 4
+
+
+@pytest.fixture(scope="session")
+def saved_mllms(tmp_path_factory) -> dict[str, str]:
+    paths = {}
+    for family in MLLM_FAMILIES:
+        path = tmp_path_factory.mktemp(family)
+        build_tiny_mllm(family).save_pretrained(path)
+        paths[family] = str(path)
+    return paths
+
+
+def load(saved_mllms, family: str) -> torch.nn.Module:
+    return AutoModelForImageTextToText.from_pretrained(saved_mllms[family], local_files_only=True).eval()
+
+
+def logits(model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def generate(model, inputs: dict, **kwargs):
+    """Greedy continuation; the image placeholder is suppressed (a random model may emit it)."""
+    family = "llava" if model.config.model_type == "llava" else "qwen2_vl"
+    with torch.no_grad():
+        return model.generate(
+            **inputs,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            suppress_tokens=[image_token_id(family)],
+            return_dict_in_generate=True,
+            output_logits=True,
+            **kwargs,
+        )
+
+
+def continuation(result, inputs: dict) -> torch.Tensor:
+    return result.sequences[:, inputs["input_ids"].shape[1] :]
+
+
+def hook_count(model) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._forward_hooks_with_kwargs) for m in model.modules()
+    )
+
+
+def attn_implementations(model) -> list[str]:
+    return [m.config._attn_implementation for m in model.modules() if hasattr(m, "config")]
+
+
+def expected_counts(batch, keep_ratio: float) -> list[int]:
+    return [math.ceil(keep_ratio * n - 1e-6) for n in visual_counts(batch)]
+
+
+# -- adapter ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_adapter_names_parts_and_sites(saved_mllms, family):
+    model = load(saved_mllms, family)
+    adapter = adapt(model)
+    assert isinstance(adapter, MLLMAdapter)
+    assert adapter.num_layers == 4
+    sites = adapter.sites()
+    assert sites[-4:] == ["pre_llm", "llm.1", "llm.2", "llm.3"]
+    assert ("vit.0" in sites) == (family == "llava")  # Qwen2-VL's packed, 2x2-merging tower has none
+    assert adapter.spread_llm_sites(3) == ["llm.1", "llm.2", "llm.3"]
+    for bad in ("llm.0", "llm.4", "vit.9", "block1"):
+        with pytest.raises(ValueError, match=bad.replace(".", r"\.")):
+            adapter.parse_site(bad)
+    fingerprint = adapter.fingerprint()
+    assert fingerprint["model_type"] == model.config.model_type
+    assert fingerprint == adapt(load(saved_mllms, family)).fingerprint()
+
+
+class Spy(TokenMethod):
+    """Keeps every token and remembers the states it was shown."""
+
+    name = "spy"
+    site_kinds = ("pre_llm", "llm")
+
+    def __init__(self):
+        super().__init__()
+        self.states: list[TokenState] = []
+
+    def select_tokens(self, state, num_keep):
+        self.states.append(state)
+        return state.alive.clone()
+
+
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_visual_tokens_are_found_per_sample(saved_mllms, family):
+    model, batch = load(saved_mllms, family), make_batch(family)
+    spy = Spy()
+    inputs = batch.inputs()
+    with ts.apply(model, spy, keep_ratio=0.5, sites=["pre_llm", "llm.2"]):
+        logits(model, inputs)
+    first, second = spy.states
+    assert (first.site, second.site) == ("pre_llm", "llm.2")
+    image = inputs["input_ids"] == image_token_id(family)
+    assert torch.equal(first.kind == 1, image)
+    assert torch.equal(first.valid, inputs["attention_mask"].bool())
+    assert torch.equal(first.protected, inputs["attention_mask"].bool() & ~image)
+    assert first.prunable.sum(1).tolist() == visual_counts(batch)
+    # images are numbered in batch order; sample 2 holds two of them
+    assert [sorted(set(first.image_id[b][image[b]].tolist())) for b in range(3)] == [[0], [1], [2, 3]]
+    coords = first.coords[image]
+    if family == "llava":  # 4x4 patch grid, row-major
+        expected = torch.tensor([(0, p // 4, p % 4) for p in range(16)] * 4)
+    else:  # merged grids (1, 4, 4), (1, 4, 2), (1, 2, 4), (1, 4, 4)
+        expected = torch.cat(
+            [
+                torch.stack(
+                    torch.meshgrid(torch.arange(1), torch.arange(h), torch.arange(w), indexing="ij"), -1
+                ).reshape(-1, 3)
+                for h, w in ((4, 4), (4, 2), (2, 4), (4, 4))
+            ]
+        )
+    assert torch.equal(coords, expected)
+    # the text summary: mean of the text tokens and the last token's state
+    text = first.protected
+    torch.testing.assert_close(
+        first.text_mean, (first.hidden * text.unsqueeze(-1)).sum(1) / text.sum(1, keepdim=True).float()
+    )
+    torch.testing.assert_close(first.text_last, first.hidden[:, -1])
+    assert second.text_mean.shape == (3, model.config.text_config.hidden_size)
+
+
+# -- every method x both families --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", MLLM_METHODS)
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_keep_ratio_one_is_exact(saved_mllms, family, method):
+    model, batch = load(saved_mllms, family), make_batch(family)
+    inputs = batch.inputs()
+    reference_logits, reference = logits(model, inputs), generate(model, inputs)
+    with ts.apply(model, method, keep_ratio=1.0) as handle:
+        assert torch.equal(logits(model, inputs), reference_logits)
+        assert handle.last_records == [] and handle.kept_orig_index is None
+        assert torch.equal(generate(model, inputs).sequences, reference.sequences)
+
+
+@pytest.mark.parametrize("method", MLLM_METHODS)
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_prunes_to_budget_and_removes_cleanly(saved_mllms, family, method):
+    model, batch = load(saved_mllms, family), make_batch(family)
+    inputs = batch.inputs()
+    reference = logits(model, inputs)
+    hooks_before, attn_before = hook_count(model), attn_implementations(model)
+
+    handle = ts.apply(model, method, keep_ratio=0.5)
+    pruned = logits(model, inputs)
+    assert pruned.shape == reference.shape, "logits stay aligned with input_ids"
+    assert torch.isfinite(pruned).all()
+    assert not torch.allclose(pruned[:, -1], reference[:, -1], atol=1e-4)
+    record = handle.last_records[-1]
+    assert record.kept_visual.tolist() == expected_counts(batch, 0.5)
+    assert record.target.tolist() == expected_counts(batch, 0.5)
+    assert record.num_visual.tolist() == visual_counts(batch)
+    kept = handle.kept_orig_index
+    valid = kept >= 0
+    text = inputs["attention_mask"].bool() & (inputs["input_ids"] != image_token_id(family))
+    for b in range(batch.size):
+        slots = kept[b][valid[b]]
+        assert (slots.diff() > 0).all(), "kept tokens stay in their original order"
+        assert set(text[b].nonzero().squeeze(1).tolist()) <= set(slots.tolist()), "text is never pruned"
+        assert bool(valid[b, -1]), "padding slots go left: the last slot is the last token"
+    # a second forward replaces the records
+    logits(model, inputs)
+    assert len(handle.last_records) == len(handle.sites)
+
+    handle.remove()
+    assert hook_count(model) == hooks_before
+    assert attn_implementations(model) == attn_before
+    assert not any(hasattr(m, "tokensift_call") for m in model.modules())
+    assert torch.equal(logits(model, inputs), reference)
+    ts.apply(model, method, keep_ratio=0.5).remove()  # and it can be applied again
+
+
+@pytest.mark.parametrize("method", [m for m in MLLM_METHODS if m != "random"])
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_batch_matches_single_samples(saved_mllms, family, method):
+    model, batch = load(saved_mllms, family), make_batch(family)
+    with ts.apply(model, method, keep_ratio=0.5) as handle:
+        batched = generate(model, batch.inputs())
+        batched_kept = handle.last_records[-1].kept_visual.tolist()
+        tokens = continuation(batched, batch.inputs())
+        for i in range(batch.size):
+            single = generate(model, batch.sample(i))
+            assert handle.last_records[-1].kept_visual.tolist() == [batched_kept[i]]
+            assert torch.equal(continuation(single, batch.sample(i))[0], tokens[i])
+            for step_batched, step_single in zip(batched.logits, single.logits, strict=True):
+                torch.testing.assert_close(step_single[0], step_batched[i], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("site", ["pre_llm", "llm.2"])
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_pruning_equals_masking_the_dropped_tokens(saved_mllms, family, site):
+    """Dropping tokens keeps everyone else's positions: the unpruned model, with the dropped tokens masked out
+    of every layer from the site on, computes the same outputs for the kept tokens."""
+    model, batch = load(saved_mllms, family), make_batch(family)
+    inputs = batch.inputs()
+    with ts.apply(model, "divprune", keep_ratio=0.5, sites=[site]) as handle:
+        pruned = logits(model, inputs)
+        kept_index = handle.kept_orig_index
+    batch_size, length = inputs["input_ids"].shape
+    kept = torch.zeros(batch_size, length, dtype=torch.bool)
+    for b in range(batch_size):
+        kept[b, kept_index[b][kept_index[b] >= 0]] = True
+    assert bool((kept.sum(1) < inputs["attention_mask"].sum(1)).all())
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    visible = causal & kept[:, None, None, :]
+    visible |= torch.eye(length, dtype=torch.bool)  # a dropped or padding row still has one key: no NaN
+    first = 0 if site == "pre_llm" else int(site.split(".")[1])
+
+    def mask_dropped(module, args, kwargs):
+        kwargs["attention_mask"] = visible
+        return args, kwargs
+
+    layers = adapt(model).layers
+    hooks = [layer.register_forward_pre_hook(mask_dropped, with_kwargs=True) for layer in layers[first:]]
+    try:
+        masked = logits(model, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(pruned[kept], masked[kept], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(masked[:, -1], logits(model, inputs)[:, -1], atol=1e-4), "the masking matters"
+
+
+class PinnedKeep(TokenMethod):
+    """Keeps, at each site, the original tokens a previous run kept there (any tokens added since are text)."""
+
+    name = "pinned"
+    site_kinds = ("pre_llm", "llm")
+
+    def __init__(self, kept: dict[str, torch.Tensor]):
+        super().__init__()
+        self.kept = kept
+
+    def select_tokens(self, state, num_keep):
+        kept = self.kept[state.site]
+        member = (state.orig_index.unsqueeze(-1) == kept.unsqueeze(1)).any(-1) & (state.orig_index >= 0)
+        return (member & state.alive) | state.protected
+
+
+def uncached_greedy(model, inputs: dict, family: str, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Greedy decoding recomputing the whole sequence every step (no KV cache), with generate()'s positions."""
+    inputs = dict(inputs)
+    tokens, step_logits = [], []
+    for _ in range(steps):
+        forward = dict(inputs)
+        if family == "llava":  # generate() counts positions over the real tokens; a plain forward would not
+            mask = inputs["attention_mask"]
+            forward["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = logits(model, forward)[:, -1].clone()
+        step_logits.append(out.clone())
+        out[:, image_token_id(family)] = float("-inf")
+        token = out.argmax(-1, keepdim=True)
+        tokens.append(token)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], token], dim=1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(token)], dim=1)
+    return torch.cat(tokens, dim=1), step_logits
+
+
+@pytest.mark.parametrize("method", MLLM_METHODS)
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_cached_decoding_matches_uncached_recomputation(saved_mllms, family, method):
+    model, batch = load(saved_mllms, family), make_batch(family)
+    inputs = batch.inputs()
+    with ts.apply(model, method, keep_ratio=0.5) as handle:
+        cached = generate(model, inputs)
+        kept = {record.site: record.kept_orig_index for record in handle.last_records}
+        sites = handle.sites
+        if method in PREFIX_STABLE:
+            tokens, step_logits = uncached_greedy(model, inputs, family, NEW_TOKENS)
+            assert {r.site: r.kept_orig_index for r in handle.last_records}.keys() == kept.keys()
+    if method not in PREFIX_STABLE:
+        # a selection that reads the last token changes as tokens are appended: recompute with the cached run's
+        with ts.apply(model, PinnedKeep(kept), keep_ratio=0.5, sites=sites):
+            tokens, step_logits = uncached_greedy(model, inputs, family, NEW_TOKENS)
+    assert torch.equal(tokens, continuation(cached, inputs))
+    for uncached_step, cached_step in zip(step_logits, cached.logits, strict=True):
+        torch.testing.assert_close(uncached_step, cached_step, atol=1e-4, rtol=1e-4)
+
+
+# -- the exit mechanism (DyVTE): some samples drop every visual token at a layer, the others keep them all ---
+
+
+class ExitSamples(TokenMethod):
+    name = "exit_samples"
+    site_kinds = ("llm",)
+
+    def __init__(self, exiting: list[bool]):
+        super().__init__()
+        self.exiting = torch.tensor(exiting)
+        self.summaries = []
+
+    def select_tokens(self, state, num_keep):
+        self.summaries.append((state.text_mean, state.text_last))
+        return state.alive & ~(self.exiting.unsqueeze(1) & ~state.protected)
+
+
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_per_sample_visual_exit(saved_mllms, family):
+    model, batch = load(saved_mllms, family), make_batch(family)
+    exiting = [True, False, True]
+    staying = [generate(model, batch.sample(i)) for i in range(batch.size)]
+    alone = []
+    for i in range(batch.size):
+        with ts.apply(model, ExitSamples([exiting[i]]), keep_ratio=0.5, sites=["llm.2"]):
+            alone.append(generate(model, batch.sample(i)))
+    method = ExitSamples(exiting)
+    with ts.apply(model, method, keep_ratio=0.5, sites=["llm.2"]) as handle:
+        together = generate(model, batch.inputs())
+        record = handle.last_records[-1]
+    n = visual_counts(batch)
+    assert record.kept_visual.tolist() == [0, n[1], 0]
+    tokens = continuation(together, batch.inputs())
+    for i in range(batch.size):
+        assert torch.equal(tokens[i], continuation(alone[i], batch.sample(i))[0])
+    # a sample that keeps its visual tokens computes exactly what the unpruned model does
+    assert torch.equal(tokens[1], continuation(staying[1], batch.sample(1))[0])
+    # exiting changes what an exiting sample computes
+    assert not torch.allclose(alone[0].logits[0], staying[0].logits[0], atol=1e-4)
+    text_mean, text_last = method.summaries[-1]
+    assert text_mean.shape == text_last.shape == (batch.size, model.config.text_config.hidden_size)
+
+
+# -- vit.<i> sites (LLaVA's tower) ---------------------------------------------------------------------
+
+
+def test_vit_site_on_llava_drops_the_same_patches_from_the_llm(saved_mllms):
+    model, batch = load(saved_mllms, "llava"), make_batch("llava")
+    with ts.apply(model, "divprune", keep_ratio=0.5, sites=["vit.0"]) as handle:
+        batched = generate(model, batch.inputs())
+        record = handle.last_records[-1]
+        assert record.site == "vit.0"
+        assert record.kept_visual.tolist() == [8, 8, 16]  # 8 of 16 patches per image
+        tokens = continuation(batched, batch.inputs())
+        for i in range(batch.size):
+            single = generate(model, batch.sample(i))
+            assert torch.equal(continuation(single, batch.sample(i))[0], tokens[i])
+
+
+def test_qwen2_vl_has_no_vit_sites(saved_mllms):
+    with pytest.raises(ValueError, match=r"vit\.0"):
+        ts.apply(load(saved_mllms, "qwen2_vl"), "divprune", keep_ratio=0.5, sites=["vit.0"])
+
+
+# -- method rules on hand-made states ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_fastv_keeps_the_tokens_the_last_token_attends_to_most(saved_mllms, family):
+    """The attention captured at layer K-1 is the eager attention of the unpruned model (causal, GQA, padding)."""
+    model, batch = load(saved_mllms, family), make_batch(family)
+    inputs = batch.inputs()
+    eager = load(saved_mllms, family)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        forward = dict(inputs)
+        if family == "llava":
+            forward["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        attention = eager(**forward, output_attentions=True).attentions[1]  # layer K-1 = 1
+    score = attention[:, :, -1].mean(1)  # the last token's row, averaged over heads
+    image = inputs["input_ids"] == image_token_id(family)
+    with ts.apply(model, "fastv", keep_ratio=0.5, sites=["llm.2"]) as handle:
+        logits(model, forward)
+        kept = handle.kept_orig_index
+    for b, count in enumerate(expected_counts(batch, 0.5)):
+        visual = image[b].nonzero().squeeze(1)
+        top = visual[score[b, visual].topk(count).indices]
+        kept_visual = [i for i in kept[b].tolist() if i >= 0 and bool(image[b, i])]
+        assert sorted(top.tolist()) == kept_visual
+
+
+def _state(hidden, protected, **fields) -> TokenState:
+    b, n, _ = hidden.shape
+    return TokenState(
+        hidden=hidden,
+        protected=protected,
+        orig_index=torch.arange(n).expand(b, n),
+        size=torch.ones(b, n),
+        grid=(0, 0),
+        num_prefix=0,
+        site=fields.pop("site", "pre_llm"),
+        layer=-1,
+        valid=torch.ones(b, n, dtype=torch.bool),
+        **fields,
+    )
+
+
+def test_visionzip_keeps_dominant_tokens_and_averages_groups_into_anchors():
+    # tokens 0..5 visual, 6 text; tower attention ranks 4 > 1 > others
+    hidden = torch.arange(7, dtype=torch.float32).reshape(1, 7, 1).repeat(1, 1, 2)
+    protected = torch.tensor([[False] * 6 + [True]])
+    importance = torch.tensor([[0.0, 0.8, 0.1, 0.1, 0.9, 0.1, 0.0]])
+    # keys: tokens 0, 2 point one way, 3, 5 another
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [-1.0, 0.0], [0.0, 1.0], [-1.0, 0.1], [0.0, 0.0]]])
+    state = _state(hidden, protected, tower_attention=importance, tower_keys=keys)
+    method = VisionZipMethod(VisionZipMethod.config_class(contextual_fraction=0.5))
+    keep, merged = method.reduce_tokens(state, torch.tensor([4]))
+    # 2 dominant (4, 1) + 2 contextual anchors among the rest [0, 2, 3, 5]: every 2nd, i.e. 0 and 3
+    assert keep[0].nonzero().squeeze(1).tolist() == [0, 1, 3, 4, 6]
+    assert merged[0, 0, 0].item() == pytest.approx((0 + 2) / 2)  # 2 joins anchor 0
+    assert merged[0, 3, 0].item() == pytest.approx((3 + 5) / 2)  # 5 joins anchor 3
+    assert torch.equal(merged[0, [1, 4, 6]], hidden[0, [1, 4, 6]])
+
+
+def test_dart_keeps_image_pivots_and_the_tokens_least_like_the_pivots():
+    # visual tokens 0..5, then the question 6, 7; keys: token 2 has the largest visual norm, token 7 the largest text
+    hidden = torch.tensor(
+        [[[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [0.7, 0.7], [-1.0, -0.1], [0.9, 0.1], [1.0, 1.0], [1.0, 0.0]]]
+    )
+    keys = torch.ones(1, 8, 3) * torch.tensor([1.0, 1, 5, 1, 1, 1, 1, 9]).view(1, 8, 1)
+    protected = torch.tensor([[False] * 6 + [True, True]])
+    state = _state(hidden, protected, keys=keys, site="llm.2")
+    keep = DARTMethod(DARTConfig(image_pivots=1, text_pivots=1)).select_tokens(state, torch.tensor([3]))
+    # pivot 2 is kept; each pivot then claims one token: the least like token 2 (0, 1) is 4 (cos -0.1),
+    # the least like token 7 (1, 0) among the rest is 3 (cos 0.71)
+    assert keep[0].nonzero().squeeze(1).tolist() == [2, 3, 4, 6, 7]
+
+
+def test_d2pruner_debiasing_removes_a_positional_trend():
+    positions = torch.arange(10)
+    content = torch.tensor([0.0, 2, 0, 0, 1, 0, 0, 0, 0.5, 0])
+    attention = torch.exp(content + 1.0 * positions)  # later tokens inflated, as an LLM's recency bias
+    debiased = debiased_importance(attention, positions)
+    assert debiased.argsort(descending=True)[:3].tolist() == [1, 4, 8]  # by content, strongest first
+    assert attention.argsort(descending=True)[0].item() == 9  # what raw attention would pick
+
+
+def test_d2pruner_independent_sets_skip_neighbours_then_take_another_round():
+    # a path 0-1-2-3-4; importance order 1, 2, 0, 3, 4; pivot: none
+    adjacency = torch.zeros(5, 5, dtype=torch.bool)
+    for a in range(4):
+        adjacency[a, a + 1] = adjacency[a + 1, a] = True
+    order = torch.tensor([1, 2, 0, 3, 4])
+    none = torch.zeros(5, dtype=torch.bool)
+    assert greedy_independent_sets(order, adjacency, none, 2).nonzero().squeeze(1).tolist() == [1, 3]
+    # a third token: round 1 gives {1, 3} only (0, 2, 4 are neighbours), round 2 takes the best left, 2
+    assert greedy_independent_sets(order, adjacency, none, 3).nonzero().squeeze(1).tolist() == [1, 2, 3]
+    # a pivot blocks its neighbours in the first round
+    pivot = torch.tensor([False, False, True, False, False])
+    assert greedy_independent_sets(order, adjacency, pivot, 2).nonzero().squeeze(1).tolist() == [0, 2, 4]
+
+
+# -- bad inputs ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        (dict(method="fastv", keep_ratio=0.5, sites=["pre_llm"]), "pre_llm"),
+        (dict(method="visionzip", keep_ratio=0.5, sites=["llm.2"]), "llm.2"),
+        (dict(method="divprune", keep_ratio=0.5, sites=["llm.0"]), "llm.0"),
+        (dict(method="divprune", keep_ratio=0.5, sites=["vit.0", "llm.2"]), "vit"),
+        (dict(method="divprune", keep_ratio=0.5, sites=["llm.2", "llm.2"]), "distinct"),
+        (dict(method="divprune", keep_ratio=0.5, mode="mask"), "gather"),
+        (dict(method="divprune", keep_ratio={"llm.1": 0.5}, sites=["llm.2"]), "keep_ratio"),
+        (dict(method="tome", keep_ratio=0.5, sites=["pre_llm"]), "tome"),
+        (dict(method="fastv", keep_ratio=0), "keep_ratio"),
+    ],
+)
+def test_bad_inputs_raise_value_error_naming_the_field(saved_mllms, kwargs, needle):
+    model, batch = load(saved_mllms, "llava"), make_batch("llava")
+    reference, hooks = logits(model, batch.inputs()), hook_count(model)
+    with pytest.raises(ValueError) as info:
+        ts.apply(model, **kwargs)
+    assert needle in str(info.value)
+    assert hook_count(model) == hooks
+    assert torch.equal(logits(model, batch.inputs()), reference)
+
+
+def test_second_apply_is_refused_until_the_first_is_removed(saved_mllms):
+    model = load(saved_mllms, "qwen2_vl")
+    handle = ts.apply(model, "divprune", keep_ratio=0.5)
+    with pytest.raises(ValueError, match="already has a tokensift method"):
+        ts.apply(model, "fastv", keep_ratio=0.5)
+    handle.remove()
+    ts.apply(model, "fastv", keep_ratio=0.5).remove()
+
+
+def test_multimodal_methods_refuse_a_vision_model():
+    from conftest import build_tiny
+
+    with pytest.raises(ValueError, match="multimodal LLM"):
+        ts.apply(build_tiny("vit"), "fastv", keep_ratio=0.5)
+
+
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_text_only_forward_is_untouched(saved_mllms, family):
+    model = load(saved_mllms, family)
+    inputs = dict(input_ids=torch.tensor([[1, 5, 6, 7, 8]]), attention_mask=torch.ones(1, 5, dtype=torch.long))
+    reference = logits(model, inputs)
+    with ts.apply(model, "fastv", keep_ratio=0.5) as handle:
+        assert torch.equal(logits(model, inputs), reference)
+        assert handle.last_records == []

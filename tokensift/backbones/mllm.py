@@ -1,0 +1,425 @@
+"""Adapters for multimodal LLMs: LLaVA (CLIP / SigLIP tower + projector + Llama / Qwen2 LM) and Qwen2-VL.
+
+Like the vision adapter, this only *names* things in an unmodified transformers model: its vision tower,
+projector, language model and decoder layers, the sites, and how to read each sample's visual tokens from
+its inputs. Everything a family does differently lives in one ``MLLMFamily`` subclass, so adding
+LLaVA-OneVision or Qwen2.5-VL is one more class in ``FAMILIES``, not a branch in the reduction code.
+
+Sites, in depth order:
+
+- ``vit.<i>``: output of vision block ``i`` (LLaVA's CLIP / SigLIP tower, through the vision adapter);
+- ``pre_llm``: the LLM's input embeddings, after the projector and before decoder layer 0;
+- ``llm.<k>``: the input of decoder layer ``k`` (``k >= 1``; attention-based methods read layer ``k-1``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from tokensift.backbones.vision import _VOLATILE_CONFIG_KEYS, VisionAdapter
+
+TEXT, IMAGE, VIDEO = 0, 1, 2
+_VIT_SITE = re.compile(r"^vit\.(-?\d+)$")
+_LLM_SITE = re.compile(r"^llm\.(-?\d+)$")
+PRE_LLM = "pre_llm"
+
+
+@dataclass(frozen=True)
+class Site:
+    """A parsed site name: ``kind`` is ``vit``, ``pre_llm`` or ``llm``; ``index`` the block or layer."""
+
+    name: str
+    kind: str
+    index: int
+
+    @property
+    def depth(self) -> tuple[int, int]:
+        return ({"vit": 0, "pre_llm": 1, "llm": 2}[self.kind], self.index)
+
+
+@dataclass
+class TowerCall:
+    """One call of the vision tower in a forward pass, with what the attention capture stored for it."""
+
+    grid_thw: Tensor | None  # Qwen2-VL: the grids this call encoded (images or videos); LLaVA: None
+    attention: list[Tensor]  # one [1 | n, H, Nq, Nk] tensor per attention call of the scored block
+    keys: list[Tensor]  # head-averaged keys, one tensor per attention call
+
+
+class MLLMFamily:
+    """How one model family lays out its parts and its visual tokens. Subclass per family."""
+
+    name: ClassVar[str]
+    model_classes: ClassVar[tuple[str, ...]]
+    multimodal_rope: ClassVar[bool] = False  # position ids are [3, B, L] (M-RoPE) rather than [B, L]
+
+    # -- parts --------------------------------------------------------------------------------
+    def tower(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def tower_blocks(self, model: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def tower_attention(self, block: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def scored_tower_block(self, model: nn.Module) -> int:
+        """The tower block whose attention ranks visual tokens (VisionZip): the one producing the features."""
+        raise NotImplementedError
+
+    def vision_adapter(self, model: nn.Module) -> VisionAdapter | None:
+        """An adapter for ``vit.<i>`` sites, or ``None`` when the tower cannot shrink its sequence."""
+        return None
+
+    def last_vit_site(self, model: nn.Module) -> int:
+        """Deepest ``vit.<i>`` site: a block strictly before the one whose output becomes the features."""
+        return self.scored_tower_block(model) - 1
+
+    # -- visual tokens ------------------------------------------------------------------------
+    def token_kinds(self, model: nn.Module, inputs: dict) -> Tensor:
+        """``[B, L]`` long: TEXT, IMAGE or VIDEO for each input token, read from the inputs."""
+        raise NotImplementedError
+
+    def token_layout(
+        self, model: nn.Module, inputs: dict, kinds: Tensor, calls: list[TowerCall]
+    ) -> tuple[Tensor, Tensor]:
+        """``image_id [B, L]`` (-1 text) and ``coords [B, L, 3]`` ((t, h, w) in the image's token grid).
+
+        ``calls`` are the tower calls that encoded this input (``generate()`` encodes images before the
+        first forward and passes the model no grids, only the features).
+        """
+        raise NotImplementedError
+
+    def tower_token_scores(
+        self, model: nn.Module, calls: list[TowerCall], kinds: Tensor, inputs: dict
+    ) -> tuple[Tensor, Tensor]:
+        """Per LLM token: ``[B, L]`` importance from the tower's attention and ``[B, L, Dk]`` tower keys."""
+        raise NotImplementedError
+
+    def decode_position_ids(self, model: nn.Module, positions: Tensor) -> Tensor:
+        """Position ids the LM expects for 1-D text positions ``[B, q]`` of newly decoded tokens."""
+        return positions
+
+
+def _scatter_visual(values: Tensor, kinds: Tensor, kind: int, fill: float = 0.0) -> Tensor:
+    """Place per-visual-token ``values`` ([T] or [T, D]) at the tokens of ``kind``, in row-major batch order.
+
+    That is the order in which the models' own ``masked_scatter`` fills placeholders with features.
+    """
+    shape = (*kinds.shape, *values.shape[1:])
+    out = torch.full(shape, fill, dtype=values.dtype, device=values.device)
+    slots = kinds == kind
+    if int(slots.sum()) != values.shape[0]:
+        raise ValueError(
+            f"the inputs hold {int(slots.sum())} visual tokens but the vision tower produced {values.shape[0]}; "
+            "the placeholder tokens must match the images passed."
+        )
+    out[slots] = values
+    return out
+
+
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    return a is b or (a is not None and b is not None and a.shape == b.shape and bool(torch.equal(a, b.to(a.device))))
+
+
+class LlavaFamily(MLLMFamily):
+    name = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
+
+    def tower(self, model):
+        return model.model.vision_tower
+
+    def language_model(self, model):
+        return model.model.language_model
+
+    def tower_blocks(self, model):
+        return VisionAdapter(self.tower(model)).layers
+
+    def tower_attention(self, block):
+        return block.self_attn
+
+    def _feature_layer(self, model) -> int:
+        layer = model.config.vision_feature_layer
+        return min(layer) if isinstance(layer, (list, tuple)) else layer
+
+    def scored_tower_block(self, model) -> int:
+        num_blocks = len(self.tower_blocks(model))
+        index = self._feature_layer(model)
+        index = index if index >= 0 else num_blocks + 1 + index  # hidden_states index: 0 is the embeddings
+        if index < 1:
+            raise ValueError("vision_feature_layer selects the patch embeddings; no tower block produces them.")
+        return index - 1
+
+    def vision_adapter(self, model):
+        return VisionAdapter(self.tower(model))
+
+    def _has_cls(self, model) -> bool:
+        return type(self.tower(model)).__name__ == "CLIPVisionModel"
+
+    def _tokens_per_image(self, model) -> tuple[int, int]:
+        """(tokens each image puts in the LLM sequence, of which special tokens before the patch grid)."""
+        vision = model.config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        prefix = 1 if self._has_cls(model) and model.config.vision_feature_select_strategy == "full" else 0
+        return prefix + side * side, prefix
+
+    def token_kinds(self, model, inputs):
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise ValueError(
+                "tokensift finds LLaVA's image tokens from input_ids (image_token_id); "
+                "pass input_ids, not inputs_embeds."
+            )
+        return (input_ids == model.config.image_token_id).long() * IMAGE
+
+    def token_layout(self, model, inputs, kinds, calls):
+        per_image, prefix = self._tokens_per_image(model)
+        side = int(model.config.vision_config.image_size) // int(model.config.vision_config.patch_size)
+        visual = kinds == IMAGE
+        counts = visual.sum(1)
+        if bool((counts % per_image).any()):
+            raise ValueError(
+                f"each LLaVA image fills {per_image} image tokens, but the samples hold {counts.tolist()}; "
+                "expand every <image> placeholder to image_seq_length tokens (the processor does)."
+            )
+        order = torch.arange(int(counts.sum()), device=kinds.device)  # flattened visual tokens, batch order
+        patch = order % per_image - prefix
+        image_id = torch.full(kinds.shape, -1, dtype=torch.long, device=kinds.device)
+        image_id[visual] = order // per_image
+        coords = torch.full((*kinds.shape, 3), -1, dtype=torch.long, device=kinds.device)
+        on_grid = torch.stack([torch.zeros_like(patch), patch // side, patch % side], dim=-1)
+        coords[visual] = torch.where((patch >= 0).unsqueeze(-1), on_grid, torch.full_like(on_grid, -1))
+        return image_id, coords
+
+    def tower_token_scores(self, model, calls, kinds, inputs):
+        if len(calls) != 1 or len(calls[0].attention) != 1:
+            raise ValueError("LLaVA encodes all images of a batch in one tower call; got a different pattern.")
+        attention, keys = calls[0].attention[0], calls[0].keys[0]  # [n_img, H, N, N], [n_img, N, Dk]
+        attention = attention.float().sum(dim=1)
+        # [CLS] attention ranks tokens as VisionZip does; without [CLS] (SigLIP), the attention each token receives
+        score = attention[:, 0, :] if self._has_cls(model) else attention.mean(dim=1)
+        if self._has_cls(model) and model.config.vision_feature_select_strategy == "default":
+            score, keys = score[:, 1:], keys[:, 1:]  # LLaVA drops [CLS] from the features
+        score = _scatter_visual(score.reshape(-1), kinds, IMAGE)
+        keys = _scatter_visual(keys.reshape(-1, keys.shape[-1]).float(), kinds, IMAGE)
+        return score, keys
+
+
+class Qwen2VLFamily(MLLMFamily):
+    name = "qwen2_vl"
+    model_classes = ("Qwen2VLForConditionalGeneration",)
+    multimodal_rope = True
+
+    def tower(self, model):
+        return model.model.visual
+
+    def language_model(self, model):
+        return model.model.language_model
+
+    def tower_blocks(self, model):
+        return self.tower(model).blocks
+
+    def tower_attention(self, block):
+        return block.attn
+
+    def scored_tower_block(self, model) -> int:
+        return len(self.tower_blocks(model)) - 1  # the merger reads the last block's output
+
+    def last_vit_site(self, model) -> int:
+        return -1  # no vit.<i> sites: see vision_adapter
+
+    def token_kinds(self, model, inputs):
+        types = inputs.get("mm_token_type_ids")
+        if types is not None:
+            return types.long()
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("tokensift finds Qwen2-VL's visual tokens from mm_token_type_ids or input_ids; pass one.")
+        config = model.config
+        return (input_ids == config.image_token_id).long() * IMAGE + (input_ids == config.video_token_id).long() * VIDEO
+
+    def _merged_grids(self, model, grid_thw: Tensor | None) -> list[tuple[int, int, int]]:
+        merge = int(model.config.vision_config.spatial_merge_size)
+        if grid_thw is None:
+            return []
+        return [(int(t), int(h) // merge, int(w) // merge) for t, h, w in grid_thw.tolist()]
+
+    def _grids_by_kind(self, model, inputs: dict, calls: list[TowerCall], kinds: Tensor) -> dict[int, Tensor | None]:
+        """The (t, h, w) patch grids of the images and of the videos, from the inputs or the tower calls."""
+        grids = {IMAGE: inputs.get("image_grid_thw"), VIDEO: inputs.get("video_grid_thw")}
+        merge = int(model.config.vision_config.spatial_merge_size) ** 2
+        for call in calls:
+            if call.grid_thw is None or any(_same(call.grid_thw, g) for g in grids.values()):
+                continue
+            tokens = int(call.grid_thw.prod(-1).sum()) // merge
+            kind = IMAGE if grids[IMAGE] is None and tokens == int((kinds == IMAGE).sum()) else VIDEO
+            grids[kind] = call.grid_thw if grids[kind] is None else grids[kind]
+        return grids
+
+    def token_layout(self, model, inputs, kinds, calls):
+        by_kind = self._grids_by_kind(model, inputs, calls, kinds)
+        grids = {
+            IMAGE: iter(self._merged_grids(model, by_kind[IMAGE])),
+            VIDEO: iter(self._merged_grids(model, by_kind[VIDEO])),
+        }
+        image_id = torch.full(kinds.shape, -1, dtype=torch.long)
+        coords = torch.full((*kinds.shape, 3), -1, dtype=torch.long)
+        kinds_cpu = kinds.cpu()
+        next_id = 0
+        for b in range(kinds.shape[0]):
+            i, length = 0, kinds.shape[1]
+            while i < length:
+                kind = int(kinds_cpu[b, i])
+                if kind == TEXT:
+                    i += 1
+                    continue
+                grid = next(grids[kind], None)
+                if grid is None:
+                    name = "image_grid_thw" if kind == IMAGE else "video_grid_thw"
+                    raise ValueError(f"sample {b} has more visual tokens than {name} describes.")
+                t, h, w = grid
+                count = t * h * w
+                span = kinds_cpu[b, i : i + count]
+                if span.numel() != count or bool((span != kind).any()):
+                    raise ValueError(f"sample {b}: a visual span at token {i} does not match its grid {grid}.")
+                grid_t, grid_h, grid_w = torch.meshgrid(
+                    torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"
+                )  # row-major, the order the merger emits tokens in
+                coords[b, i : i + count] = torch.stack([grid_t, grid_h, grid_w], dim=-1).reshape(count, 3)
+                image_id[b, i : i + count] = next_id
+                next_id += 1
+                i += count
+        return image_id.to(kinds.device), coords.to(kinds.device)
+
+    def tower_token_scores(self, model, calls, kinds, inputs):
+        group = int(model.config.vision_config.spatial_merge_size) ** 2
+        image_grids = self._grids_by_kind(model, inputs, calls, kinds)[IMAGE]
+        by_kind = {}
+        for call in calls:
+            # attention runs once per frame chunk (cu_seqlens); a patch's score is the attention it receives
+            score = torch.cat([a.float().sum(dim=1).mean(dim=1).reshape(-1) for a in call.attention])
+            keys = torch.cat([k.float().reshape(-1, k.shape[-1]) for k in call.keys])
+            # the merger joins each run of `group` consecutive patches into one LLM token
+            score = score.reshape(-1, group).sum(dim=1)
+            keys = keys.reshape(-1, group, keys.shape[-1]).mean(dim=1)
+            kind = IMAGE if _same(call.grid_thw, image_grids) else VIDEO
+            by_kind[kind] = (score, keys)
+        scores = torch.zeros(kinds.shape, device=kinds.device)
+        dim = next(iter(by_kind.values()))[1].shape[-1]
+        keys = torch.zeros((*kinds.shape, dim), device=kinds.device)
+        for kind, (score, key) in by_kind.items():
+            scores = scores + _scatter_visual(score.to(kinds.device), kinds, kind)
+            keys = keys + _scatter_visual(key.to(kinds.device), kinds, kind)
+        return scores, keys
+
+    def decode_position_ids(self, model, positions):
+        deltas = model.model.rope_deltas
+        if deltas is not None:
+            positions = positions + deltas.to(positions.device).reshape(-1, 1)
+        return positions.unsqueeze(0).expand(3, -1, -1)
+
+
+FAMILIES: dict[str, MLLMFamily] = {}
+for _family in (LlavaFamily(), Qwen2VLFamily()):
+    for _cls in _family.model_classes:
+        FAMILIES[_cls] = _family
+
+
+def is_multimodal(model: nn.Module) -> bool:
+    return type(model).__name__ in FAMILIES
+
+
+class MLLMAdapter:
+    """Names the sites of a transformers multimodal LLM: ``vit.<i>``, ``pre_llm`` and ``llm.<k>``."""
+
+    is_multimodal = True
+
+    def __init__(self, model: nn.Module):
+        head = type(model).__name__
+        if head not in FAMILIES:
+            raise TypeError(f"tokensift has no multimodal adapter for {head}; supported: {sorted(FAMILIES)}.")
+        self.model = model
+        self.family = FAMILIES[head]
+        self.tower: nn.Module = self.family.tower(model)
+        self.language_model: nn.Module = self.family.language_model(model)
+        self.layers: nn.ModuleList = self.language_model.layers
+        self.attention_modules: list[nn.Module] = [layer.self_attn for layer in self.layers]
+        self.tower_blocks: nn.ModuleList = self.family.tower_blocks(model)
+        self.config = model.config
+        self.text_config = self.language_model.config
+        self._vision_adapter: VisionAdapter | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def vision_adapter(self) -> VisionAdapter:
+        if self.family.last_vit_site(self.model) < 0:
+            raise ValueError(
+                f"{type(self.model).__name__} has no vit.<i> sites: its tower packs every image into one sequence "
+                "and merges 2x2 patches, so it cannot drop single patches; use pre_llm or llm.<k>."
+            )
+        if self._vision_adapter is None:
+            self._vision_adapter = self.family.vision_adapter(self.model)
+        return self._vision_adapter
+
+    # -- sites ----------------------------------------------------------------------------------
+    def sites(self) -> list[str]:
+        vit = [f"vit.{i}" for i in range(self.family.last_vit_site(self.model) + 1)]
+        return [*vit, PRE_LLM, *(f"llm.{k}" for k in range(1, self.num_layers))]
+
+    def parse_site(self, site: str) -> Site:
+        if site == PRE_LLM:
+            return Site(site, "pre_llm", -1)
+        match = _LLM_SITE.match(site)
+        if match and 1 <= int(match.group(1)) < self.num_layers:
+            return Site(site, "llm", int(match.group(1)))
+        match = _VIT_SITE.match(site)
+        last_vit = self.family.last_vit_site(self.model)
+        if match and 0 <= int(match.group(1)) <= last_vit:
+            return Site(site, "vit", int(match.group(1)))
+        vit = f"vit.0 .. vit.{last_vit}, " if last_vit >= 0 else ""
+        raise ValueError(
+            f"site {site!r} does not exist on this {self.family.name} model; valid sites are {vit}pre_llm and "
+            f"llm.1 .. llm.{self.num_layers - 1} (llm.<k> is the input of decoder layer k; pre_llm is llm.0)."
+        )
+
+    def spread_llm_sites(self, count: int) -> list[str]:
+        """``count`` LLM sites at equal depth fractions (PyramidDrop's stages at 1/4, 1/2, 3/4 of 32 layers)."""
+        n = self.num_layers
+        layers = sorted({max(1, min(n - 1, round(n * (s + 1) / (count + 1)))) for s in range(count)})
+        return [f"llm.{k}" for k in layers]
+
+    # -- identity -------------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        cfg = {k: v for k, v in self.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+        for sub in ("text_config", "vision_config"):
+            if isinstance(cfg.get(sub), dict):
+                cfg[sub] = {k: v for k, v in cfg[sub].items() if k not in _VOLATILE_CONFIG_KEYS}
+        config_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        embedding = self.language_model.get_input_embeddings().weight
+        digest = hashlib.sha256(embedding.detach()[:64].float().cpu().numpy().tobytes()).hexdigest()[:16]
+        return {
+            "model_class": type(self.model).__name__,
+            "model_type": self.config.model_type,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": int(self.text_config.num_attention_heads),
+            "config_hash": config_hash,
+            "weights_digest": digest,
+        }

@@ -1,0 +1,599 @@
+"""Token reduction in a multimodal LLM, on an unmodified transformers model: hooks, no forked modeling file.
+
+A method runs at ``pre_llm`` (on the LLM's input embeddings) or ``llm.<k>`` (before decoder layer ``k``)
+during the prefill; ``vit.<i>`` sites run in LLaVA's vision tower through the vision handle. What is kept
+is chosen once, in the prefill, and decoding continues on that choice:
+
+- **Layouts.** Each run of decoder layers between two sites shares one *layout*: which original token each
+  sequence slot (and so each KV-cache slot) holds. Samples keep different counts, so a layout is
+  left-padded to the longest sample with masked slots; the last slot of every sample stays its last
+  token, which is what ``generate()`` reads. Layers before a site keep the longer layout, so the cache
+  lengths differ per layer.
+- **Positions.** Kept tokens keep their original position ids: ``pre_llm`` gathers the position ids
+  (1-D, or Qwen2-VL's 3-D M-RoPE) with the embeddings; ``llm.<k>`` gathers the rotary embeddings the
+  model computed once for the whole sequence. Decoded tokens continue from the unpruned length (the
+  model's own rope deltas, ``generate()``'s position ids), never from the shorter cache.
+- **Masks.** Each layer must see a mask as long as its own cache. ``pre_llm`` hands the LLM a 2-D mask
+  over the new layout and the model builds its mask as usual; layers of a later layout get, through a
+  pre-hook, the mask transformers' own mask factory builds from that layout's 2-D mask and *that
+  layer's* cache length, in the format of whatever attention kernel the model uses.
+- **Output.** The LLM's last hidden states are scattered back to the unpruned length (dropped tokens
+  read zero), so logits line up with ``input_ids`` and labels, and batches keep their shape.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.masking_utils import create_causal_mask
+
+from tokensift import attention as attn
+from tokensift.backbones.mllm import IMAGE, TEXT, MLLMAdapter, Site, TowerCall
+from tokensift.budget import Budget
+from tokensift.reduce import PruningHandle
+from tokensift.scorers.base import TokenMethod
+from tokensift.state import TokenState
+
+HANDLE_ATTRIBUTE = "_tokensift_handle"
+
+
+@dataclass
+class MLLMSiteRecord:
+    """What happened at one site in the last prefill."""
+
+    site: str
+    kept_orig_index: Tensor  # [B, K] index in the unpruned LLM input of each slot after the site; -1 padding
+    kept_visual: Tensor  # [B] visual tokens left after the site
+    num_visual: Tensor  # [B] visual tokens in the unpruned input
+    target: Tensor  # [B] visual tokens the budget asked for
+    hidden: Tensor | None = None  # [B, K, D] the slots' hidden states right after the site
+
+    @property
+    def keep_fraction(self) -> Tensor:
+        return self.kept_visual.float() / self.num_visual.clamp(min=1).float()
+
+
+@dataclass
+class _Layout:
+    """The tokens a run of decoder layers (and their KV cache) holds, from ``start_layer`` on."""
+
+    start_layer: int  # first decoder layer with this layout; 0 means the LLM's own input
+    slot_orig: Tensor  # [B, S] long: index of the token in the unpruned input, -1 for a padding slot
+    slot_valid: Tensor  # [B, S] bool
+    rotary: tuple[Tensor, Tensor] | None = None  # prefill: the model's (cos, sin), gathered to this layout
+    position_ids: Any = None  # prefill: the position ids the model passes its layers, gathered
+
+
+@dataclass
+class _Run:
+    """One prefill and the decoding that continues from its cache."""
+
+    batch: int
+    length: int  # tokens in the unpruned LLM input
+    kinds: Tensor  # [B, L] TEXT / IMAGE / VIDEO
+    image_id: Tensor
+    coords: Tensor
+    num_visual: Tensor  # [B]
+    counts: dict[str, Tensor]  # site -> [B] visual tokens to keep
+    active: list[Site]  # LLM-side sites that prune something in this prefill
+    cache: Any
+    layouts: list[_Layout]
+    prefill: bool = True
+    decoded: int = 0  # tokens appended after the prefill
+    tower_scores: Tensor | None = None
+    tower_keys: Tensor | None = None
+    capture: dict | None = None  # attention of layer k-1 for the site llm.k
+    keys: Tensor | None = None  # key projection of layer k-1 for the site llm.k
+    new_mask: Tensor | None = None  # decoding: the 2-D mask of the tokens appended after the prefill
+    masks: dict[int, Any] = field(default_factory=dict)  # layout index -> mask of this forward pass
+    records: list[MLLMSiteRecord] = field(default_factory=list)
+
+    def layout_of(self, layer: int) -> int:
+        return max(i for i, layout in enumerate(self.layouts) if layout.start_layer <= layer)
+
+
+class _TowerCapture(dict):
+    """The capture slot of the scored tower block: each attention call of it appends (Qwen2-VL calls it once per
+    image or frame, LLaVA once per batch), where a plain dict would keep only the last."""
+
+    def __init__(self, call: TowerCall):
+        super().__init__()
+        self.call = call
+
+    def __setitem__(self, key, value):
+        (self.call.attention if key == "attention" else self.call.keys).append(value)
+
+
+class MLLMPruningHandle:
+    """A method applied to a multimodal LLM. ``remove()`` (or leaving the ``with`` block) restores it exactly."""
+
+    def __init__(
+        self,
+        adapter: MLLMAdapter,
+        method: TokenMethod,
+        budget: Budget,
+        sites: list[str] | None = None,
+        mode: str = "gather",
+    ):
+        if mode != "gather":
+            raise ValueError(
+                f"mode={mode!r}: multimodal LLMs are pruned in gather mode (inference) only; training-mode masks "
+                "are for vision backbones."
+            )
+        self.adapter, self.method, self.budget, self.mode = adapter, method, budget, mode
+        self.model = adapter.model
+        self.family = adapter.family
+        names = list(sites or method.config.sites or method.default_sites(adapter))
+        parsed = sorted((adapter.parse_site(name) for name in names), key=lambda s: s.depth)
+        if len({s.name for s in parsed}) != len(parsed):
+            raise ValueError(f"sites must be distinct, got {names}")
+        for site in parsed:
+            if site.kind not in method.site_kinds:
+                raise ValueError(
+                    f"{method.name} cannot run at site {site.name!r}; it runs at {list(method.site_kinds)} sites "
+                    f"({', '.join(s for s in adapter.sites() if adapter.parse_site(s).kind in method.site_kinds)})."
+                )
+        kinds = {site.kind for site in parsed}
+        if "vit" in kinds and len(kinds) > 1:
+            raise ValueError("give either vit.<i> sites or pre_llm / llm.<k> sites, not both in one handle.")
+        self.sites = [site.name for site in parsed]
+        self._parsed = parsed
+        budget.counts(self.sites, 1000)  # a per-site budget must name exactly these sites: fail before hooking
+        if getattr(self.model, HANDLE_ATTRIBUTE, None) is not None:
+            raise ValueError("this model already has a tokensift method applied; remove() its handle first.")
+        if "llm" in kinds and "sliding_attention" in (getattr(adapter.text_config, "layer_types", None) or []):
+            raise ValueError("llm.<k> sites need full-attention decoder layers; this model has sliding-window layers.")
+
+        self.enabled = True
+        self.last_records: list[MLLMSiteRecord] = []
+        self._run: _Run | None = None
+        self._inputs: dict | None = None
+        # what the vision tower did for the coming prefill: generate() runs the tower *before* the first
+        # forward (and an uncached generate() reuses that one encoding for every step), so this outlives a
+        # forward pass and is cleared only when the tower runs again after a prefill used it
+        self._tower_calls: list[TowerCall] = []
+        self._forced_keep: Tensor | None = None  # vit sites: [n_images, features] patches the tower kept
+        self._tower_used = False
+        self._hooks: list = []
+        self._restore_attn: list[tuple[nn.Module, str]] = []
+        self._vision_handle: PruningHandle | None = None
+        self._forward_signature = inspect.signature(self.model.forward)
+        setattr(self.model, HANDLE_ATTRIBUTE, self)
+        try:
+            self._install()
+        except Exception:
+            self.remove()
+            raise
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _install(self) -> None:
+        adapter, parsed = self.adapter, self._parsed
+        self._hooks.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        if parsed[0].kind == "vit":
+            self._vision_handle = PruningHandle(adapter.vision_adapter, self.method, self.budget, sites=self.sites)
+            projector = self.model.model.multi_modal_projector
+            self._hooks.append(projector.register_forward_hook(self._expand_pruned_features))
+        self._hooks.append(adapter.tower.register_forward_pre_hook(self._on_tower_call, with_kwargs=True))
+        if self.method.needs_tower_attention:
+            self._wrap_attention(adapter.tower)
+            block = adapter.tower_blocks[self.family.scored_tower_block(self.model)]
+            self._hooks.append(block.register_forward_pre_hook(self._capture_tower_block))
+        lm = adapter.language_model
+        self._hooks.append(lm.register_forward_pre_hook(self._on_lm_call, with_kwargs=True))
+        self._hooks.append(lm.register_forward_hook(self._after_lm, with_kwargs=True))
+        llm_sites = [s for s in parsed if s.kind == "llm"]
+        if llm_sites and self.method.needs_attention:
+            self._wrap_attention(lm)
+        for index, layer in enumerate(adapter.layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._before_layer(index), with_kwargs=True))
+        if self.method.needs_keys:
+            for site in llm_sites:
+                k_proj = adapter.attention_modules[site.index - 1].k_proj
+                self._hooks.append(k_proj.register_forward_hook(self._capture_keys(site.index - 1)))
+
+    def _wrap_attention(self, module: nn.Module) -> None:
+        original = module.config._attn_implementation
+        if attn.base_name(original) != original:
+            raise ValueError("this model already has a tokensift method applied; remove() its handle first.")
+        self._restore_attn.append((module, original))
+        module.set_attn_implementation(attn.wrapped_name(original))
+
+    # -- public ---------------------------------------------------------------------------------
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        if self._vision_handle is not None:
+            self._vision_handle.remove()
+            self._vision_handle = None
+        for module, original in reversed(self._restore_attn):
+            module.set_attn_implementation(original)
+        self._restore_attn.clear()
+        for module in self.model.modules():
+            if hasattr(module, attn.CALL_ATTRIBUTE):
+                delattr(module, attn.CALL_ATTRIBUTE)
+        if getattr(self.model, HANDLE_ATTRIBUTE, None) is self:
+            delattr(self.model, HANDLE_ATTRIBUTE)
+        self._run = None
+
+    def __enter__(self) -> MLLMPruningHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def set_budget(self, keep_ratio=None, keep_count=None) -> None:
+        budget = Budget(keep_ratio=keep_ratio, keep_count=keep_count)
+        budget.counts(self.sites, 1000)
+        self.budget = budget
+        if self._vision_handle is not None:
+            self._vision_handle.budget = budget
+
+    def site_counts(self, num_visual: int) -> dict[str, int]:
+        """Visual tokens kept after each site, for a sample with ``num_visual`` of them."""
+        return self.budget.counts(self.sites, num_visual)
+
+    @property
+    def kept_orig_index(self) -> Tensor | None:
+        """``[B, K]`` LLM-input indices of the slots after the last site of the last prefill (-1: padding)."""
+        return self.last_records[-1].kept_orig_index if self.last_records else None
+
+    # -- the model's inputs ---------------------------------------------------------------------
+    def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict):
+        if not self.enabled:
+            self._inputs, self._run = None, None
+            return None
+        bound = self._forward_signature.bind_partial(*args, **kwargs).arguments
+        self._inputs = {**bound.pop("kwargs", {}), **bound}
+        run, cache = self._run, self._inputs.get("past_key_values")
+        if run is None or cache is None or cache is not run.cache or _cache_length(cache) == 0:
+            return None
+        # decoding on a pruned cache: a model that would derive positions from the cache length gets the
+        # unpruned positions instead (the cache is shorter than the sequence it stands for)
+        if self._inputs.get("position_ids") is None and not (
+            self.family.multimodal_rope and self._inputs.get("attention_mask") is not None
+        ):
+            tokens = self._inputs.get("input_ids")
+            tokens = tokens if tokens is not None else self._inputs.get("inputs_embeds")
+            steps = torch.arange(tokens.shape[1], device=tokens.device) + run.length + run.decoded
+            kwargs["position_ids"] = self.family.decode_position_ids(self.model, steps.expand(run.batch, -1))
+        return args, kwargs
+
+    # -- vision tower ---------------------------------------------------------------------------
+    def _on_tower_call(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self._tower_used:
+            self._tower_calls, self._forced_keep, self._tower_used = [], None, False
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self._tower_calls.append(TowerCall(grid_thw=grid, attention=[], keys=[]))
+
+    def _capture_tower_block(self, module: nn.Module, args: tuple):
+        attention_module = self.family.tower_attention(module)
+        call = {"capture": _TowerCapture(self._tower_calls[-1])} if self._tower_calls and self.enabled else None
+        setattr(attention_module, attn.CALL_ATTRIBUTE, call)
+
+    def _expand_pruned_features(self, module: nn.Module, args: tuple, output: Tensor):
+        """vit sites: put the projected features of the kept patches back on the full patch grid.
+
+        The model checks that every image placeholder gets a feature; the dropped placeholders are removed
+        from the LLM's input right after (``_on_lm_call``), so the zeros written here are never seen.
+        """
+        handle = self._vision_handle
+        kept = handle.kept_orig_index if handle is not None and handle.enabled else None
+        if kept is None or not self.enabled:
+            return None
+        full, _prefix = self.family._tokens_per_image(self.model)
+        drop_cls = output.shape[1] == kept.shape[1] - 1  # LLaVA's "default" strategy drops [CLS] from features
+        feature_index = kept[:, 1:] - 1 if drop_cls else kept
+        expanded = output.new_zeros(output.shape[0], full, output.shape[-1])
+        expanded.scatter_(1, feature_index.unsqueeze(-1).expand(-1, -1, output.shape[-1]), output)
+        keep = torch.zeros(output.shape[0], full, dtype=torch.bool, device=output.device)
+        keep.scatter_(1, feature_index, True)
+        self._forced_keep = keep
+        return expanded
+
+    # -- the language model ---------------------------------------------------------------------
+    def _on_lm_call(self, module: nn.Module, args: tuple, kwargs: dict):
+        inputs, self._inputs = self._inputs, None
+        cache = kwargs.get("past_key_values")
+        run = self._run
+        if run is not None and cache is not None and cache is run.cache and _cache_length(cache) > 0:
+            return self._continue_decoding(run, kwargs)
+        self._run = None
+        if inputs is None:
+            return None
+        return self._start_prefill(inputs, kwargs)
+
+    def _start_prefill(self, inputs: dict, kwargs: dict):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return None
+        kinds = self.family.token_kinds(self.model, inputs).to(embeds.device)
+        if not bool((kinds != TEXT).any()):
+            return None  # a text-only forward: nothing to prune
+        cache = kwargs.get("past_key_values")
+        if cache is not None and getattr(cache, "is_compileable", False):
+            raise ValueError(
+                f"pruning needs a dynamic KV cache (generate()'s default); got {type(cache).__name__}, whose "
+                "layers cannot hold different lengths."
+            )
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise ValueError("pass a 2-D attention_mask [batch, tokens]; tokensift builds the 4-D masks itself.")
+        batch, length = kinds.shape
+        valid = torch.ones_like(kinds, dtype=torch.bool) if mask is None else mask.bool()
+        image_id, coords = self.family.token_layout(self.model, inputs, kinds, self._tower_calls)
+        num_visual = ((kinds != TEXT) & valid).sum(1)
+        llm_sites = [s for s in self._parsed if s.kind != "vit"]
+        counts = _per_sample_counts(self.budget, [s.name for s in llm_sites], num_visual)
+        active, previous = [], num_visual
+        for site in llm_sites:
+            if bool((counts[site.name] < previous).any()):
+                active.append(site)
+            previous = torch.minimum(previous, counts[site.name])
+        forced = self._forced_keep
+        self._tower_used = True
+        if not active and forced is None:
+            self.last_records = []
+            return None
+        layout = _Layout(0, torch.arange(length, device=kinds.device).expand(batch, -1), valid)
+        run = _Run(batch, length, kinds, image_id, coords, num_visual, counts, active, cache, [layout])
+        self._run, self.last_records = run, run.records
+        if self.method.needs_tower_attention and self._tower_calls:
+            run.tower_scores, run.tower_keys = self.family.tower_token_scores(
+                self.model, self._tower_calls, kinds, inputs
+            )
+        pre_llm = next((s for s in active if s.kind == "pre_llm"), None)
+        if forced is None and pre_llm is None:
+            return None
+        if forced is not None:
+            keep = _scatter_images(forced, kinds) | (valid & (kinds == TEXT))
+            target = keep.logical_and(kinds != TEXT).sum(1)
+            site_name = self.sites[-1]
+            new_embeds = embeds
+        else:
+            state = self._state(run, pre_llm, embeds, layout)
+            keep, new_embeds = self._select(state, counts[pre_llm.name])
+            target, site_name = counts[pre_llm.name], pre_llm.name
+        new_layout, source = _relayout(layout, keep, start_layer=0)
+        run.layouts = [new_layout]
+        gathered = _gather_tokens(new_embeds, source)
+        self._record(run, site_name, new_layout, target, gathered)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:  # what the LM would use: positions counted from 0 over the whole input
+            position_ids = torch.arange(length, device=embeds.device).expand(batch, -1)
+            if self.family.multimodal_rope:
+                position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        kwargs["inputs_embeds"] = gathered
+        kwargs["attention_mask"] = new_layout.slot_valid.long()
+        kwargs["position_ids"] = _gather_last(position_ids, new_layout.slot_orig, batch)
+        return (), kwargs
+
+    def _continue_decoding(self, run: _Run, kwargs: dict):
+        run.prefill, run.masks = False, {}
+        embeds = kwargs["inputs_embeds"]
+        steps = embeds.shape[1]
+        mask = kwargs.get("attention_mask")
+        expected = run.length + run.decoded + steps
+        if mask is None:
+            run.new_mask = torch.ones(run.batch, run.decoded + steps, dtype=torch.bool, device=embeds.device)
+        elif mask.dim() != 2 or mask.shape[-1] != expected:
+            raise ValueError(
+                f"decoding after a pruned prefill needs the 2-D attention_mask of the whole unpruned sequence "
+                f"({expected} tokens: {run.length} prompt + {run.decoded} decoded + {steps} new), got "
+                f"{tuple(mask.shape)}."
+            )
+        else:
+            run.new_mask = mask[:, run.length :].bool()
+        first = run.layouts[0]
+        if first.slot_orig.shape[1] != run.length or not bool(first.slot_valid.all()):
+            kwargs["attention_mask"] = torch.cat([first.slot_valid, run.new_mask], dim=1).long()
+        return (), kwargs
+
+    def _after_lm(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        run = self._run
+        if run is None:
+            return None
+        if not run.prefill:
+            run.decoded += kwargs["inputs_embeds"].shape[1]
+            return None
+        run.prefill = False
+        run.capture, run.keys, run.masks = None, None, {}
+        if run.cache is None:  # the LLM made its cache itself: decoding continues on that one
+            run.cache = getattr(output, "past_key_values", None)
+        for layout in run.layouts:
+            layout.rotary, layout.position_ids = None, None  # prefill-only; decoding computes its own
+        last = run.layouts[-1]
+        hidden = output.last_hidden_state
+        full = hidden.new_zeros(run.batch, run.length, hidden.shape[-1])
+        rows = torch.arange(run.batch, device=hidden.device).unsqueeze(1).expand_as(last.slot_orig)
+        full[rows[last.slot_valid], last.slot_orig[last.slot_valid]] = hidden[last.slot_valid]
+        output.last_hidden_state = full
+        return output
+
+    # -- decoder layers -------------------------------------------------------------------------
+    def _before_layer(self, index: int):
+        attention_module = self.adapter.attention_modules[index]
+        wrapped = any(module is self.adapter.language_model for module, _ in self._restore_attn)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            run = self._run
+            if wrapped:
+                setattr(attention_module, attn.CALL_ATTRIBUTE, None)
+            if run is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if run.prefill:
+                site = next((s for s in run.active if s.kind == "llm" and s.index == index), None)
+                if site is not None:
+                    hidden = self._prune_in_llm(run, site, hidden, kwargs)
+                if wrapped and any(s.kind == "llm" and s.index == index + 1 for s in run.active):
+                    run.capture = {}
+                    setattr(attention_module, attn.CALL_ATTRIBUTE, {"capture": run.capture})
+            which = run.layout_of(index)
+            layout = run.layouts[which]
+            if layout.start_layer == 0:
+                return (hidden, *args[1:]), kwargs  # the LLM built its mask and positions for this layout
+            if which not in run.masks:
+                run.masks[which] = self._layout_mask(run, layout, hidden, kwargs.get("past_key_values"))
+            kwargs["attention_mask"] = run.masks[which]
+            if run.prefill:
+                kwargs["position_embeddings"] = layout.rotary
+                if "position_ids" in kwargs:
+                    kwargs["position_ids"] = layout.position_ids
+            if args:
+                return (hidden, *args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    def _capture_keys(self, layer: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor):
+            run = self._run
+            if run is not None and run.prefill and any(s.index == layer + 1 for s in run.active):
+                run.keys = output.detach().float()
+
+        return hook
+
+    def _prune_in_llm(self, run: _Run, site: Site, hidden: Tensor, kwargs: dict) -> Tensor:
+        current = run.layouts[-1]
+        state = self._state(run, site, hidden, current)
+        keep, new_hidden = self._select(state, run.counts[site.name])
+        run.capture, run.keys = None, None
+        layout, source = _relayout(current, keep, start_layer=site.index)
+        if layout is current:
+            return hidden
+        rotary = kwargs.get("position_embeddings")
+        layout.rotary = tuple(_gather_tokens(t.expand(run.batch, -1, -1), layout.slot_orig) for t in rotary)
+        position_ids = kwargs.get("position_ids")
+        if isinstance(position_ids, Tensor) and position_ids.shape[-1] == run.length:
+            layout.position_ids = _gather_last(position_ids, layout.slot_orig, run.batch)
+        run.layouts.append(layout)
+        gathered = _gather_tokens(new_hidden, source)
+        self._record(run, site.name, layout, run.counts[site.name], gathered)
+        return gathered
+
+    def _layout_mask(self, run: _Run, layout: _Layout, hidden: Tensor, cache):
+        mask_2d = layout.slot_valid if run.prefill else torch.cat([layout.slot_valid, run.new_mask], dim=1)
+        return create_causal_mask(
+            config=self.adapter.text_config,
+            inputs_embeds=hidden,
+            attention_mask=mask_2d,
+            past_key_values=cache,
+            position_ids=None,
+            layer_idx=layout.start_layer,  # sized by this layer's own (shorter) cache
+        )
+
+    # -- the method -----------------------------------------------------------------------------
+    def _state(self, run: _Run, site: Site, hidden: Tensor, layout: _Layout) -> TokenState:
+        index = layout.slot_orig.clamp(min=0)
+        valid = layout.slot_valid
+        kind = run.kinds.gather(1, index).masked_fill(~valid, TEXT)
+        text = valid & (kind == TEXT)
+        positions = torch.arange(index.shape[1], device=index.device)
+        last_text = (positions * text).argmax(dim=1)
+        text_weights = text.to(hidden.dtype).unsqueeze(-1)
+        capture = run.capture or {}
+        return TokenState(
+            hidden=hidden,
+            protected=text,
+            orig_index=layout.slot_orig,
+            size=torch.ones(index.shape, device=hidden.device),
+            grid=(0, 0),
+            num_prefix=0,
+            site=site.name,
+            layer=site.index,
+            attention=capture.get("attention") if site.kind == "llm" else None,
+            keys=run.keys if site.kind == "llm" else None,
+            keep_target=run.counts[site.name].float() / run.num_visual.clamp(min=1).float(),
+            valid=valid,
+            kind=kind,
+            image_id=run.image_id.gather(1, index).masked_fill(~valid | (kind == TEXT), -1),
+            coords=run.coords.gather(1, index.unsqueeze(-1).expand(-1, -1, 3)),
+            tower_attention=None if run.tower_scores is None else run.tower_scores.gather(1, index),
+            tower_keys=None if run.tower_keys is None else _gather_tokens(run.tower_keys, index),
+            text_mean=(hidden * text_weights).sum(1) / text_weights.sum(1).clamp(min=1),
+            text_last=hidden[torch.arange(hidden.shape[0], device=hidden.device), last_text],
+        )
+
+    def _select(self, state: TokenState, num_keep: Tensor) -> tuple[Tensor, Tensor]:
+        keep, hidden = self.method.reduce_tokens(state, num_keep)
+        if keep.shape != state.valid.shape or keep.dtype != torch.bool:
+            raise ValueError(
+                f"{self.method.name} returned a keep mask of {keep.dtype} {tuple(keep.shape)}, "
+                f"expected bool {tuple(state.valid.shape)}"
+            )
+        return (keep & state.valid) | state.protected, hidden
+
+    def _record(self, run: _Run, site: str, layout: _Layout, target: Tensor, hidden: Tensor) -> None:
+        kinds = run.kinds.gather(1, layout.slot_orig.clamp(min=0))
+        kept_visual = (layout.slot_valid & (kinds != TEXT)).sum(1)
+        run.records.append(MLLMSiteRecord(site, layout.slot_orig, kept_visual, run.num_visual, target, hidden))
+
+
+# -- layout arithmetic ----------------------------------------------------------------------------------
+
+
+def _cache_length(cache) -> int:
+    return int(cache.get_seq_length()) if cache is not None else 0
+
+
+def _per_sample_counts(budget: Budget, sites: list[str], num_visual: Tensor) -> dict[str, Tensor]:
+    """Visual tokens each sample keeps after each site: the budget applied to that sample's own count."""
+    out = {site: torch.zeros_like(num_visual) for site in sites}
+    by_count: dict[int, dict[str, int]] = {}
+    for b, n in enumerate(num_visual.tolist()):
+        if n == 0 or not sites:
+            continue
+        if n not in by_count:
+            by_count[n] = budget.counts(sites, n)
+        for site in sites:
+            out[site][b] = by_count[n][site]
+    return out
+
+
+def _relayout(layout: _Layout, keep: Tensor, start_layer: int) -> tuple[_Layout, Tensor]:
+    """The layout of the kept slots, each sample right-aligned in ascending order, with its source slots.
+
+    Returns the layout itself (and an identity source) when ``keep`` drops nothing.
+    """
+    if bool((keep == layout.slot_valid).all()):
+        return layout, torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+    batch, slots = keep.shape
+    positions = torch.arange(slots, device=keep.device).expand(batch, -1)
+    kept_first = torch.where(keep, positions, positions + slots).argsort(dim=1)  # kept slots first, in order
+    count = keep.sum(1)
+    width = int(count.max())
+    # right-align: the last slot of every sample is its last kept token, padding goes to the left
+    offset = torch.arange(width, device=keep.device).unsqueeze(0) - (width - count).unsqueeze(1)
+    valid = offset >= 0
+    source = kept_first.gather(1, offset.clamp(min=0))
+    slot_orig = layout.slot_orig.gather(1, source).masked_fill(~valid, -1)
+    return _Layout(start_layer, slot_orig, valid), source
+
+
+def _gather_tokens(values: Tensor, index: Tensor) -> Tensor:
+    """``values[b, index[b, j]]`` for ``[B, N, D]`` values; padding slots (index -1) read token 0."""
+    index = index.clamp(min=0)
+    return values.gather(1, index.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
+
+
+def _gather_last(values: Tensor, index: Tensor, batch: int) -> Tensor:
+    """Gather position ids ``[..., B | 1, L]`` (1-D or M-RoPE) along their last axis."""
+    index = index.clamp(min=0)
+    values = values.expand(*values.shape[:-2], batch, values.shape[-1])
+    return values.gather(-1, index.expand(*values.shape[:-2], *index.shape))
+
+
+def _scatter_images(per_image: Tensor, kinds: Tensor) -> Tensor:
+    """``[n_images, features]`` per-patch flags to the ``[B, L]`` image tokens, in the models' fill order."""
+    out = torch.zeros(kinds.shape, dtype=torch.bool, device=kinds.device)
+    out[kinds == IMAGE] = per_image.reshape(-1).to(kinds.device)
+    return out
+
+
+__all__ = ["MLLMPruningHandle", "MLLMSiteRecord"]

@@ -1,0 +1,3 @@
+from tokensift.scorers.visionzip.model import VisionZipConfig, VisionZipMethod
+
+__all__ = ["VisionZipConfig", "VisionZipMethod"]
