@@ -67,6 +67,13 @@ def continuation(result, inputs: dict) -> torch.Tensor:
     return result.sequences[:, inputs["input_ids"].shape[1] :]
 
 
+def next_token(step_logits: torch.Tensor, family: str) -> torch.Tensor:
+    """Greedy choice at the last position, never the image placeholder."""
+    last = step_logits[:, -1].clone()
+    last[:, image_token_id(family)] = float("-inf")
+    return last.argmax(-1, keepdim=True)
+
+
 def hook_count(model) -> int:
     return sum(
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._forward_hooks_with_kwargs) for m in model.modules()
@@ -198,6 +205,11 @@ def test_prunes_to_budget_and_removes_cleanly(saved_mllms, family, method):
     # a second forward replaces the records
     logits(model, inputs)
     assert len(handle.last_records) == len(handle.sites)
+    # disabled (a teacher pass), the model computes what the unpruned one does
+    handle.enabled = False
+    assert torch.equal(logits(model, inputs), reference)
+    handle.enabled = True
+    torch.testing.assert_close(logits(model, inputs), pruned)
 
     handle.remove()
     assert hook_count(model) == hooks_before
@@ -320,43 +332,77 @@ def test_cached_decoding_matches_uncached_recomputation(saved_mllms, family, met
 
 
 class ExitSamples(TokenMethod):
+    """Sample ``b`` drops all its visual tokens at site ``llm.<exit_layer[b]>`` (None: keeps them all)."""
+
     name = "exit_samples"
     site_kinds = ("llm",)
 
-    def __init__(self, exiting: list[bool]):
+    def __init__(self, exit_layer: list[int | None]):
         super().__init__()
-        self.exiting = torch.tensor(exiting)
-        self.summaries = []
+        self.exit_layer = exit_layer
+        self.summaries = {}
 
     def select_tokens(self, state, num_keep):
-        self.summaries.append((state.text_mean, state.text_last))
-        return state.alive & ~(self.exiting.unsqueeze(1) & ~state.protected)
+        self.summaries[state.site] = (state.text_mean, state.text_last)
+        exiting = torch.tensor([layer == state.layer for layer in self.exit_layer], device=state.hidden.device)
+        return state.alive & ~(exiting.unsqueeze(1) & ~state.protected)
+
+
+EXIT_SITES = ["llm.1", "llm.2", "llm.3"]
 
 
 @pytest.mark.parametrize("family", MLLM_FAMILIES)
 def test_per_sample_visual_exit(saved_mllms, family):
+    """DyVTE's mechanism: within one batch, each sample's visual tokens leave at its own layer, or never."""
     model, batch = load(saved_mllms, family), make_batch(family)
-    exiting = [True, False, True]
-    staying = [generate(model, batch.sample(i)) for i in range(batch.size)]
+    exit_layer = [1, None, 3]
+    unpruned = [generate(model, batch.sample(i)) for i in range(batch.size)]
     alone = []
     for i in range(batch.size):
-        with ts.apply(model, ExitSamples([exiting[i]]), keep_ratio=0.5, sites=["llm.2"]):
+        with ts.apply(model, ExitSamples([exit_layer[i]]), keep_ratio=0.5, sites=EXIT_SITES):
             alone.append(generate(model, batch.sample(i)))
-    method = ExitSamples(exiting)
-    with ts.apply(model, method, keep_ratio=0.5, sites=["llm.2"]) as handle:
+    method = ExitSamples(exit_layer)
+    with ts.apply(model, method, keep_ratio=0.5, sites=EXIT_SITES) as handle:
         together = generate(model, batch.inputs())
-        record = handle.last_records[-1]
+        kept = {record.site: record.kept_visual.tolist() for record in handle.last_records}
     n = visual_counts(batch)
-    assert record.kept_visual.tolist() == [0, n[1], 0]
+    assert kept == {"llm.1": [0, n[1], n[2]], "llm.3": [0, n[1], 0]}  # llm.2: nobody exits, nothing changes
     tokens = continuation(together, batch.inputs())
     for i in range(batch.size):
         assert torch.equal(tokens[i], continuation(alone[i], batch.sample(i))[0])
-    # a sample that keeps its visual tokens computes exactly what the unpruned model does
-    assert torch.equal(tokens[1], continuation(staying[1], batch.sample(1))[0])
-    # exiting changes what an exiting sample computes
-    assert not torch.allclose(alone[0].logits[0], staying[0].logits[0], atol=1e-4)
-    text_mean, text_last = method.summaries[-1]
-    assert text_mean.shape == text_last.shape == (batch.size, model.config.text_config.hidden_size)
+        for step_together, step_alone in zip(together.logits, alone[i].logits, strict=True):
+            torch.testing.assert_close(step_together[i], step_alone[0], atol=1e-4, rtol=1e-4)
+    # the sample that keeps its visual tokens computes what the unpruned model does; an exiting one does not
+    assert torch.equal(tokens[1], continuation(unpruned[1], batch.sample(1))[0])
+    assert not torch.allclose(alone[0].logits[0], unpruned[0].logits[0], atol=1e-4)
+    # the router's input at every layer: mean text state and last text state per sample
+    assert set(method.summaries) == set(EXIT_SITES)
+    for text_mean, text_last in method.summaries.values():
+        assert text_mean.shape == text_last.shape == (batch.size, model.config.text_config.hidden_size)
+
+
+def test_manual_decoding_without_position_ids_continues_from_the_unpruned_length(saved_mllms):
+    """A hand-written decode loop passes no positions: the model must not count them from the shorter cache."""
+    model, batch = load(saved_mllms, "llava"), make_batch("llava")
+    inputs = batch.inputs()
+    # pre_llm shortens every layer's cache, layer 0's included, from which Llama would count positions
+    with ts.apply(model, "divprune", keep_ratio=0.5, sites=["pre_llm"]):
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            cache, mask, tokens = out.past_key_values, inputs["attention_mask"], []
+            for _ in range(NEW_TOKENS):
+                token = next_token(out.logits, "llava")
+                tokens.append(token)
+                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+        # a plain forward counts positions 0..L-1 over the whole input, padding included; so does the uncached run
+        sequence, expected = dict(inputs), []
+        for _ in range(NEW_TOKENS):
+            token = next_token(logits(model, sequence), "llava")
+            expected.append(token)
+            sequence["input_ids"] = torch.cat([sequence["input_ids"], token], dim=1)
+            sequence["attention_mask"] = torch.cat([sequence["attention_mask"], torch.ones_like(token)], dim=1)
+    assert torch.equal(torch.cat(tokens, 1), torch.cat(expected, 1))
 
 
 # -- vit.<i> sites (LLaVA's tower) ---------------------------------------------------------------------

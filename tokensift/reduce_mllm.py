@@ -148,6 +148,7 @@ class MLLMPruningHandle:
         if "llm" in kinds and "sliding_attention" in (getattr(adapter.text_config, "layer_types", None) or []):
             raise ValueError("llm.<k> sites need full-attention decoder layers; this model has sliding-window layers.")
 
+        self._vision_handle: PruningHandle | None = None
         self.enabled = True
         self.last_records: list[MLLMSiteRecord] = []
         self._run: _Run | None = None
@@ -160,7 +161,6 @@ class MLLMPruningHandle:
         self._tower_used = False
         self._hooks: list = []
         self._restore_attn: list[tuple[nn.Module, str]] = []
-        self._vision_handle: PruningHandle | None = None
         self._forward_signature = inspect.signature(self.model.forward)
         setattr(self.model, HANDLE_ATTRIBUTE, self)
         try:
@@ -203,6 +203,17 @@ class MLLMPruningHandle:
         module.set_attn_implementation(attn.wrapped_name(original))
 
     # -- public ---------------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        """Off: the next prefills run unpruned (a teacher pass); a decode already running keeps its layout."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        if self._vision_handle is not None:
+            self._vision_handle.enabled = self._enabled
+
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
@@ -244,21 +255,20 @@ class MLLMPruningHandle:
 
     # -- the model's inputs ---------------------------------------------------------------------
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict):
-        if not self.enabled:
-            self._inputs, self._run = None, None
-            return None
         bound = self._forward_signature.bind_partial(*args, **kwargs).arguments
-        self._inputs = {**bound.pop("kwargs", {}), **bound}
-        run, cache = self._run, self._inputs.get("past_key_values")
+        inputs = {**bound.pop("kwargs", {}), **bound}
+        # disabled: no new prefill is pruned, but a decode already running on a pruned cache keeps its layout
+        self._inputs = inputs if self.enabled else None
+        run, cache = self._run, inputs.get("past_key_values")
         if run is None or cache is None or cache is not run.cache or _cache_length(cache) == 0:
             return None
         # decoding on a pruned cache: a model that would derive positions from the cache length gets the
         # unpruned positions instead (the cache is shorter than the sequence it stands for)
-        if self._inputs.get("position_ids") is None and not (
-            self.family.multimodal_rope and self._inputs.get("attention_mask") is not None
+        if inputs.get("position_ids") is None and not (
+            self.family.multimodal_rope and inputs.get("attention_mask") is not None
         ):
-            tokens = self._inputs.get("input_ids")
-            tokens = tokens if tokens is not None else self._inputs.get("inputs_embeds")
+            tokens = inputs.get("input_ids")
+            tokens = tokens if tokens is not None else inputs.get("inputs_embeds")
             steps = torch.arange(tokens.shape[1], device=tokens.device) + run.length + run.decoded
             kwargs["position_ids"] = self.family.decode_position_ids(self.model, steps.expand(run.batch, -1))
         return args, kwargs
@@ -303,6 +313,7 @@ class MLLMPruningHandle:
         if run is not None and cache is not None and cache is run.cache and _cache_length(cache) > 0:
             return self._continue_decoding(run, kwargs)
         self._run = None
+        self._tower_used = True  # this forward read the tower's last encoding: the next tower call starts afresh
         if inputs is None:
             return None
         return self._start_prefill(inputs, kwargs)
@@ -335,7 +346,6 @@ class MLLMPruningHandle:
                 active.append(site)
             previous = torch.minimum(previous, counts[site.name])
         forced = self._forced_keep
-        self._tower_used = True
         if not active and forced is None:
             self.last_records = []
             return None
