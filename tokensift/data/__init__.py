@@ -1,5 +1,6 @@
 """Datasets and Lightning data modules for tokensift."""
 
+from tokensift.data.digit_vqa import DigitVQA, DigitVQADataModule
 from tokensift.data.digits import ClutteredDigits, ClutteredDigitsDataModule
 
-__all__ = ["ClutteredDigits", "ClutteredDigitsDataModule"]
+__all__ = ["ClutteredDigits", "ClutteredDigitsDataModule", "DigitVQA", "DigitVQADataModule"]

@@ -56,7 +56,11 @@ __all__ = [
     "ClutteredDigitsDataModule",
     "SampleSpec",
     "compose",
+    "is_int",
+    "load_sources",
     "normalize",
+    "paste_max",
+    "patch_mask",
     "split_sources",
     "upscale",
     "validate_config",
@@ -74,7 +78,7 @@ _MIN_INK_FRACTION = 0.25
 
 
 @functools.cache
-def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+def load_sources() -> tuple[np.ndarray, np.ndarray]:
     """All 1,797 source images (float32 [N, 8, 8], values 0..16) and their labels (int64 [N])."""
     from sklearn.datasets import load_digits
 
@@ -99,7 +103,15 @@ def normalize(canvas: np.ndarray) -> np.ndarray:
     return (np.asarray(canvas, dtype=np.float32) / (MAX_VALUE / 2) - 1.0).astype(np.float32)
 
 
-def _paste_max(canvas: np.ndarray, layer: np.ndarray, pos: Sequence[int], what: str) -> None:
+def is_int(value: object) -> bool:
+    """True for Python and numpy integers, False for bools (which Python counts as integers)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def paste_max(canvas: np.ndarray, layer: np.ndarray, pos: Sequence[int], what: str) -> None:
+    """Composite ``layer`` into ``canvas`` in place (pixel-wise max) with its top-left corner at ``pos``.
+
+    ``what`` names the layer in the error raised when it does not fit."""
     row, col = int(pos[0]), int(pos[1])
     height, width = layer.shape
     if row < 0 or col < 0 or row + height > canvas.shape[0] or col + width > canvas.shape[1]:
@@ -136,23 +148,29 @@ def compose(
         bounding box). Clutter never affects the mask.
     """
     if canvas_size <= 0 or patch_size <= 0 or canvas_size % patch_size != 0:
-        raise ValueError(
-            f"canvas_size ({canvas_size}) must be a positive multiple of patch_size ({patch_size})"
-        )
+        raise ValueError(f"canvas_size ({canvas_size}) must be a positive multiple of patch_size ({patch_size})")
     target = np.asarray(target, dtype=np.float32)
     if target.ndim != 2:
         raise ValueError(f"target must be a 2-D array, got shape {target.shape}")
     canvas = np.zeros((canvas_size, canvas_size), dtype=np.float32)
-    _paste_max(canvas, target, target_pos, "target")
-    ink = canvas > 0  # only the target has been pasted so far
-    grid = canvas_size // patch_size
-    oracle_mask = ink.reshape(grid, patch_size, grid, patch_size).any(axis=(1, 3)).reshape(-1)
+    paste_max(canvas, target, target_pos, "target")
+    oracle_mask = patch_mask(canvas > 0, patch_size)  # only the target has been pasted so far
     for k, (fragment, pos) in enumerate(clutter):
         fragment = np.asarray(fragment, dtype=np.float32)
         if fragment.ndim != 2:
             raise ValueError(f"clutter[{k}] must be a 2-D array, got shape {fragment.shape}")
-        _paste_max(canvas, fragment, pos, f"clutter[{k}]")
+        paste_max(canvas, fragment, pos, f"clutter[{k}]")
     return canvas, oracle_mask
+
+
+def patch_mask(ink: np.ndarray, patch_size: int) -> np.ndarray:
+    """Bool [(H // patch_size) * (W // patch_size)], row-major over the patch grid: True for every patch
+    holding at least one True pixel of the bool [H, W] map ``ink`` (H and W multiples of ``patch_size``)."""
+    height, width = ink.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"ink map of shape {ink.shape} is not a whole number of {patch_size}-pixel patches")
+    grid = ink.reshape(height // patch_size, patch_size, width // patch_size, patch_size)
+    return grid.any(axis=(1, 3)).reshape(-1)
 
 
 def split_sources(
@@ -163,7 +181,7 @@ def split_sources(
     Returns split name -> sorted int64 array of global indices into ``load_digits()``. The train and val
     sizes are ``round(fraction * N)``; test gets the rest. The three arrays are disjoint and cover all N.
     """
-    n = len(_load_digits()[1]) if num_sources is None else num_sources
+    n = len(load_sources()[1]) if num_sources is None else num_sources
     perm = np.random.default_rng(seed).permutation(n)
     n_train = round(split_fractions[0] * n)
     n_val = round(split_fractions[1] * n)
@@ -183,10 +201,6 @@ def validate_config(
     clutter_scale: int | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the offending field (and how to fix it) for an invalid configuration."""
-
-    def _is_int(value: object) -> bool:
-        return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
     for name, value, minimum in (
         ("canvas_size", canvas_size, 1),
         ("patch_size", patch_size, 1),
@@ -194,12 +208,10 @@ def validate_config(
         ("num_clutter", num_clutter, 0),
         ("num_channels", num_channels, 1),
     ):
-        if not _is_int(value) or value < minimum:
+        if not is_int(value) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if clutter_scale is not None and (not _is_int(clutter_scale) or clutter_scale < 1):
-        raise ValueError(
-            f"clutter_scale must be None (same as target_scale) or an integer >= 1, got {clutter_scale!r}"
-        )
+    if clutter_scale is not None and (not is_int(clutter_scale) or clutter_scale < 1):
+        raise ValueError(f"clutter_scale must be None (same as target_scale) or an integer >= 1, got {clutter_scale!r}")
     fragment_scale = target_scale if clutter_scale is None else clutter_scale
     if canvas_size % patch_size != 0:
         raise ValueError(
@@ -212,7 +224,7 @@ def validate_config(
             f"target_scale ({target_scale}) makes the target {target_size}x{target_size} pixels, larger than "
             f"canvas_size ({canvas_size}); lower target_scale or raise canvas_size to >= {target_size}"
         )
-    if len(clutter_size) != 2 or not all(_is_int(v) for v in clutter_size):
+    if len(clutter_size) != 2 or not all(is_int(v) for v in clutter_size):
         raise ValueError(f"clutter_size must be a pair of integers (min, max), got {clutter_size!r}")
     lo, hi = int(clutter_size[0]), int(clutter_size[1])
     if not 1 <= lo <= hi <= SOURCE_SIZE:
@@ -233,8 +245,7 @@ def validate_config(
         raise ValueError(f"split_fractions must be 3 numbers (train, val, test), got {split_fractions!r}")
     if any(not (f > 0) for f in split_fractions) or abs(sum(split_fractions) - 1.0) > 1e-6:
         raise ValueError(
-            f"split_fractions must be 3 positive numbers summing to 1 (train, val, test), got "
-            f"{tuple(split_fractions)}"
+            f"split_fractions must be 3 positive numbers summing to 1 (train, val, test), got {tuple(split_fractions)}"
         )
     min_sources = 2 if num_clutter > 0 else 1
     for name, indices in split_sources(0, split_fractions).items():
@@ -329,7 +340,7 @@ class ClutteredDigits(Dataset):
         self.grid_size = self.canvas_size // self.patch_size
         self.num_patches = self.grid_size**2
 
-        images, labels = _load_digits()
+        images, labels = load_sources()
         self.source_indices: np.ndarray = split_sources(self.seed, self.split_fractions)[split]
         self._images = images  # global arrays (read-only); indexed with global source indices
         self._labels = labels
@@ -379,9 +390,7 @@ class ClutteredDigits(Dataset):
         return SampleSpec(int(sources[t_local]), (t_row, t_col), tuple(clutter))
 
     @staticmethod
-    def _draw_crop(
-        rng: np.random.Generator, image: np.ndarray, lo: int, hi: int
-    ) -> tuple[int, int, int, int]:
+    def _draw_crop(rng: np.random.Generator, image: np.ndarray, lo: int, hi: int) -> tuple[int, int, int, int]:
         best, best_ink = None, -1.0
         for _ in range(_CROP_TRIES):
             height, width = (int(v) for v in rng.integers(lo, hi + 1, size=2))
