@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first: the pinned CPU wheel; every later install is held to it by the constraints file.
 	$(PIP) install torch==2.13.0
-	$(PIP) install -c constraints.txt -e ".[dev,peft]"
+	$(PIP) install -c constraints.txt -e ".[dev,peft,deepspeed]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -27,6 +27,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/shellcheck launch/*.sh launch/*.sbatch
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from torch import nn
 
+from tokensift import attention as attn
 from tokensift.backbones import MLLMAdapter, adapt
+from tokensift.backbones.lora import load_adapter
 from tokensift.budget import Budget
-from tokensift.export.artifact import Artifact, check_fingerprint, load_artifact
+from tokensift.export.artifact import Artifact, FingerprintMismatch, check_fingerprint, load_artifact
 from tokensift.reduce import Mode, PruningHandle
 from tokensift.reduce_mllm import MLLMPruningHandle
 from tokensift.scorers import TokenMethod, build_method
@@ -47,16 +49,24 @@ def apply(
     geometric schedule) or per site as a mapping; an artifact falls back to its default budget.
     ``options`` configure a registered method (e.g. ``seed`` for ``random``). Returns a handle whose
     ``remove()`` restores the model exactly; it also works as a context manager.
+
+    An artifact trained with LoRA carries a peft adapter folder: it is applied to ``model`` first (in
+    place, removed again by ``remove()``), then the scorer.
     """
     adapter = adapt(model)
     default_budget: dict = {}
+    lora_path = None
     if isinstance(method, (str, os.PathLike)) and _looks_like_path(method):
         method = load_artifact(method)
     if isinstance(method, Artifact):
         if options:
             raise ValueError(f"options {sorted(options)} do not apply to an exported artifact; retrain instead.")
-        check_fingerprint(method.manifest, adapter.fingerprint(), strict=strict)
+        _check_artifact_backbone(method, adapter.fingerprint(), strict)
         default_budget = method.default_budget
+        if method.manifest.get("adapter"):
+            if method.path is None:
+                raise ValueError("this artifact carries a LoRA adapter: load it with ts.load(path) to apply both.")
+            lora_path = method.path / method.manifest["adapter"]
         method = method.method
     elif isinstance(method, str):
         method = build_method(method, options)
@@ -79,8 +89,34 @@ def apply(
             f"{type(model).__name__} is a vision model. Methods for it: vit sites in ts.methods()."
         )
     if isinstance(adapter, MLLMAdapter):
+        if lora_path is not None:
+            raise ValueError("artifacts with a LoRA adapter apply to vision backbones only, for now.")
         return MLLMPruningHandle(adapter, method, budget, sites=sites, mode=mode)
-    return PruningHandle(adapter, method, budget, sites=sites, mode=mode)
+    if lora_path is None:
+        return PruningHandle(adapter, method, budget, sites=sites, mode=mode)
+    if attn.base_name(adapter.config._attn_implementation) != adapter.config._attn_implementation:
+        raise ValueError("this model already has a tokensift method applied; remove() its handle first.")
+    lora_model = load_adapter(model, lora_path)
+    try:
+        handle = PruningHandle(adapter, method, budget, sites=sites, mode=mode)
+    except BaseException:
+        lora_model.unload()
+        raise
+    handle.on_remove(lora_model.unload)
+    return handle
+
+
+def _check_artifact_backbone(artifact: Artifact, fingerprint: dict, strict: bool) -> None:
+    try:
+        check_fingerprint(artifact.manifest, fingerprint, strict=strict)
+    except FingerprintMismatch as error:
+        finetuned = artifact.manifest.get("backbone_weights")
+        if finetuned and artifact.path is not None:
+            raise FingerprintMismatch(
+                f"{error} This scorer was trained with its backbone: load the model from "
+                f"{artifact.path / finetuned} and apply the artifact to that."
+            ) from error
+        raise
 
 
 def _looks_like_path(value: str | os.PathLike) -> bool:

@@ -10,6 +10,7 @@ Both modes share the per-forward bookkeeping (original indices, merge sizes, pol
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -91,6 +92,7 @@ class PruningHandle:
                 self._hooks.append(layer.register_forward_hook(self._after_site(index)))
         self._hooks.append(adapter.final_token_module.register_forward_hook(self._pool_kept_only))
         self.model = adapter.model
+        self._on_remove: list[Callable[[], object]] = []
 
     # -- public ---------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -101,6 +103,12 @@ class PruningHandle:
             if hasattr(module, attn.CALL_ATTRIBUTE):
                 delattr(module, attn.CALL_ATTRIBUTE)
         self.adapter.tower.set_attn_implementation(self._original_attn)
+        while self._on_remove:
+            self._on_remove.pop()()
+
+    def on_remove(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` when ``remove()`` runs (``ts.apply`` unloads the LoRA adapter it loaded)."""
+        self._on_remove.append(callback)
 
     def __enter__(self) -> PruningHandle:
         return self

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,8 +49,13 @@ def save_artifact(
     default_budget: dict | None = None,
     extra: dict | None = None,
     overwrite: bool = False,
+    add_files: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write ``method`` (config + weights) as an artifact directory; returns its path."""
+    """Write ``method`` (config + weights) as an artifact directory; returns its path.
+
+    ``add_files(directory)`` writes further files (a LoRA adapter folder, a fine-tuned backbone) into the
+    directory before it is renamed into place, so they appear with the rest or not at all.
+    """
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"artifact directory {out} exists; pass overwrite=True (--overwrite) to replace it.")
@@ -67,6 +73,8 @@ def save_artifact(
     with atomic_directory(out) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
         save_file(state, tmp / WEIGHTS, metadata={"format": FORMAT, "method": method.name})
+        if add_files is not None:
+            add_files(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(_model_card(manifest))
     return out
@@ -128,6 +136,13 @@ def _model_card(manifest: dict) -> str:
         f"- sites: {', '.join(manifest['sites'])}",
         f"- default budget: {manifest['default_budget']}",
     ]
+    if manifest.get("adapter"):
+        lines.append(f"- LoRA adapter (peft folder `{manifest['adapter']}/`): `ts.apply` loads it before the scorer")
+    if manifest.get("backbone_weights"):
+        lines.append(
+            f"- the backbone was fine-tuned with the scorer: load it from `{manifest['backbone_weights']}/` "
+            "(`from_pretrained`) and apply the scorer to that model"
+        )
     if "trained_keep_ratio_range" in manifest:
         lines.append(f"- trained over keep ratios {manifest['trained_keep_ratio_range']}")
     for name, value in sorted((manifest.get("metrics") or {}).items()):

@@ -1,4 +1,9 @@
-"""Turn a training checkpoint into an artifact (``tokensift export CKPT OUT_DIR``)."""
+"""Turn a training checkpoint into an artifact (``tokensift export CKPT OUT_DIR``).
+
+``CKPT`` is what ``tokensift fit`` wrote under any strategy: a ``.ckpt`` file (single device, DDP) or a
+DeepSpeed ZeRO checkpoint directory (stage 2 or 3, which Lightning also names ``*.ckpt``). Both give
+the same artifact for the same weights.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,16 @@ from pathlib import Path
 
 import torch
 
-from tokensift.export.artifact import save_artifact
+from tokensift.backbones import adapt, load_backbone
+from tokensift.backbones.lora import ADAPTER_DIR, is_lora_parameter, save_adapter
+from tokensift.export.artifact import FingerprintMismatch, check_fingerprint, save_artifact
 from tokensift.scorers.registry import get_method_class
 
 METHOD_PREFIX = "method."
+BACKBONE_PREFIX = "backbone."
+BACKBONE_DIR = "backbone"
+# what Lightning's DeepSpeed wrapper prefixed parameter names with before Lightning 2.1
+_LEGACY_WRAPPER_PREFIX = "_forward_module."
 
 
 def export(
@@ -17,31 +28,125 @@ def export(
     out_dir: Path,
     keep_ratio: float | None = None,
     overwrite: bool = False,
+    backbone: str | None = None,
 ) -> Path:
     """Write the scorer of a ``tokensift fit`` checkpoint as an artifact directory.
 
     Args:
-        checkpoint: a ``.ckpt`` written by ``tokensift fit``.
+        checkpoint: a ``.ckpt`` file, or a DeepSpeed ZeRO checkpoint directory, written by ``tokensift fit``.
         out_dir: the artifact directory to create (written to a temporary name, then renamed).
         keep_ratio: the artifact's default budget (default: the first ratio it was validated at).
         overwrite: replace ``out_dir`` if it exists.
+        backbone: where to load the training backbone from, needed only when the artifact carries a LoRA
+            adapter or a fine-tuned backbone (default: the ``model.backbone`` the run trained on).
     """
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
+    if checkpoint.is_dir():
+        state, ckpt = _read_zero_checkpoint(checkpoint)
+    elif checkpoint.is_file():
+        # weights_only: the restricted unpickler that loads tensors and plain containers, never arbitrary objects
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = ckpt["state_dict"]
+    else:
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; `tokensift fit` writes them under its logs.")
-    # weights_only: the restricted unpickler that loads tensors and plain containers, never arbitrary objects
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     meta = ckpt.get("tokensift")
     if meta is None:
         raise ValueError(f"{checkpoint} was not written by `tokensift fit` (it has no 'tokensift' entry).")
     cls = get_method_class(meta["method"])
     method = cls(cls.config_class.from_dict(meta["config"]))
-    state = {k[len(METHOD_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(METHOD_PREFIX)}
-    method.load_state_dict(state)
+    method.load_state_dict(_strip(state, METHOD_PREFIX))
     budget = {"keep_ratio": keep_ratio} if keep_ratio is not None else meta["default_budget"]
     extra = {
         "trained_keep_ratio_range": meta["trained_keep_ratio_range"],
         "source_checkpoint": checkpoint.name,
         "global_step": int(ckpt.get("global_step", 0)),
     }
-    return save_artifact(method, meta["fingerprint"], out_dir, default_budget=budget, extra=extra, overwrite=overwrite)
+    fingerprint = meta["fingerprint"]
+    add_files = None
+    if meta.get("lora") or meta.get("backbone_trained"):
+        fingerprint, add_files, names = _backbone_files(meta, _strip(state, BACKBONE_PREFIX), backbone)
+        extra |= names
+    return save_artifact(
+        method, fingerprint, out_dir, default_budget=budget, extra=extra, overwrite=overwrite, add_files=add_files
+    )
+
+
+def _backbone_files(meta: dict, backbone_state: dict[str, torch.Tensor], source: str | None):
+    """The backbone-side files of an artifact: a peft adapter folder and/or the fine-tuned backbone."""
+    source = source or meta["backbone"]
+    try:
+        model = load_backbone(source)
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(
+            f"this checkpoint trained LoRA adapters or the backbone, so export rebuilds its backbone from "
+            f"{source!r}, which failed ({error}); pass --backbone PATH to the save_pretrained folder it trained on."
+        ) from error
+    lora_weights = {name: value for name, value in backbone_state.items() if is_lora_parameter(name)}
+    names: dict[str, str] = {}
+    if meta.get("backbone_trained"):
+        # under LoRA a projection's own weight sits at `<projection>.base_layer.weight`
+        weights = {k.replace(".base_layer.", "."): v for k, v in backbone_state.items() if not is_lora_parameter(k)}
+        result = model.load_state_dict(weights, strict=False)
+        missing = sorted(set(result.missing_keys) & {name for name, _ in model.named_parameters()})
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"the checkpoint's backbone weights do not fit {source!r}: missing {missing[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]}; pass --backbone PATH to the backbone it trained."
+            )
+        fingerprint = adapt(model).fingerprint()
+        names["backbone_weights"] = BACKBONE_DIR
+    else:
+        # the adapter only makes sense on the weights it was trained with
+        try:
+            check_fingerprint({"backbone": meta["fingerprint"]}, adapt(model).fingerprint(), strict=True)
+        except FingerprintMismatch as error:
+            raise FingerprintMismatch(
+                f"{source!r} is not the backbone this checkpoint trained its LoRA adapter on: {error} "
+                "Pass --backbone PATH to that backbone."
+            ) from error
+        fingerprint = meta["fingerprint"]
+    if meta.get("lora"):
+        names["adapter"] = ADAPTER_DIR
+
+    def add_files(directory: Path) -> None:
+        if meta.get("backbone_trained"):
+            model.save_pretrained(directory / BACKBONE_DIR)
+        if meta.get("lora"):
+            save_adapter(model, meta["lora"], lora_weights, directory / ADAPTER_DIR)
+
+    return fingerprint, add_files, names
+
+
+def _read_zero_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The fp32 trainable weights and Lightning's client state of a ZeRO stage 2/3 checkpoint directory.
+
+    DeepSpeed's converter unpickles the optimizer shards: export only ZeRO checkpoints you trust (a ``.ckpt``
+    file, and the client state here, go through the weights-only loader).
+    """
+    latest = directory / "latest"
+    if not latest.is_file():
+        raise ValueError(
+            f"{directory} is a directory but not a DeepSpeed checkpoint (it has no 'latest' file); give a `.ckpt` "
+            "file or the checkpoint directory `tokensift fit --trainer.strategy deepspeed_stage_*` wrote."
+        )
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_files
+    except ImportError as error:
+        raise ImportError(
+            f"{directory} is a DeepSpeed checkpoint; pip install 'tokensift[deepspeed]' to export it."
+        ) from error
+    tag_dir = directory / latest.read_text().strip()
+    # frozen weights were never saved (exclude_frozen_parameters): the backbone is rebuilt from its source
+    state = get_fp32_state_dict_from_zero_checkpoint(str(directory), exclude_frozen_parameters=True)
+    state = {_strip_prefix(k, _LEGACY_WRAPPER_PREFIX): v for k, v in state.items()}
+    # rank 0's model-state file carries Lightning's client state (hyper-parameters, step, tokensift metadata)
+    client = torch.load(get_model_state_files(str(tag_dir))[0], map_location="cpu", weights_only=True)
+    return state, client
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _strip_prefix(key: str, prefix: str) -> str:
+    return key[len(prefix) :] if key.startswith(prefix) else key

@@ -46,6 +46,9 @@ class TokenMethod(nn.Module):
     needs_attention: ClassVar[bool] = False  # attention probabilities of the site's block
     needs_keys: ClassVar[bool] = False  # head-averaged keys of the site's block
     merges: ClassVar[bool] = False  # reduces by merging (no mask-mode equivalent)
+    # a training step may leave some parameters without gradient (e.g. one exit router trained per step):
+    # DDP then has to search for them (find_unused_parameters), which costs a graph traversal per step
+    has_unused_parameters: ClassVar[bool] = False
     num_default_sites: ClassVar[int] = 1
     description: ClassVar[str] = ""
     # where the method can run: "vit" (vision blocks), "pre_llm" and "llm" (a multimodal LLM's decoder)

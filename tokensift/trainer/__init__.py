@@ -2,5 +2,6 @@
 
 from tokensift.trainer.losses import LossWeights, scorer_objective
 from tokensift.trainer.module import ScorerTrainer
+from tokensift.trainer.strategies import DeepSpeedStrategy  # registers the deepspeed* names for CPU too
 
-__all__ = ["LossWeights", "ScorerTrainer", "scorer_objective"]
+__all__ = ["DeepSpeedStrategy", "LossWeights", "ScorerTrainer", "scorer_objective"]

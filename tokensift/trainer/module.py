@@ -1,8 +1,9 @@
 """The LightningModule that trains a learned token scorer on a frozen backbone.
 
 One forward of the frozen backbone with the handle disabled is the teacher (no second copy of the
-weights); the same backbone with the scorer in mask mode is the student. Only the scorer's parameters
-reach the optimizer, and the backbone stays in eval mode (dropout off) whatever Lightning asks.
+weights); the same backbone with the scorer in mask mode is the student. The optimizer sees the scorer,
+and, when asked, LoRA adapters on the backbone's attention and the backbone itself, each in its own
+learning-rate group; the backbone stays in eval mode (dropout off) whatever Lightning asks.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchmetrics.classification import MulticlassAccuracy
 
 from tokensift.backbones import adapt, load_backbone
+from tokensift.backbones.lora import add_lora, is_lora_parameter, lora_modules
 from tokensift.budget import Budget
 from tokensift.reduce import PruningHandle
 from tokensift.scorers import TokenMethod, get_method_class
@@ -39,6 +43,13 @@ class ScorerTrainer(L.LightningModule):
         loss: weights of the objective's terms.
         lr, weight_decay, warmup_fraction: AdamW with linear warm-up then cosine decay.
         attn_implementation: the backbone's attention kernel ("sdpa" or "eager").
+        lora: ``peft.LoraConfig`` fields (``{r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}``): train
+            LoRA adapters on the backbone's attention with the scorer; exported as a peft adapter folder.
+        lora_lr_factor: the LoRA group's learning rate as a multiple of ``lr``.
+        backbone_lr_factor: unfreeze the backbone and train it at ``lr`` times this (DynamicViT: 0.01);
+            ``None`` keeps it frozen. The artifact then carries the fine-tuned backbone.
+        gradient_checkpointing: recompute the backbone blocks' activations during backward instead of
+            keeping them (less memory, one more block forward per step).
     """
 
     strict_loading = False  # checkpoints leave out the frozen backbone; it is rebuilt from `backbone`
@@ -56,6 +67,10 @@ class ScorerTrainer(L.LightningModule):
         warmup_fraction: float = 0.05,
         attn_implementation: str = "sdpa",
         seed: int = 0,
+        lora: dict[str, Any] | None = None,
+        lora_lr_factor: float = 1.0,
+        backbone_lr_factor: float | None = None,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         low, high = keep_ratio_range
@@ -64,6 +79,13 @@ class ScorerTrainer(L.LightningModule):
         eval_keep_ratios = list(eval_keep_ratios or [0.5, 0.25])
         for ratio in eval_keep_ratios:
             Budget(keep_ratio=ratio)  # validates
+        if not lora_lr_factor > 0:
+            raise ValueError(f"lora_lr_factor must be > 0, got {lora_lr_factor}.")
+        if backbone_lr_factor is not None and not backbone_lr_factor > 0:
+            raise ValueError(
+                f"backbone_lr_factor must be > 0 (DynamicViT: 0.01), or null to keep the backbone frozen; "
+                f"got {backbone_lr_factor}."
+            )
         self.save_hyperparameters()
         self.keep_ratio_range = (float(low), float(high))
         self.eval_keep_ratios = eval_keep_ratios
@@ -71,6 +93,18 @@ class ScorerTrainer(L.LightningModule):
         self.backbone = load_backbone(backbone, attn_implementation=attn_implementation)
         self.adapter = adapt(self.backbone)
         _freeze(self.backbone)
+        # taken now: LoRA layers and ZeRO-3 partitioning (empty parameter shards) come later
+        self.backbone_fingerprint = self.adapter.fingerprint()
+        self.lora_options = dict(lora) if lora else None
+        self.lora_lr_factor = float(lora_lr_factor)
+        self.backbone_lr_factor = backbone_lr_factor
+        if backbone_lr_factor is not None:
+            self.backbone.requires_grad_(True)
+        if self.lora_options:
+            add_lora(self.backbone, self.lora_options)
+        self._lora_layers = lora_modules(self.backbone) if self.lora_options else []
+        if gradient_checkpointing:
+            checkpoint_blocks(self.adapter.layers)
         cls = get_method_class(method)
         if cls.kind != "learned":
             raise ValueError(f"method {method!r} is training-free; train a learned method such as 'dynamicvit'.")
@@ -88,11 +122,42 @@ class ScorerTrainer(L.LightningModule):
     def train(self, mode: bool = True) -> ScorerTrainer:
         super().train(mode)
         self.backbone.eval()  # frozen means frozen: dropout stays off during fit
+        for layer in self._lora_layers:
+            layer.train(mode)  # the adapters train: their dropout follows Lightning
         return self
 
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            # the frozen backbone is rebuilt from `backbone`: ZeRO checkpoints keep only what trains
+            strategy.exclude_frozen_parameters = True
+        elif isinstance(strategy, DDPStrategy) and self.has_unused_parameters():
+            # costs a graph traversal per step, so only when some parameter may get no gradient
+            strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
+
+    def has_unused_parameters(self) -> bool:
+        """True when a step may leave a trainable parameter without gradient (DDP must then look for them).
+
+        A method says so itself (e.g. one router trained per step); an unfrozen backbone may hold weights
+        its classifier never reads (CLIP's post-layernorm under a mean-pooling head).
+        """
+        return bool(getattr(self.method, "has_unused_parameters", False)) or self.backbone_lr_factor is not None
+
+    def parameter_groups(self) -> list[dict]:
+        """AdamW groups: scorer at ``lr``, LoRA at ``lr·lora_lr_factor``, backbone at ``lr·backbone_lr_factor``."""
+        lr = self.hparams.lr
+        lora = [p for n, p in self.backbone.named_parameters() if p.requires_grad and is_lora_parameter(n)]
+        backbone = [p for n, p in self.backbone.named_parameters() if p.requires_grad and not is_lora_parameter(n)]
+        groups = [
+            {"name": "scorer", "params": [p for p in self.method.parameters() if p.requires_grad], "lr": lr},
+            {"name": "lora", "params": lora, "lr": lr * self.lora_lr_factor},
+            {"name": "backbone", "params": backbone, "lr": lr * (self.backbone_lr_factor or 0.0)},
+        ]
+        return [group for group in groups if group["params"]]
+
     def configure_optimizers(self):
-        params = [p for p in self.method.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        groups = self.parameter_groups()
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         schedule = warmup_cosine(optimizer, total, warmup_fraction=self.hparams.warmup_fraction)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -119,9 +184,10 @@ class ScorerTrainer(L.LightningModule):
         )
         batch_size = labels.shape[0]
         for name, value in terms.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
+            # the budget statistics are averaged over ranks: each rank alone sees a fraction of the batch
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size, sync_dist=name == "budget")
         kept = torch.stack([r.keep_fraction.mean() for r in self.handle.last_records]).mean()
-        self.log("train/keep_fraction", kept, batch_size=batch_size)
+        self.log("train/keep_fraction", kept, batch_size=batch_size, sync_dist=True)
         self.log("train/keep_target", keep_ratio, batch_size=batch_size)
         return terms["loss"]
 
@@ -133,8 +199,9 @@ class ScorerTrainer(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("backbone.")]:
-            del state[key]  # frozen and reloadable: keeps checkpoints scorer-sized
+        trained = {name for name, p in self.named_parameters() if p.requires_grad}
+        for key in [k for k in state if k.startswith("backbone.") and k not in trained]:
+            del state[key]  # frozen and reloadable: keeps checkpoints scorer-sized (LoRA weights stay)
         checkpoint[CHECKPOINT_KEY] = self.artifact_metadata()
 
     # -- helpers --------------------------------------------------------------------------------
@@ -142,7 +209,10 @@ class ScorerTrainer(L.LightningModule):
         return {
             "method": self.method.name,
             "config": asdict(self.method.config),
-            "fingerprint": self.adapter.fingerprint(),
+            "fingerprint": self.backbone_fingerprint,
+            "backbone": self.hparams.backbone,
+            "lora": self.lora_options,
+            "backbone_trained": self.backbone_lr_factor is not None,
             "trained_keep_ratio_range": list(self.keep_ratio_range),
             "default_budget": {"keep_ratio": self.eval_keep_ratios[0]},
         }
@@ -175,6 +245,26 @@ class ScorerTrainer(L.LightningModule):
 
     def _grab_final_tokens(self, module: nn.Module, args: tuple, output) -> None:
         self._final_tokens = output[0] if isinstance(output, tuple) else output
+
+
+def checkpoint_blocks(layers: nn.ModuleList) -> None:
+    """Make each block recompute its activations during backward instead of storing them.
+
+    The block's ``forward`` is wrapped, not its ``__call__``: tokensift's pre- and post-block hooks (which
+    read and update the pruning policy of this forward pass) then run once, outside the recomputation,
+    and the recomputed block sees exactly the policy the original pass saw. Non-reentrant checkpointing
+    keeps gradients to tensors the block reads from outside its arguments (that policy, LoRA weights).
+    transformers' own ``gradient_checkpointing_enable`` is no substitute: it is off in eval mode, where a
+    frozen backbone stays, and re-runs the hooks.
+    """
+    for layer in layers:
+
+        def checkpointed(*args, _forward=layer.forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = checkpointed
 
 
 def _freeze(model: nn.Module) -> None:
