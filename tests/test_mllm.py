@@ -235,6 +235,28 @@ def test_batch_matches_single_samples(saved_mllms, family, method):
                 torch.testing.assert_close(step_single[0], step_batched[i], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("family", "method", "sites"),
+    [
+        ("llava", "visionzip", None),
+        ("llava", "divprune", ["vit.0"]),
+        ("qwen2_vl", "visionzip", None),
+        ("qwen2_vl", "fastv", None),
+    ],
+)
+def test_beam_search_repeats_each_samples_layout(saved_mllms, family, method, sites):
+    """generate() encodes the images once and repeats each sample's row per beam; each copy keeps its layout."""
+    model, batch = load(saved_mllms, family), make_batch(family)
+    with ts.apply(model, method, keep_ratio=0.5, sites=sites) as handle:
+        beams = generate(model, batch.inputs(), num_beams=2)
+        per_beam = [count for count in expected_counts(batch, 0.5) for _ in range(2)]
+        assert handle.last_records[-1].kept_visual.tolist() == per_beam
+        tokens = continuation(beams, batch.inputs())
+        for i in range(batch.size):
+            single = continuation(generate(model, batch.sample(i), num_beams=2), batch.sample(i))[0]
+            assert torch.equal(tokens[i, : single.numel()], single)  # the batch row may go on padding after EOS
+
+
 @pytest.mark.parametrize("site", ["pre_llm", "llm.2"])
 @pytest.mark.parametrize("family", MLLM_FAMILIES)
 def test_pruning_equals_masking_the_dropped_tokens(saved_mllms, family, site):

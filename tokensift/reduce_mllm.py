@@ -278,7 +278,8 @@ class MLLMPruningHandle:
         if self._tower_used:
             self._tower_calls, self._forced_keep, self._tower_used = [], None, False
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        self._tower_calls.append(TowerCall(grid_thw=grid, attention=[], keys=[]))
+        tokens = self.family.encoded_tokens(self.model, args, kwargs)
+        self._tower_calls.append(TowerCall(grid_thw=grid, tokens=tokens, attention=[], keys=[]))
 
     def _capture_tower_block(self, module: nn.Module, args: tuple):
         attention_module = self.family.tower_attention(module)
@@ -336,7 +337,14 @@ class MLLMPruningHandle:
             raise ValueError("pass a 2-D attention_mask [batch, tokens]; tokensift builds the 4-D masks itself.")
         batch, length = kinds.shape
         valid = torch.ones_like(kinds, dtype=torch.bool) if mask is None else mask.bool()
-        image_id, coords = self.family.token_layout(self.model, inputs, kinds, self._tower_calls)
+        calls = self._tower_calls
+        repeat = _row_repeat(kinds, calls)
+        if repeat > 1:  # the grids in the inputs, if any, were repeated too; the tower calls' are per sample
+            inputs = {k: v for k, v in inputs.items() if k not in ("image_grid_thw", "video_grid_thw")}
+        image_id, coords = (
+            t.repeat_interleave(repeat, dim=0)
+            for t in self.family.token_layout(self.model, inputs, kinds[::repeat], calls)
+        )
         num_visual = ((kinds != TEXT) & valid).sum(1)
         llm_sites = [s for s in self._parsed if s.kind != "vit"]
         counts = _per_sample_counts(self.budget, [s.name for s in llm_sites], num_visual)
@@ -352,15 +360,16 @@ class MLLMPruningHandle:
         layout = _Layout(0, torch.arange(length, device=kinds.device).expand(batch, -1), valid)
         run = _Run(batch, length, kinds, image_id, coords, num_visual, counts, active, cache, [layout])
         self._run, self.last_records = run, run.records
-        if self.method.needs_tower_attention and self._tower_calls:
-            run.tower_scores, run.tower_keys = self.family.tower_token_scores(
-                self.model, self._tower_calls, kinds, inputs
+        if self.method.needs_tower_attention and calls:
+            run.tower_scores, run.tower_keys = (
+                t.repeat_interleave(repeat, dim=0)
+                for t in self.family.tower_token_scores(self.model, calls, kinds[::repeat], inputs)
             )
         pre_llm = next((s for s in active if s.kind == "pre_llm"), None)
         if forced is None and pre_llm is None:
             return None
         if forced is not None:
-            keep = _scatter_images(forced, kinds) | (valid & (kinds == TEXT))
+            keep = _scatter_images(forced, kinds[::repeat]).repeat_interleave(repeat, dim=0) | (valid & (kinds == TEXT))
             target = keep.logical_and(kinds != TEXT).sum(1)
             site_name = self.sites[-1]
             new_embeds = embeds
@@ -550,6 +559,26 @@ class MLLMPruningHandle:
 
 def _cache_length(cache) -> int:
     return int(cache.get_seq_length()) if cache is not None else 0
+
+
+def _row_repeat(kinds: Tensor, calls: list[TowerCall]) -> int:
+    """How many LLM rows each encoded sample fills: ``generate()`` encodes the images once, then repeats each
+    sample's row for its beams / returned sequences (``repeat_interleave``), so the rows hold k copies."""
+    encoded = sum(call.tokens for call in calls)
+    visual = int((kinds != TEXT).sum())
+    if not calls or encoded in (0, visual):
+        return 1
+    repeat = visual // encoded
+    if (
+        visual % encoded
+        or kinds.shape[0] % repeat
+        or not torch.equal(kinds, kinds[::repeat].repeat_interleave(repeat, 0))
+    ):
+        raise ValueError(
+            f"the inputs hold {visual} visual tokens but the vision tower encoded {encoded}; "
+            "the image placeholders must match the images passed."
+        )
+    return repeat
 
 
 def _per_sample_counts(budget: Budget, sites: list[str], num_visual: Tensor) -> dict[str, Tensor]:

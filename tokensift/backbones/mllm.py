@@ -49,6 +49,7 @@ class TowerCall:
     """One call of the vision tower in a forward pass, with what the attention capture stored for it."""
 
     grid_thw: Tensor | None  # Qwen2-VL: the grids this call encoded (images or videos); LLaVA: None
+    tokens: int  # visual tokens this call puts in the LLM's input
     attention: list[Tensor]  # one [1 | n, H, Nq, Nk] tensor per attention call of the scored block
     keys: list[Tensor]  # head-averaged keys, one tensor per attention call
 
@@ -104,6 +105,10 @@ class MLLMFamily:
         self, model: nn.Module, calls: list[TowerCall], kinds: Tensor, inputs: dict
     ) -> tuple[Tensor, Tensor]:
         """Per LLM token: ``[B, L]`` importance from the tower's attention and ``[B, L, Dk]`` tower keys."""
+        raise NotImplementedError
+
+    def encoded_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> int:
+        """Visual tokens a tower call with these arguments puts in the LLM's input."""
         raise NotImplementedError
 
     def decode_position_ids(self, model: nn.Module, positions: Tensor) -> Tensor:
@@ -173,6 +178,10 @@ class LlavaFamily(MLLMFamily):
         prefix = 1 if self._has_cls(model) and model.config.vision_feature_select_strategy == "full" else 0
         return prefix + side * side, prefix
 
+    def encoded_tokens(self, model, args, kwargs):
+        pixel_values = kwargs.get("pixel_values", args[0] if args else None)
+        return int(pixel_values.shape[0]) * self._tokens_per_image(model)[0]
+
     def token_kinds(self, model, inputs):
         input_ids = inputs.get("input_ids")
         if input_ids is None:
@@ -237,6 +246,10 @@ class Qwen2VLFamily(MLLMFamily):
 
     def last_vit_site(self, model) -> int:
         return -1  # no vit.<i> sites: see vision_adapter
+
+    def encoded_tokens(self, model, args, kwargs):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        return int(grid.prod(-1).sum()) // int(model.config.vision_config.spatial_merge_size) ** 2
 
     def token_kinds(self, model, inputs):
         types = inputs.get("mm_token_type_ids")
