@@ -175,7 +175,7 @@ class MLLMPruningHandle:
         self._hooks.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         if parsed[0].kind == "vit":
             self._vision_handle = PruningHandle(adapter.vision_adapter, self.method, self.budget, sites=self.sites)
-            projector = self.model.model.multi_modal_projector
+            projector = self.family.projector(self.model)
             self._hooks.append(projector.register_forward_hook(self._expand_pruned_features))
         self._hooks.append(adapter.tower.register_forward_pre_hook(self._on_tower_call, with_kwargs=True))
         if self.method.needs_tower_attention:
@@ -296,7 +296,7 @@ class MLLMPruningHandle:
         kept = handle.kept_orig_index if handle is not None and handle.enabled else None
         if kept is None or not self.enabled:
             return None
-        full, _prefix = self.family._tokens_per_image(self.model)
+        full = self.family.features_per_image(self.model)
         drop_cls = output.shape[1] == kept.shape[1] - 1  # LLaVA's "default" strategy drops [CLS] from features
         feature_index = kept[:, 1:] - 1 if drop_cls else kept
         expanded = output.new_zeros(output.shape[0], full, output.shape[-1])

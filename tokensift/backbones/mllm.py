@@ -82,6 +82,14 @@ class MLLMFamily:
         """An adapter for ``vit.<i>`` sites, or ``None`` when the tower cannot shrink its sequence."""
         return None
 
+    def projector(self, model: nn.Module) -> nn.Module:
+        """The module that turns the tower's tokens into LLM features (``vit.<i>`` sites hook its output)."""
+        raise NotImplementedError
+
+    def features_per_image(self, model: nn.Module) -> int:
+        """LLM tokens (features) one image fills, when that is fixed (``vit.<i>`` sites)."""
+        raise NotImplementedError
+
     def last_vit_site(self, model: nn.Module) -> int:
         """Deepest ``vit.<i>`` site: a block strictly before the one whose output becomes the features."""
         return self.scored_tower_block(model) - 1
@@ -167,6 +175,12 @@ class LlavaFamily(MLLMFamily):
 
     def vision_adapter(self, model):
         return VisionAdapter(self.tower(model))
+
+    def projector(self, model):
+        return model.model.multi_modal_projector
+
+    def features_per_image(self, model):
+        return self._tokens_per_image(model)[0]
 
     def _has_cls(self, model) -> bool:
         return type(self.tower(model)).__name__ == "CLIPVisionModel"
