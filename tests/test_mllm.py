@@ -292,6 +292,21 @@ def test_pruning_equals_masking_the_dropped_tokens(saved_mllms, family, site):
     assert not torch.allclose(masked[:, -1], logits(model, inputs)[:, -1], atol=1e-4), "the masking matters"
 
 
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_eager_attention_models_work_too(saved_mllms, family):
+    """The masks the handle builds follow the model's kernel: eager gets additive float masks."""
+    model, batch = load(saved_mllms, family), make_batch(family)
+    model.set_attn_implementation("eager")
+    inputs = batch.inputs()
+    reference = logits(model, inputs)
+    with ts.apply(model, "fastv", keep_ratio=1.0):
+        assert torch.equal(logits(model, inputs), reference)
+    with ts.apply(model, "pyramiddrop", keep_ratio=0.5):
+        tokens = continuation(generate(model, inputs), inputs)
+        for i in range(batch.size):
+            assert torch.equal(continuation(generate(model, batch.sample(i)), batch.sample(i))[0], tokens[i])
+
+
 class PinnedKeep(TokenMethod):
     """Keeps, at each site, the original tokens a previous run kept there (any tokens added since are text)."""
 
