@@ -11,5 +11,6 @@ if ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then
   echo "NUM_PROCESSES must be a positive integer, got '$nproc'; $usage" >&2
   exit 2
 fi
-exec torchrun --standalone --nproc_per_node="$nproc" -m tokensift.cli fit \
-  --trainer.devices="$nproc" --trainer.num_nodes=1 "$@"
+# after the recipe's arguments, so a config file (-c) cannot set another device count
+exec torchrun --standalone --nproc_per_node="$nproc" -m tokensift.cli fit "$@" \
+  --trainer.devices="$nproc" --trainer.num_nodes=1

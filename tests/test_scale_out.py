@@ -322,13 +322,19 @@ def test_deepspeed_names_resolve_to_the_cpu_capable_strategy():
         assert trainer.strategy.config["zero_optimization"]["stage"] == stage
     offload = Trainer(accelerator="cpu", devices=2, strategy="deepspeed_stage_3_offload", logger=False).strategy
     assert offload.config["zero_optimization"]["offload_param"]["device"] == "cpu"
+    with pytest.raises(ValueError, match="use deepspeed_stage_2 / deepspeed_stage_3"):
+        offload.setup_environment()  # an offload run on CPU: refused before any process group starts
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_raw_deepspeed_configs_are_accepted(stage):
-    strategy = DeepSpeedStrategy(config=str(ROOT / "launch" / f"deepspeed_zero{stage}.json"))
+def test_raw_deepspeed_configs_are_accepted(stage, monkeypatch):
+    config = str(ROOT / "launch" / f"deepspeed_zero{stage}.json")
+    strategy = DeepSpeedStrategy(config=config)
     assert strategy.config["zero_optimization"]["stage"] == stage
     assert "gradient_accumulation_steps" not in strategy.config, "Lightning sets it from accumulate_grad_batches"
+    monkeypatch.setenv("PL_DEEPSPEED_CONFIG_PATH", config)  # the README's other way to pass one
+    from_env = Trainer(accelerator="cpu", devices=2, strategy="deepspeed", logger=False).strategy
+    assert type(from_env) is DeepSpeedStrategy and from_env.config["zero_optimization"]["stage"] == stage
 
 
 def test_setup_sets_the_strategy_options_a_run_needs(saved_tiny_vit):
@@ -419,8 +425,8 @@ def test_slurm_script_takes_nodes_and_devices_from_the_allocation(tmp_path):
             text=True,
             check=True,
         ).stdout.split()
-        launched = ["py", "-m", "tokensift.cli", "fit", "--trainer.num_nodes=3", f"--trainer.devices={expected}"]
-        assert out == [*launched, "-c", "recipe.yaml"]
+        allocation = ["--trainer.num_nodes=3", f"--trainer.devices={expected}"]
+        assert out == ["py", "-m", "tokensift.cli", "fit", "-c", "recipe.yaml", *allocation]
     failed = subprocess.run(
         ["bash", "launch/slurm.sbatch"], cwd=ROOT, env={"PATH": os.environ["PATH"]}, text=True, capture_output=True
     )

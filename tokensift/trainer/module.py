@@ -235,11 +235,13 @@ class ScorerTrainer(L.LightningModule):
 
     def _log_accuracy(self, metrics: nn.ModuleDict, stage: str) -> None:
         """``<stage>/acc_<budget>`` per budget, and ``<stage>/acc``: the mean over pruned budgets (monitored)."""
+        # compute() gathers every rank's counts, so each rank logs the whole set's accuracy; sync_dist only
+        # averages those equal values (and keeps Lightning from warning about unsynced epoch-level logs)
         values = {name: metric.compute() for name, metric in metrics.items()}
         for name, value in values.items():
-            self.log(f"{stage}/acc_{name}", value, prog_bar=name != "full")
+            self.log(f"{stage}/acc_{name}", value, prog_bar=name != "full", sync_dist=True)
         pruned = [v for name, v in values.items() if name != "full"]
-        self.log(f"{stage}/acc", torch.stack(pruned).mean())
+        self.log(f"{stage}/acc", torch.stack(pruned).mean(), sync_dist=True)
         for metric in metrics.values():
             metric.reset()
 

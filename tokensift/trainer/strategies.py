@@ -41,11 +41,22 @@ class DeepSpeedStrategy(StockDeepSpeedStrategy):
         if not self._on_cpu:
             super().setup_environment()
             return
+        self._refuse_offload()
         # DeepSpeed picks its accelerator when first imported; say it instead of letting it guess (and warn)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         DDPStrategy.setup_environment(
             self
         )  # the stock override only adds the CUDA guard; this calls our setup_distributed
+
+    def _refuse_offload(self) -> None:
+        zero = (self.config or {}).get("zero_optimization") or {}
+        offloaded = [key for key in ("offload_optimizer", "offload_param") if zero.get(key)]
+        if offloaded:
+            raise ValueError(
+                f"the DeepSpeed config offloads {offloaded} from GPU to CPU memory; on a CPU accelerator "
+                "everything is in CPU memory already: use deepspeed_stage_2 / deepspeed_stage_3 (no _offload), "
+                "or drop the offload entries from the JSON config."
+            )
 
     def setup_distributed(self) -> None:
         if not self._on_cpu:
