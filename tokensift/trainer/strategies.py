@@ -44,9 +44,8 @@ class DeepSpeedStrategy(StockDeepSpeedStrategy):
         self._refuse_offload()
         # DeepSpeed picks its accelerator when first imported; say it instead of letting it guess (and warn)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        DDPStrategy.setup_environment(
-            self
-        )  # the stock override only adds the CUDA guard; this calls our setup_distributed
+        # the stock override only adds the CUDA guard; DDP's setup calls our setup_distributed
+        DDPStrategy.setup_environment(self)
 
     def _refuse_offload(self) -> None:
         zero = (self.config or {}).get("zero_optimization") or {}
