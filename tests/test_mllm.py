@@ -23,7 +23,12 @@ from tokensift.scorers.dart import DARTConfig, DARTMethod
 from tokensift.scorers.visionzip import VisionZipMethod
 from tokensift.state import TokenState
 
-MLLM_METHODS = sorted(name for name, info in ts.methods().items() if {"pre_llm", "llm.<k>"} & set(info["sites"]))
+# training-free ones, applied by name at a keep ratio (learned dyvte has its own tests: tests/test_dyvte.py)
+MLLM_METHODS = sorted(
+    name
+    for name, info in ts.methods().items()
+    if {"pre_llm", "llm.<k>"} & set(info["sites"]) and info["kind"] == "training-free"
+)
 # selection that depends only on the tokens up to the image, so uncached decoding re-selects the same set
 PREFIX_STABLE = {"divprune", "visionzip"}
 NEW_TOKENS = 4

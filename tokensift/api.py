@@ -37,6 +37,7 @@ def apply(
     sites: list[str] | None = None,
     mode: Mode = "gather",
     strict: bool = True,
+    threshold: float | None = None,
     **options,
 ) -> PruningHandle | MLLMPruningHandle:
     """Prune ``model``'s tokens with ``method`` at a budget chosen now.
@@ -50,14 +51,23 @@ def apply(
     ``options`` configure a registered method (e.g. ``seed`` for ``random``). Returns a handle whose
     ``remove()`` restores the model exactly; it also works as a context manager.
 
+    Exit methods (``dyvte``) decide per sample when all its visual tokens leave; their budget is
+    ``threshold``, the exit probability at which a sample exits (0: at the first router layer, 1: never),
+    not ``keep_ratio`` / ``keep_count``. ``"dyvte:PATH"`` names an artifact and checks it holds that method.
+
     An artifact trained with LoRA carries a peft adapter folder: it is applied to ``model`` first (in
     place, removed again by ``remove()``), then the scorer.
     """
     adapter = adapt(model)
     default_budget: dict = {}
     lora_path = None
+    expected_name = None
+    if isinstance(method, str) and _method_prefix(method) is not None:
+        expected_name, method = _method_prefix(method)
     if isinstance(method, (str, os.PathLike)) and _looks_like_path(method):
         method = load_artifact(method)
+        if expected_name is not None and method.method.name != expected_name:
+            raise ValueError(f"{method.path} holds a {method.method.name} artifact, not {expected_name}.")
     if isinstance(method, Artifact):
         if options:
             raise ValueError(f"options {sorted(options)} do not apply to an exported artifact; retrain instead.")
@@ -72,7 +82,23 @@ def apply(
         method = build_method(method, options)
     elif not isinstance(method, TokenMethod):
         raise TypeError(f"method must be a name, an artifact path or a TokenMethod, got {type(method).__name__}")
-    if keep_ratio is None and keep_count is None:
+    if method.decides_exits:
+        if keep_ratio is not None or keep_count is not None:
+            raise ValueError(
+                f"{method.name} decides per sample when its visual tokens exit: its budget is threshold= (an exit "
+                "probability in [0, 1]), not keep_ratio / keep_count."
+            )
+        if threshold is None:  # the artifact's default, else what the method object already carries
+            threshold = default_budget.get("threshold", getattr(method, "threshold", None))
+        if threshold is None:
+            raise ValueError(f"{method.name} needs threshold= (an exit probability in [0, 1]; 1 never exits).")
+        method.threshold = threshold
+        budget = Budget(keep_ratio=1.0)  # a ceiling only: the method sets each sample's count at each site
+    elif threshold is not None:
+        raise ValueError(
+            f"threshold= is the budget of exit methods (dyvte); {method.name} takes keep_ratio / keep_count."
+        )
+    elif keep_ratio is None and keep_count is None:
         if not default_budget:
             raise ValueError(f"{method.name} needs a budget: pass keep_ratio (0, 1] or keep_count.")
         budget = Budget(**default_budget)
@@ -117,6 +143,14 @@ def _check_artifact_backbone(artifact: Artifact, fingerprint: dict, strict: bool
                 f"{artifact.path / finetuned} and apply the artifact to that."
             ) from error
         raise
+
+
+def _method_prefix(value: str) -> tuple[str, str] | None:
+    """``"dyvte:runs/artifact"`` -> ``("dyvte", "runs/artifact")`` when the prefix is a registered method."""
+    name, sep, path = value.partition(":")
+    if not sep or not path or name not in _methods():
+        return None
+    return name, path
 
 
 def _looks_like_path(value: str | os.PathLike) -> bool:

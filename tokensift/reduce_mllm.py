@@ -151,6 +151,9 @@ class MLLMPruningHandle:
         self._vision_handle: PruningHandle | None = None
         self.enabled = True
         self.last_records: list[MLLMSiteRecord] = []
+        # [B] text (and special) tokens and visual tokens per sample of the last prefill with visual tokens
+        self.last_num_text: Tensor | None = None
+        self.last_num_visual: Tensor | None = None
         self._run: _Run | None = None
         self._inputs: dict | None = None
         # what the vision tower did for the coming prefill: generate() runs the tower *before* the first
@@ -249,6 +252,32 @@ class MLLMPruningHandle:
         return self.budget.counts(self.sites, num_visual)
 
     @property
+    def visual_tokens_per_layer(self) -> Tensor | None:
+        """``[B, num_layers]``: visual tokens entering each decoder layer, per sample, in the last prefill.
+
+        What the analytic FLOPs count (``tokensift.bench.flops.mllm_prefill_flops``); ``None`` before any
+        prefill with visual tokens.
+        """
+        if self.last_num_visual is None:
+            return None
+        per_layer = self.last_num_visual.unsqueeze(1).repeat(1, self.adapter.num_layers)
+        for record in self.last_records:  # in depth order; vit.<i> and pre_llm shape the LLM's input
+            site = self.adapter.parse_site(record.site)
+            start = site.index if site.kind == "llm" else 0
+            per_layer[:, start:] = record.kept_visual.to(per_layer.device).unsqueeze(1)
+        return per_layer
+
+    @property
+    def exit_layers(self) -> Tensor | None:
+        """``[B]``: the first decoder layer that saw none of the sample's visual tokens in the last prefill.
+
+        ``k`` for a sample whose visual tokens all left at ``llm.<k>`` (DyVTE's exit layer), 0 for one with
+        none left (or none at all) at the LLM's input, ``num_layers`` for one that kept some to the end.
+        """
+        per_layer = self.visual_tokens_per_layer
+        return None if per_layer is None else (per_layer > 0).sum(1)  # counts never grow with depth
+
+    @property
     def kept_orig_index(self) -> Tensor | None:
         """``[B, K]`` LLM-input indices of the slots after the last site of the last prefill (-1: padding)."""
         return self.last_records[-1].kept_orig_index if self.last_records else None
@@ -323,6 +352,7 @@ class MLLMPruningHandle:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             return None
+        self.last_num_text = self.last_num_visual = None
         kinds = self.family.token_kinds(self.model, inputs).to(embeds.device)
         if not bool((kinds != TEXT).any()):
             return None  # a text-only forward: nothing to prune
@@ -346,11 +376,12 @@ class MLLMPruningHandle:
             for t in self.family.token_layout(self.model, inputs, kinds[::repeat], calls)
         )
         num_visual = ((kinds != TEXT) & valid).sum(1)
+        self.last_num_text, self.last_num_visual = ((kinds == TEXT) & valid).sum(1), num_visual
         llm_sites = [s for s in self._parsed if s.kind != "vit"]
         counts = _per_sample_counts(self.budget, [s.name for s in llm_sites], num_visual)
         active, previous = [], num_visual
         for site in llm_sites:
-            if bool((counts[site.name] < previous).any()):
+            if self.method.decides_exits or bool((counts[site.name] < previous).any()):
                 active.append(site)
             previous = torch.minimum(previous, counts[site.name])
         forced = self._forced_keep

@@ -29,6 +29,17 @@ token that is still alive is skipped by the reduction hooks, so it costs nothing
   those of the block itself, computed eagerly at that one layer instead of by SDPA: no extra work),
   ``random`` and the benchmark's ``oracle`` 0. A method may override this with a method
   ``analytic_flops(n, d, k) -> float``; any other training-free method is charged 0.
+
+Multimodal LLMs (:func:`mllm_prefill_flops`): the prefill of the language model, sample by sample. A
+decoder layer on ``n`` tokens costs ``n`` times the FLOPs per token of every ``nn.Linear`` in its attention
+and MLP (read from the modules, so grouped-query attention and gated MLPs count what they compute) plus
+``4 n² w`` for scores and weighted sum, ``w`` = heads × head size; the causal mask is not discounted, as
+above. Sample ``b`` enters layer ``l`` with its text tokens and ``visual_per_layer[b, l]`` visual tokens
+(``MLLMPruningHandle.visual_tokens_per_layer``; a DyVTE exit at ``llm.<k>`` means all of them before layer
+``k``, none from ``k`` on: :func:`exit_visual_per_layer`). The vision tower, projector, embeddings and LM
+head are left out: pruning inside the LLM does not change them, and the ratio is the LLM's. A method with
+``analytic_mllm_flops(num_text, visual_per_layer) -> [B]`` is charged that (DyVTE: one router call per
+layer until the sample exits); training-free MLLM methods read signals the model computes anyway, 0.
 """
 
 from __future__ import annotations
@@ -36,7 +47,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from tokensift.backbones.vision import VisionAdapter
 
@@ -51,9 +63,14 @@ TRAINING_FREE_COSTS: dict[str, Callable[[int, int, int], float]] = {
 }
 
 
+def layer_flops(n, linear_per_token: float, attention_width: int):
+    """One transformer layer on ``n`` tokens: its linears per token, plus ``QKᵀ`` and ``AV`` over width ``w``."""
+    return n * linear_per_token + 4 * n * n * attention_width
+
+
 def block_flops(n: int, d: int, m: int) -> float:
     """FLOPs of one transformer block on ``n`` tokens (hidden ``d``, MLP width ``m``)."""
-    return float(8 * n * d * d + 4 * n * n * d + 4 * n * d * m)
+    return float(layer_flops(n, 8 * d * d + 4 * d * m, d))
 
 
 def _mlp_width(adapter: VisionAdapter) -> int:
@@ -188,12 +205,100 @@ def pruned_flops(
     }
 
 
+def decoder_layer_shapes(adapter) -> list[tuple[float, int]]:
+    """Per decoder layer of a multimodal LLM: (FLOPs of its linears per token, attention width heads × head size)."""
+    out = []
+    for layer in adapter.layers:
+        attention = layer.self_attn
+        heads = int(getattr(attention, "num_heads", 0) or adapter.text_config.num_attention_heads)
+        head_dim = int(getattr(attention, "head_dim", 0) or adapter.hidden_size // heads)
+        out.append((_linear_flops(attention) + _linear_flops(layer.mlp), heads * head_dim))
+    return out
+
+
+def exit_visual_per_layer(num_visual: Tensor, exit_layers: Tensor, num_layers: int) -> Tensor:
+    """``[B, num_layers]`` visual tokens entering each layer when sample ``b``'s all leave at ``exit_layers[b]``.
+
+    ``exit_layers[b] = k``: layers ``0 .. k-1`` see all ``num_visual[b]``, layers ``k ..`` none;
+    ``num_layers`` (or more) keeps them to the end.
+    """
+    layers = torch.arange(num_layers, device=exit_layers.device)
+    return torch.where(layers.unsqueeze(0) < exit_layers.unsqueeze(1), num_visual.unsqueeze(1), 0)
+
+
+def mllm_prefill_flops(
+    adapter,
+    num_text: Tensor,
+    visual_per_layer: Tensor,
+    method: nn.Module | None = None,
+    num_visual: Tensor | None = None,
+) -> dict[str, Any]:
+    """Analytic FLOPs of a multimodal LLM's prefill with per-sample visual token counts per decoder layer.
+
+    Args:
+        adapter: the model's ``MLLMAdapter`` (``tokensift.backbones.adapt(model)``).
+        num_text: ``[B]`` text and special tokens of each sample (never pruned).
+        visual_per_layer: ``[B, num_layers]`` visual tokens entering each decoder layer, per sample.
+        method: charged its ``analytic_mllm_flops(num_text, visual_per_layer)`` when it has one.
+        num_visual: ``[B]`` visual tokens of the unpruned input (default: ``visual_per_layer[:, 0]``, right
+            unless something was pruned before the LLM).
+
+    Returns ``llm`` (decoder layers), ``scorer``, ``total`` and ``unpruned`` FLOPs summed over the batch,
+    ``ratio`` (``total / unpruned``) and ``per_sample_ratio`` (``[B]``).
+    """
+    num_text = torch.as_tensor(num_text).long().cpu()
+    visual = torch.as_tensor(visual_per_layer).long().cpu()
+    num_layers = adapter.num_layers
+    if visual.dim() != 2 or visual.shape[1] != num_layers or num_text.shape != visual.shape[:1]:
+        raise ValueError(
+            f"visual_per_layer must be [B, {num_layers}] (one count per sample and decoder layer) with num_text "
+            f"[B]; got {tuple(visual.shape)} and {tuple(num_text.shape)}."
+        )
+    if bool((visual[:, 1:] > visual[:, :-1]).any()):
+        raise ValueError("visual_per_layer must not grow with depth: pruned tokens do not come back.")
+    num_visual = visual[:, 0] if num_visual is None else torch.as_tensor(num_visual).long().cpu()
+    shapes = decoder_layer_shapes(adapter)
+    tokens = (num_text.unsqueeze(1) + visual).double()
+    full = (num_text + num_visual).double().unsqueeze(1).expand_as(tokens)
+    llm = torch.zeros(len(num_text), dtype=torch.float64)
+    unpruned = torch.zeros_like(llm)
+    for index, (linear, width) in enumerate(shapes):
+        llm += layer_flops(tokens[:, index], linear, width)
+        unpruned += layer_flops(full[:, index], linear, width)
+    custom = getattr(method, "analytic_mllm_flops", None)
+    scorer = (
+        torch.as_tensor(custom(num_text, visual), dtype=torch.float64) if callable(custom) else torch.zeros_like(llm)
+    )
+    total = llm + scorer
+    return {
+        "llm": float(llm.sum()),
+        "scorer": float(scorer.sum()),
+        "total": float(total.sum()),
+        "unpruned": float(unpruned.sum()),
+        "ratio": float(total.sum() / unpruned.sum()),
+        "per_sample_ratio": total / unpruned,
+    }
+
+
+def last_prefill_flops(handle) -> dict[str, Any]:
+    """:func:`mllm_prefill_flops` of an ``MLLMPruningHandle``'s last prefill (its method charged)."""
+    visual = handle.visual_tokens_per_layer
+    if visual is None:
+        raise ValueError("the handle has run no prefill with visual tokens yet: run the model (or generate) first.")
+    return mllm_prefill_flops(handle.adapter, handle.last_num_text, visual, handle.method, handle.last_num_visual)
+
+
 __all__ = [
     "TRAINING_FREE_COSTS",
     "backbone_flops",
     "block_flops",
+    "decoder_layer_shapes",
     "embed_flops",
+    "exit_visual_per_layer",
     "head_flops",
+    "last_prefill_flops",
+    "layer_flops",
+    "mllm_prefill_flops",
     "pruned_flops",
     "scorer_flops",
     "tokens_per_layer",

@@ -6,6 +6,7 @@ from tokensift.scorers import (  # noqa: F401  (register)
     dart,
     divprune,
     dynamicvit,
+    dyvte,
     fastv,
     l2norm,
     pyramiddrop,

@@ -54,6 +54,10 @@ class TokenMethod(nn.Module):
     # where the method can run: "vit" (vision blocks), "pre_llm" and "llm" (a multimodal LLM's decoder)
     site_kinds: ClassVar[tuple[str, ...]] = ("vit",)
     needs_tower_attention: ClassVar[bool] = False  # pre_llm: the vision tower's attention and keys per token
+    # exit methods (DyVTE): the method itself decides, per sample, whether all its visual tokens leave at a
+    # site, so the handle runs it at every one of its sites in every prefill, whatever the budget; its
+    # budget is a decision threshold (ts.apply(..., threshold=)) rather than a keep ratio or count
+    decides_exits: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         super().__init__()
