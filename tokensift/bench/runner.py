@@ -360,19 +360,43 @@ def _forward(model: nn.Module, batch: dict[str, Tensor], method: nn.Module | Non
 
 def _time_forward(model, batches, method, repeats: int, warmup: int, device: torch.device) -> list[float]:
     """Seconds per repeat; one repeat is a forward pass over every timing batch."""
-    times = []
+    with torch.no_grad():
+        for _ in range(warmup):
+            for batch in batches:
+                _forward(model, batch, method)
+        return [_timed_pass(model, batches, method, device) for _ in range(repeats)]
+
+
+def _time_paired(model, batches, method, handle, repeats: int, warmup: int, device: torch.device):
+    """Seconds per pruned repeat and, per repeat, unpruned / pruned time of two back-to-back passes.
+
+    Pairing each pruned pass with an unpruned one right before it cancels load that drifts over the run
+    (other processes on a shared machine), which a ratio of two separately measured medians does not.
+    """
+    times, speedups = [], []
     with torch.no_grad():
         for _ in range(warmup):
             for batch in batches:
                 _forward(model, batch, method)
         for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            for batch in batches:
-                _forward(model, batch, method)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    return times
+            handle.enabled = False
+            try:
+                unpruned = _timed_pass(model, batches, None, device)
+            finally:
+                handle.enabled = True
+            pruned = _timed_pass(model, batches, method, device)
+            times.append(pruned)
+            speedups.append(unpruned / pruned if pruned > 0 else float("nan"))
+    return times, speedups
+
+
+def _timed_pass(model, batches, method, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for batch in batches:
+        _forward(model, batch, method)
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def _release_handle_state(handle: PruningHandle | None) -> None:
@@ -646,10 +670,7 @@ def run_bench(
         context = _Context(
             model, adapter, batches, timing, num_classes, num_patches, num_prefix, torch_device, repeats, warmup
         )
-        rows, unpruned_times = [], []
-        base = context.measure(UNPRUNED, "none", 1.0, None, None)
-        unpruned_times += base.pop("_times")
-        rows.append(base)
+        rows = [context.measure(UNPRUNED, "none", 1.0, None, None)]
         overlay_images = batches[0]
         n_overlay = min(num_overlay_images, int(overlay_images["pixel_values"].shape[0]))
         overlay_batch = {k: v[:n_overlay] for k, v in overlay_images.items()}
@@ -681,15 +702,10 @@ def run_bench(
                 if isinstance(method, OracleMethod):
                     method.oracle_mask = None
 
-        # time the unpruned model again at the end, so drift over the run does not favour either side
-        unpruned_times += _time_forward(model, timing, None, repeats, warmup, torch_device)
-        unpruned_median = statistics.median(unpruned_times)
         base_acc, base_mem = rows[0]["accuracy"], rows[0]["peak_mem_bytes"]
         for row in rows:
-            times = row.pop("_times", None) or unpruned_times
-            median = statistics.median(times)
-            row["time_ms"] = median * 1e3
-            row["speedup"] = unpruned_median / median if median > 0 else None
+            row["time_ms"] = statistics.median(row.pop("_times")) * 1e3
+            row["speedup"] = statistics.median(row.pop("_speedups"))
             row["retention"] = row["accuracy"] / base_acc if base_acc > 0 else None
             mem = row["peak_mem_bytes"]
             row["mem_ratio"] = mem / base_mem if mem is not None and base_mem else None
@@ -717,8 +733,9 @@ def run_bench(
                 "timing_batches": len(timing),
                 "repeats": repeats,
                 "warmup": warmup,
-                "unpruned_time_ms": unpruned_median * 1e3,
-                "statistic": "median over repeats; speedup = unpruned median / method median",
+                "unpruned_time_ms": rows[0]["time_ms"],
+                "statistic": "time: median over repeats; speedup: median over repeats of unpruned / pruned time "
+                "of back-to-back passes",
             },
             "flops_model": "analytic, see tokensift.bench.flops (2 FLOPs per multiply-add; embedding and head once)",
             "memory_measure": MEMORY_MEASURE.get(torch_device.type, "not measured on this device"),
@@ -772,7 +789,13 @@ class _Context:
         )
         flops = pruned_flops(self.adapter, handle, num_patches=self.num_patches)
         counts = handle.site_counts(self.num_patches) if handle is not None else {}
-        times = _time_forward(self.model, self.timing, method, self.repeats, self.warmup, self.device)
+        if handle is None:
+            times = _time_forward(self.model, self.timing, None, self.repeats, self.warmup, self.device)
+            speedups = [1.0] * len(times)
+        else:
+            times, speedups = _time_paired(
+                self.model, self.timing, method, handle, self.repeats, self.warmup, self.device
+            )
         memory = _peak_memory(self.model, self.timing[0], method, self.device, handle)
         return {
             "method": label,
@@ -791,6 +814,7 @@ class _Context:
             "sites": list(handle.sites) if handle is not None else [],
             "artifact": None,
             "_times": times,
+            "_speedups": speedups,
         }
 
 
