@@ -110,8 +110,8 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed")
     parser.add_argument(
         "--vit",
-        default='{"hidden_size": 256, "num_hidden_layers": 8, "num_attention_heads": 4, "intermediate_size": 1024}',
-        help="random-init ViT shape (JSON) for the demo's 64x64 canvas, patch 8",
+        default='{"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536}',
+        help="random-init ViT shape (JSON; default DeiT-S's) on the demo's 64x64 canvas, patch 8",
     )
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
