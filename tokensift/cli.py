@@ -23,16 +23,22 @@ DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_arg
 
 
 class TokensiftCLI(LightningCLI):
-    """LightningCLI with the scorer trainer, any LightningDataModule and tokensift's defaults."""
+    """LightningCLI with tokensift's trainers, any LightningDataModule and tokensift's defaults.
+
+    The model is ``ScorerTrainer`` unless the config names another (``model.class_path:
+    tokensift.trainer.ExitRouterTrainer`` trains DyVTE's exit routers); a config without a class path
+    gives ScorerTrainer's arguments directly under ``model:``.
+    """
 
     def __init__(self, args=None, run: bool = True, **kwargs):
-        from lightning.pytorch.core import LightningDataModule
+        from lightning.pytorch.core import LightningDataModule, LightningModule
 
-        from tokensift.trainer import ScorerTrainer
+        import tokensift.trainer  # noqa: F401  (the trainers the model's class path names)
 
         super().__init__(
-            ScorerTrainer,
+            LightningModule,
             LightningDataModule,
+            subclass_mode_model=True,
             subclass_mode_data=True,
             args=args,
             run=run,
@@ -41,7 +47,13 @@ class TokensiftCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS, "trainer.logger": DEFAULT_LOGGER})
+        parser.set_defaults(
+            {
+                "model": {"class_path": "tokensift.trainer.ScorerTrainer"},
+                "trainer.callbacks": DEFAULT_CALLBACKS,
+                "trainer.logger": DEFAULT_LOGGER,
+            }
+        )
 
 
 def _underscore_flag(arg: str) -> str:

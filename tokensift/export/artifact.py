@@ -130,7 +130,8 @@ def _model_card(manifest: dict) -> str:
         "",
         "```python",
         "import tokensift as ts",
-        "handle = ts.apply(model, 'path/to/this/dir', keep_ratio=0.5)",
+        # the default budget's own knob: keep_ratio / keep_count, or an exit method's threshold
+        f"handle = ts.apply(model, 'path/to/this/dir', {_budget_arguments(manifest['default_budget'])})",
         "```",
         "",
         f"- sites: {', '.join(manifest['sites'])}",
@@ -148,3 +149,7 @@ def _model_card(manifest: dict) -> str:
     for name, value in sorted((manifest.get("metrics") or {}).items()):
         lines.append(f"- {name}: {value}")
     return "\n".join(lines) + "\n"
+
+
+def _budget_arguments(budget: dict) -> str:
+    return ", ".join(f"{name}={value!r}" for name, value in budget.items()) or "keep_ratio=0.5"

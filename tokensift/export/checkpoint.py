@@ -14,6 +14,7 @@ import torch
 from tokensift.backbones import adapt, load_backbone
 from tokensift.backbones.lora import ADAPTER_DIR, is_lora_parameter, save_adapter
 from tokensift.export.artifact import FingerprintMismatch, check_fingerprint, save_artifact
+from tokensift.scorers.dyvte import check_threshold
 from tokensift.scorers.registry import get_method_class
 
 METHOD_PREFIX = "method."
@@ -29,6 +30,7 @@ def export(
     keep_ratio: float | None = None,
     overwrite: bool = False,
     backbone: str | None = None,
+    threshold: float | None = None,
 ) -> Path:
     """Write the scorer of a ``tokensift fit`` checkpoint as an artifact directory.
 
@@ -39,6 +41,8 @@ def export(
         overwrite: replace ``out_dir`` if it exists.
         backbone: where to load the training backbone from, needed only when the artifact carries a LoRA
             adapter or a fine-tuned backbone (default: the ``model.backbone`` the run trained on).
+        threshold: an exit method's (``dyvte``) default exit threshold, in place of ``keep_ratio`` (default:
+            the first threshold it was validated at).
     """
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
@@ -55,12 +59,23 @@ def export(
     cls = get_method_class(meta["method"])
     method = cls(cls.config_class.from_dict(meta["config"]))
     method.load_state_dict(_strip(state, METHOD_PREFIX))
-    budget = {"keep_ratio": keep_ratio} if keep_ratio is not None else meta["default_budget"]
+    budget = dict(meta["default_budget"])
+    if cls.decides_exits:  # an exit method's budget is a decision threshold
+        if keep_ratio is not None:
+            raise ValueError(f"{meta['method']} is an exit method: its budget is --threshold, not --keep_ratio.")
+        if threshold is not None:
+            budget = {"threshold": check_threshold(threshold)}
+    elif threshold is not None:
+        raise ValueError(f"--threshold is the budget of exit methods (dyvte); {meta['method']} takes --keep_ratio.")
+    elif keep_ratio is not None:
+        budget = {"keep_ratio": keep_ratio}
     extra = {
-        "trained_keep_ratio_range": meta["trained_keep_ratio_range"],
+        **meta.get("manifest_extra", {}),
         "source_checkpoint": checkpoint.name,
         "global_step": int(ckpt.get("global_step", 0)),
     }
+    if "trained_keep_ratio_range" in meta:
+        extra["trained_keep_ratio_range"] = meta["trained_keep_ratio_range"]
     fingerprint = meta["fingerprint"]
     add_files = None
     if meta.get("lora") or meta.get("backbone_trained"):
