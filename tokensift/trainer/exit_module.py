@@ -184,7 +184,7 @@ class ExitRouterTrainer(L.LightningModule):
         strategy = self.trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy):
             strategy.exclude_frozen_parameters = True  # the backbone is rebuilt from `backbone`
-        elif isinstance(strategy, DDPStrategy) and not self.method.config.shared_router:
+        elif isinstance(strategy, DDPStrategy) and self.method.has_unused_parameters:
             # one router gets a gradient per step; DDP must look for the others
             strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
 

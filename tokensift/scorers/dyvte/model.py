@@ -103,8 +103,6 @@ class DyVTEMethod(TokenMethod):
     config_class = DyVTEConfig
     site_kinds = ("llm",)
     decides_exits = True
-    # one router trained per step: the others get no gradient (DDP must look for them)
-    has_unused_parameters = True
     description = "per-layer exit routers on the text summary: a sample's visual tokens all leave at one layer (DyVTE)"
 
     def __init__(self, config: DyVTEConfig | None = None):
@@ -140,6 +138,11 @@ class DyVTEMethod(TokenMethod):
             config.sites = [f"llm.{k}" for k in range(1, adapter.num_layers)]
         config.__post_init__()  # the sites against the model's depth
         return cls(config)
+
+    @property
+    def has_unused_parameters(self) -> bool:
+        """Separate routers: one is trained per step and the others get no gradient (DDP must look for them)."""
+        return not self.config.shared_router
 
     # -- the budget: a decision threshold ---------------------------------------------------------
     @property
