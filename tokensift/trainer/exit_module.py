@@ -34,6 +34,7 @@ from torchmetrics.classification import BinaryAccuracy
 from tokensift.backbones import MLLMAdapter, adapt
 from tokensift.backbones.loading import load_mllm_backbone
 from tokensift.bench.flops import last_prefill_flops
+from tokensift.bench.vqa import mllm_inputs, padded_position_ids
 from tokensift.budget import Budget
 from tokensift.reduce_mllm import MLLMPruningHandle
 from tokensift.scorers.dyvte import DyVTEConfig, DyVTEMethod, check_threshold
@@ -282,15 +283,13 @@ class ExitRouterTrainer(L.LightningModule):
     def model_inputs(self, batch: dict) -> dict:
         """The model's forward arguments from a batch (see the module docstring)."""
         if self.adapter.family.multimodal_rope and "image_grid_thw" not in batch:
-            from tokensift.bench.vqa import mllm_inputs  # digit-VQA images -> Qwen2-VL's patches and grids
-
-            return mllm_inputs(self.backbone, batch)
+            return mllm_inputs(self.backbone, batch)  # digit-VQA images -> Qwen2-VL's patches and grids
         inputs = {key: batch[key] for key in _MODEL_INPUTS if key in batch}
         mask = inputs.get("attention_mask")
         if not self.adapter.family.multimodal_rope and "position_ids" not in inputs and mask is not None:
             # left padding: number positions from each sample's first real token, as generate() does, so the
             # routers train on the hidden states they will read at inference
-            inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            inputs["position_ids"] = padded_position_ids(mask)
         return inputs
 
     def _forward(self, inputs: dict, exit_layer: int | None, pruned: bool = False) -> Tensor:
