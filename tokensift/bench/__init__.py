@@ -6,6 +6,13 @@ meant for ``jsonargparse.auto_cli``::
     tokensift bench --model runs/backbone --data configs/data.yaml \\
         --methods dynamicvit:runs/x/artifact,random,l2norm,tome,divprune,cls_attention \\
         --keep_ratios 1,0.5,0.25,0.1 --out runs/bench
+
+A LLaVA / Qwen2-VL folder as ``--model`` benches multimodal LLM methods on a VQA data module
+(:mod:`tokensift.bench.mllm`)::
+
+    tokensift bench --model runs/vqa/llava --data configs/dyvte_digit_vqa.yaml \
+        --methods fastv,pyramiddrop,visionzip,dart,d2pruner,divprune,random,dyvte:runs/vqa/dyvte_artifact \
+        --keep-ratios 1,0.5,0.25,0.1 --out runs/vqa/bench
 """
 
 from __future__ import annotations
@@ -29,8 +36,12 @@ def bench(
     max_batches: int | None = None,
     device: str = "cpu",
     num_threads: int | None = None,
+    thresholds: str | None = None,
 ) -> dict:
     """Benchmark token methods × keep ratios on a data module's test split.
+
+    The model is an image classifier (ViT / CLIP / SigLIP) or a LLaVA / Qwen2-VL multimodal LLM (then the data is
+    a VQA data module such as tokensift.data.DigitVQADataModule, and accuracy is answer accuracy).
 
     Writes results.json, results.csv, pareto.png and overlays.png to ``out`` and prints a table.
 
@@ -38,8 +49,9 @@ def bench(
         model: a save_pretrained directory of the frozen classifier (the backbone the scorers were trained on).
         data: a YAML file with class_path/init_args of a LightningDataModule (or a `tokensift fit` config with a
             data: section), or a class path built with its defaults, e.g. tokensift.data.ClutteredDigitsDataModule.
-        methods: comma-separated; training-free names (random, cls_attention, tome, divprune, l2norm) and
-            NAME:ARTIFACT_DIR for exported learned scorers, e.g. dynamicvit:runs/x/artifact. The unpruned model
+        methods: comma-separated; training-free names (random, cls_attention, tome, divprune, l2norm; on MLLMs
+            fastv, pyramiddrop, visionzip, dart, d2pruner, divprune, random) and NAME:ARTIFACT_DIR for exported
+            learned scorers, e.g. dynamicvit:runs/x/artifact or dyvte:runs/x/artifact. The unpruned model
             is always included, and the oracle whenever the data carries oracle masks.
         keep_ratios: comma-separated fractions of patch tokens kept after the last site, each in (0, 1].
         out: output directory.
@@ -51,6 +63,8 @@ def bench(
         max_batches: evaluate only the first this-many test batches.
         device: cpu, cuda or cuda:N.
         num_threads: torch intra-op threads for the run (default: leave torch's setting).
+        thresholds: MLLM exit methods (dyvte) only: comma-separated exit thresholds in [0, 1], one row each
+            (1 never exits); default: the keep ratios read as thresholds.
     """
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     return run_bench(
@@ -67,6 +81,7 @@ def bench(
         max_batches=max_batches,
         device=device,
         num_threads=num_threads,
+        thresholds=thresholds,
     )
 
 

@@ -40,6 +40,10 @@ above. Sample ``b`` enters layer ``l`` with its text tokens and ``visual_per_lay
 head are left out: pruning inside the LLM does not change them, and the ratio is the LLM's. A method with
 ``analytic_mllm_flops(num_text, visual_per_layer) -> [B]`` is charged that (DyVTE: one router call per
 layer until the sample exits); training-free MLLM methods read signals the model computes anyway, 0.
+
+The MLLM bench's ratio adds the vision side (:func:`mllm_vision_flops`, one image: the patch embedding,
+every tower block on all of the image's tower tokens, the projector / merger per LLM token) to both sides,
+since the methods benched prune only inside or after it: ``(vision + LLM + scorer) / (vision + unpruned LLM)``.
 """
 
 from __future__ import annotations
@@ -280,6 +284,33 @@ def mllm_prefill_flops(
     }
 
 
+def mllm_vision_flops(adapter, visual_tokens: int) -> float:
+    """FLOPs of one image through the vision tower and projector, giving ``visual_tokens`` LLM tokens.
+
+    LLaVA: the CLIP tower runs on ``(image_size / patch_size)²`` patches plus its [CLS] (SigLIP: none), and the
+    projector on every feature the LLM receives. Qwen2-VL: the tower runs on ``visual_tokens × merge²`` patches
+    (attention within the image) and the merger on each group of ``merge²`` of them. Per block: its linears per
+    token (read from the modules) plus ``4 n² w``, ``w`` the tower width; the patch embedding is ``2 ·
+    weights`` of its convolution per patch. Norms and activations are left out, as everywhere here.
+    """
+    model, family = adapter.model, adapter.family
+    vision = model.config.vision_config
+    tower = family.tower(model)
+    if family.name == "qwen2_vl":
+        patches = int(visual_tokens) * int(vision.spatial_merge_size) ** 2
+        tower_tokens, width = patches, int(vision.embed_dim)
+    else:
+        patches = (int(vision.image_size) // int(vision.patch_size)) ** 2
+        has_cls = hasattr(getattr(tower, "vision_model", tower).embeddings, "class_embedding")
+        tower_tokens, width = patches + int(has_cls), int(vision.hidden_size)
+    convolution = next(m for m in tower.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
+    embed = 2.0 * convolution.weight.numel() * patches
+    blocks = sum(layer_flops(tower_tokens, _linear_flops(block), width) for block in adapter.tower_blocks)
+    merger = tower.merger if family.name == "qwen2_vl" else family.projector(model)  # Qwen2-VL merges in the tower
+    projector = int(visual_tokens) * _linear_flops(merger)
+    return float(embed + blocks + projector)
+
+
 def last_prefill_flops(handle) -> dict[str, Any]:
     """:func:`mllm_prefill_flops` of an ``MLLMPruningHandle``'s last prefill (its method charged)."""
     visual = handle.visual_tokens_per_layer
@@ -299,6 +330,7 @@ __all__ = [
     "last_prefill_flops",
     "layer_flops",
     "mllm_prefill_flops",
+    "mllm_vision_flops",
     "pruned_flops",
     "scorer_flops",
     "tokens_per_layer",

@@ -39,3 +39,36 @@ class OracleMethod(TokenMethod):
         generator = torch.Generator().manual_seed(self.seed)
         noise = torch.rand(state.hidden.shape[:2], generator=generator).to(state.hidden.device)
         return on_target.float() * 2.0 + noise  # noise < 1: every target patch outranks every other one
+
+
+class MLLMOracleMethod(TokenMethod):
+    """The oracle before a multimodal LLM (``pre_llm``): each sample's visual tokens are the patches of its
+    image in raster order, and the question's oracle patches ([B, P] ``oracle_mask``, set by the benchmark
+    before every forward pass) rank first, then random others, seeded."""
+
+    name: ClassVar[str] = "oracle"
+    kind: ClassVar[str] = "training-free"
+    description: ClassVar[str] = "keep the question's oracle patches first, then random others (benchmark only)"
+    site_kinds: ClassVar[tuple[str, ...]] = ("pre_llm",)
+
+    def __init__(self, config: MethodConfig | None = None, seed: int = 0):
+        super().__init__(config)
+        self.seed = seed
+        self.oracle_mask: Tensor | None = None
+
+    def score(self, state: TokenState) -> Tensor:
+        if self.oracle_mask is None:
+            raise RuntimeError("MLLMOracleMethod.oracle_mask is not set; assign the batch's [B, P] oracle mask first.")
+        mask = self.oracle_mask.to(state.hidden.device).bool()
+        visual = state.valid & (state.kind != 0)  # kind 0: text and special tokens
+        counts = visual.sum(1)
+        if mask.shape[0] != visual.shape[0] or bool((counts != mask.shape[1]).any()):
+            raise ValueError(
+                f"oracle_mask is {tuple(mask.shape)} but the samples hold {counts.tolist()} visual tokens; the oracle "
+                "needs one image per sample with one LLM token per oracle patch."
+            )
+        patch = (visual.long().cumsum(1) - 1).clamp(min=0, max=mask.shape[1] - 1)
+        on_target = mask.gather(1, patch) & visual
+        generator = torch.Generator().manual_seed(self.seed)
+        noise = torch.rand(visual.shape, generator=generator).to(state.hidden.device)
+        return on_target.float() * 2.0 + noise  # noise < 1: every oracle patch outranks every other one

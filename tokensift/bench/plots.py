@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,6 +45,15 @@ def _method_style(method: str, kind: str, index: int) -> dict:
     return {"color": color, "linestyle": "-", "marker": "s", "linewidth": 1.5}
 
 
+def _budget(row: dict) -> float:
+    """The row's budget: an exit method's decision threshold, else its keep ratio (both: 1 = unpruned)."""
+    return row["threshold"] if row.get("threshold") is not None else row["keep_ratio"]
+
+
+def _budget_text(row: dict) -> str:
+    return f"t={row['threshold']:g}" if row.get("threshold") is not None else f"{row['keep_ratio']:g}"
+
+
 def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     """Accuracy vs analytic FLOPs ratio (left) and vs measured wall-clock speedup (right), one line per method."""
     unpruned = next((r for r in rows if r["method"] == UNPRUNED), None)
@@ -59,17 +69,17 @@ def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     for ax, (field, xlabel) in zip(axes[0], panels, strict=True):
         for index, (name, group) in enumerate(methods.items()):
             # in budget order, so each line traces the method's keep-ratio sweep
-            group = sorted(group, key=lambda r: -r["keep_ratio"])
-            points = [(r[field], r["accuracy"], r["keep_ratio"]) for r in group if r.get(field) is not None]
+            group = sorted(group, key=lambda r: -_budget(r))
+            points = [(r[field], r["accuracy"], _budget_text(r)) for r in group if r.get(field) is not None]
             if not points:
                 continue
             xs, ys, _ = zip(*points, strict=True)
             style = _method_style(name, group[0].get("kind", ""), index)
             ax.plot(xs, ys, label=f"{name} ({group[0].get('kind', '')})", markersize=6, alpha=0.9, **style)
             if field == "flops_ratio":
-                for x, y, ratio in points:
+                for x, y, budget in points:
                     ax.annotate(
-                        f"{ratio:g}",
+                        budget,
                         (x, y),
                         textcoords="offset points",
                         xytext=(4, 4),
@@ -94,7 +104,7 @@ def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> Path:
         ax.grid(True, alpha=0.3)
         if field == "flops_ratio":
             ax.set_xlim(left=0)
-            ax.set_title("accuracy vs compute (labels: keep ratio)")
+            ax.set_title("accuracy vs compute (labels: keep ratio; t= exit threshold)")
         else:
             ax.set_title("accuracy vs measured speed")
         accuracies = [r["accuracy"] for r in rows]
@@ -123,19 +133,26 @@ def _to_display(image: np.ndarray) -> tuple[np.ndarray, str | None]:
 
 def plot_overlays(
     images: np.ndarray,
-    labels: Sequence[int],
+    labels: Sequence[int | str],
     oracle_masks: np.ndarray | None,
     columns: Sequence[dict],
     grid: tuple[int, int],
     path: Path,
     title: str = "",
+    row_titles: Sequence[str] | None = None,
+    outline: str = "box",
 ) -> Path:
     """A grid of images × methods; dropped patches are dimmed, the target's patches outlined.
 
     ``images`` is ``[R, C, H, W]``; ``oracle_masks`` ``[R, P]`` bool (or ``None``); each column is a dict with
-    ``title``, ``kept`` (``[R, P]`` bool) and ``preds`` (``[R]``); the first column shows the plain images
-    with the unpruned model's ``preds``.
+    ``title``, ``kept`` (``[R, P]`` bool), ``preds`` (``[R]``, class ids or answer words) and optionally
+    ``notes`` (``[R]`` strings added under the prediction); the first column shows the plain images with the
+    unpruned model's ``preds``. ``row_titles`` (e.g. each VQA question) label the rows; ``outline`` is
+    ``box`` (one box around all oracle patches: one target) or ``patches`` (each oracle patch: several
+    digits a question needs).
     """
+    if outline not in ("box", "patches"):
+        raise ValueError(f"outline must be 'box' or 'patches', got {outline!r}")
     rows = images.shape[0]
     ncols = len(columns)
     fig, axes = plt.subplots(rows, ncols, figsize=(2.15 * ncols, 2.35 * rows), squeeze=False)
@@ -156,29 +173,44 @@ def plot_overlays(
                 ax.imshow(shade, interpolation="nearest")
             if oracle is not None and oracle.any():
                 rr, cc = np.nonzero(oracle)
-                box = Rectangle(
-                    (cc.min() * pw - 0.5, rr.min() * ph - 0.5),
-                    (cc.max() - cc.min() + 1) * pw,
-                    (rr.max() - rr.min() + 1) * ph,
-                    fill=False,
-                    edgecolor="#ff3b30",
-                    linewidth=1.6,
-                )
-                ax.add_patch(box)
-            pred = int(column["preds"][r])
-            correct = pred == int(labels[r])
+                if outline == "box":
+                    boxes = [(cc.min(), rr.min(), cc.max() - cc.min() + 1, rr.max() - rr.min() + 1)]
+                else:
+                    boxes = [(c_, r_, 1, 1) for r_, c_ in zip(rr, cc, strict=True)]
+                for left, top, box_w, box_h in boxes:
+                    ax.add_patch(
+                        Rectangle(
+                            (left * pw - 0.5, top * ph - 0.5),
+                            box_w * pw,
+                            box_h * ph,
+                            fill=False,
+                            edgecolor="#ff3b30",
+                            linewidth=1.6 if outline == "box" else 0.9,
+                        )
+                    )
+            pred = column["preds"][r]
+            correct = str(pred) == str(labels[r])
             note = f"pred {pred} {'✓' if correct else '✗'}"
             if kept is not None and oracle is not None and oracle.any():
                 recall = float((kept[r].reshape(grid) & oracle).sum() / oracle.sum())
                 note += f"  recall {recall:.2f}"
+            if column.get("notes") is not None and column["notes"][r]:
+                note += f"\n{column['notes'][r]}"
             ax.set_xlabel(note, fontsize=8, color="#1a7f37" if correct else "#c62828")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(column["title"], fontsize=9)
             if c == 0:
-                ax.set_ylabel(f"label {int(labels[r])}", fontsize=9)
-    caption = "blue tint: dropped patches (ToMe: merged away) · red box: the target's (oracle) patches"
+                label = f"answer {labels[r]}" if row_titles is not None else f"label {labels[r]}"
+                if row_titles is not None:
+                    label = "\n".join(textwrap.wrap(row_titles[r], 26)) + f"\n→ {label}"
+                ax.set_ylabel(label, fontsize=8 if row_titles is not None else 9)
+    caption = (
+        "blue tint: dropped patches (ToMe: merged away) · red box: the target's (oracle) patches"
+        if outline == "box"
+        else "blue tint: dropped visual tokens · red squares: the patches the question needs (oracle)"
+    )
     fig.suptitle(f"{title}\n{caption}" if title else caption, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)

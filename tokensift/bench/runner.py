@@ -30,7 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -78,6 +78,8 @@ FIELDS = (
     "num_samples",
     "sites",
     "artifact",
+    "threshold",
+    "mean_exit_layer",
 )
 _CLASS_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 
@@ -358,59 +360,66 @@ def _forward(model: nn.Module, batch: dict[str, Tensor], method: nn.Module | Non
     return model(pixel_values=batch["pixel_values"]).logits
 
 
-def _time_forward(model, batches, method, repeats: int, warmup: int, device: torch.device) -> list[float]:
+# A forward callable runs the (possibly pruned) model on one prepared batch and returns its logits; the
+# vision and the MLLM evaluators each build theirs, and every measurement below is shared.
+Forward = Callable[[dict], Tensor]
+
+
+def _time_forward(forward: Forward, batches, repeats: int, warmup: int, device: torch.device) -> list[float]:
     """Seconds per repeat; one repeat is a forward pass over every timing batch."""
     with torch.no_grad():
         for _ in range(warmup):
             for batch in batches:
-                _forward(model, batch, method)
-        return [_timed_pass(model, batches, method, device) for _ in range(repeats)]
+                forward(batch)
+        return [_timed_pass(forward, batches, device) for _ in range(repeats)]
 
 
-def _time_paired(model, batches, method, handle, repeats: int, warmup: int, device: torch.device):
+def _time_paired(forward: Forward, batches, handle, repeats: int, warmup: int, device: torch.device):
     """Seconds per pruned repeat and, per repeat, unpruned / pruned time of two back-to-back passes.
 
     Pairing each pruned pass with an unpruned one right before it cancels load that drifts over the run
     (other processes on a shared machine), which a ratio of two separately measured medians does not.
+    The unpruned pass is the same call with the handle disabled.
     """
     times, speedups = [], []
     with torch.no_grad():
         for _ in range(warmup):
             for batch in batches:
-                _forward(model, batch, method)
+                forward(batch)
         for _ in range(repeats):
             handle.enabled = False
             try:
-                unpruned = _timed_pass(model, batches, None, device)
+                unpruned = _timed_pass(forward, batches, device)
             finally:
                 handle.enabled = True
-            pruned = _timed_pass(model, batches, method, device)
+            pruned = _timed_pass(forward, batches, device)
             times.append(pruned)
             speedups.append(unpruned / pruned if pruned > 0 else float("nan"))
     return times, speedups
 
 
-def _timed_pass(model, batches, method, device: torch.device) -> float:
+def _timed_pass(forward: Forward, batches, device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
     for batch in batches:
-        _forward(model, batch, method)
+        forward(batch)
     _sync(device)
     return time.perf_counter() - start
 
 
-def _release_handle_state(handle: PruningHandle | None) -> None:
+def _release_handle_state(handle) -> None:
     """Drop what the handle keeps from its previous forward pass (records, bookkeeping, per-call attention
     arguments), so that freeing it does not happen inside, and distort, the next measured pass."""
     if handle is None:
         return
     handle.last_records = []
-    handle._run = None  # rebuilt by the tower's pre-hook at the start of every forward pass
-    for module in handle.adapter.attention_modules:
-        setattr(module, attn.CALL_ATTRIBUTE, None)  # set again by each block's pre-hook before use
+    handle._run = None  # rebuilt at the start of every forward pass (vision: the tower's pre-hook; MLLM: the prefill)
+    if isinstance(handle, PruningHandle):
+        for module in handle.adapter.attention_modules:
+            setattr(module, attn.CALL_ATTRIBUTE, None)  # set again by each block's pre-hook before use
 
 
-def _peak_memory(model, batch, method, device: torch.device, handle: PruningHandle | None = None) -> int | None:
+def _peak_memory(forward: Forward, batch, device: torch.device, handle=None) -> int | None:
     """Activation peak (bytes) of one forward pass; see the module docstring."""
     _release_handle_state(handle)
     gc.collect()
@@ -419,7 +428,7 @@ def _peak_memory(model, batch, method, device: torch.device, handle: PruningHand
             _sync(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-            _forward(model, batch, method)
+            forward(batch)
             _sync(device)
             return int(torch.cuda.max_memory_allocated(device) - base)
         if device.type != "cpu":
@@ -431,7 +440,7 @@ def _peak_memory(model, batch, method, device: torch.device, handle: PruningHand
         with _quiet_stderr_fd():
             prof.start()
             try:
-                _forward(model, batch, method)
+                forward(batch)
             finally:
                 prof.stop()
         try:
@@ -449,6 +458,18 @@ def _peak_memory(model, batch, method, device: torch.device, handle: PruningHand
             current += nbytes
             peak = max(peak, current)
         return int(peak)
+
+
+def measure_speed_and_memory(
+    forward: Forward, timing: list[dict], handle, repeats: int, warmup: int, device: torch.device
+) -> tuple[list[float], list[float], int | None]:
+    """Per-repeat seconds, per-repeat speedups vs the unpruned model (1 without a handle) and the activation peak."""
+    if handle is None:
+        times = _time_forward(forward, timing, repeats, warmup, device)
+        speedups = [1.0] * len(times)
+    else:
+        times, speedups = _time_paired(forward, timing, handle, repeats, warmup, device)
+    return times, speedups, _peak_memory(forward, timing[0], device, handle)
 
 
 def _kept_patches(handle: PruningHandle | None, batch_size: int, num_patches: int, num_prefix: int, device) -> Tensor:
@@ -514,6 +535,57 @@ def _csv_text(rows: Sequence[dict]) -> str:
     return buffer.getvalue()
 
 
+def budget_label(row: Mapping) -> str:
+    """``0.25`` for a keep ratio, ``t=0.5`` for an exit method's decision threshold."""
+    if row.get("threshold") is not None:
+        return f"t={row['threshold']:g}"
+    return f"{row['keep_ratio']:g}"
+
+
+def finalize_rows(rows: list[dict]) -> list[dict]:
+    """Turn the measured ``_times`` / ``_speedups`` into medians and add the ratios to ``rows[0]`` (unpruned);
+    returns the rows with exactly the ``FIELDS`` columns."""
+    base_acc, base_mem = rows[0]["accuracy"], rows[0]["peak_mem_bytes"]
+    for row in rows:
+        row["time_ms"] = statistics.median(row.pop("_times")) * 1e3
+        row["speedup"] = statistics.median(row.pop("_speedups"))
+        row["retention"] = row["accuracy"] / base_acc if base_acc > 0 else None
+        mem = row["peak_mem_bytes"]
+        row["mem_ratio"] = mem / base_mem if mem is not None and base_mem else None
+    return [{field: row.get(field) for field in FIELDS} for row in rows]
+
+
+def write_results(out_dir: Path, rows: list[dict], metadata: dict, title: str, quiet: bool) -> dict[str, Path]:
+    """``results.json``, ``results.csv`` and ``pareto.png`` (each written under a temporary name, then renamed)
+    and, unless ``quiet``, the table on the console."""
+    from tokensift.bench.plots import plot_pareto
+
+    files = {
+        "json": _atomic_write_text(
+            out_dir / "results.json", json.dumps({"metadata": metadata, "rows": rows}, indent=2) + "\n"
+        ),
+        "csv": _atomic_write_text(out_dir / "results.csv", _csv_text(rows)),
+    }
+    files["pareto"] = plot_pareto(rows, out_dir / "pareto.png", title=title)
+    if not quiet:
+        print_table(rows, title=f"tokensift bench · {title}")
+    return files
+
+
+def environment_metadata(device: torch.device) -> dict:
+    """Where the numbers were measured: device, threads, library versions, time."""
+    return {
+        "device": str(device),
+        "device_name": _device_name(device),
+        "num_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "transformers_version": _version("transformers"),
+        "tokensift_version": ts.__version__,
+        "memory_measure": MEMORY_MEASURE.get(device.type, "not measured on this device"),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def _fmt(value: float | None, digits: int = 3, suffix: str = "") -> str:
     return "—" if value is None else f"{value:.{digits}f}{suffix}"
 
@@ -523,19 +595,24 @@ def print_table(rows: Sequence[dict], title: str = "tokensift bench") -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("method", "keep_ratio", "acc", "retention", "oracle_recall", "flops_ratio", "speedup", "mem_ratio"):
+    with_exits = any(row.get("mean_exit_layer") is not None for row in rows)
+    columns = ["method", "budget", "acc", "retention", "oracle_recall", "flops_ratio", "speedup", "mem_ratio"]
+    for column in [*columns, *(["exit_layer"] if with_exits else [])]:
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
-        table.add_row(
+        cells = [
             row["method"],
-            f"{row['keep_ratio']:g}",
+            budget_label(row),
             _fmt(row["accuracy"], 4),
             _fmt(row["retention"]),
             _fmt(row["oracle_recall"]),
             _fmt(row["flops_ratio"]),
             _fmt(row["speedup"], 2, "×"),
             _fmt(row["mem_ratio"]),
-        )
+        ]
+        if with_exits:
+            cells.append(_fmt(row.get("mean_exit_layer"), 2))
+        table.add_row(*cells)
     console = Console()
     if not console.is_terminal and console.width < 120:
         console = Console(width=120)  # a pipe or a log file: do not squeeze the columns to 80
@@ -578,11 +655,17 @@ def run_bench(
     num_overlay_images: int = 4,
     num_threads: int | None = None,
     quiet: bool = False,
+    thresholds: Sequence[float] | str | None = None,
 ) -> dict:
     """Benchmark ``methods`` × ``keep_ratios`` on ``data``'s test split against the unpruned model.
 
+    A multimodal LLM (a LLaVA or Qwen2-VL folder) is benchmarked on a VQA data module by
+    :func:`tokensift.bench.mllm.run_mllm_bench` with the same rows, files and measurements; ``thresholds``
+    (the budgets of exit methods such as ``dyvte``) applies there only.
+
     Args:
-        model_dir: a ``save_pretrained`` directory of a supported classifier (ViT / CLIP / SigLIP).
+        model_dir: a ``save_pretrained`` directory of a supported classifier (ViT / CLIP / SigLIP), or of a
+            LLaVA / Qwen2-VL model.
         data: a LightningDataModule, a ``{class_path, init_args}`` mapping, a YAML file holding one (or a
             ``tokensift fit`` config with a ``data:`` section) or a class path built with its defaults.
         methods: registered training-free names (``random``, ``cls_attention``, ``tome``, ``divprune``,
@@ -604,13 +687,39 @@ def run_bench(
     Returns ``{"rows": [...], "metadata": {...}, "files": {...}}``; the same rows and metadata are in
     ``results.json``.
     """
-    from tokensift.bench.plots import plot_overlays, plot_pareto
+    from tokensift.bench.plots import plot_overlays
 
     # -- validate everything before any expensive work -----------------------------------------------
     model_path = Path(model_dir)
     if not model_path.is_dir():
         raise FileNotFoundError(
             f"model: {str(model_path)!r} is not a directory; give a save_pretrained folder (config.json + weights)."
+        )
+    if is_multimodal_dir(model_path):
+        from tokensift.bench.mllm import run_mllm_bench
+
+        return run_mllm_bench(
+            model_dir=model_path,
+            data=data,
+            methods=methods,
+            keep_ratios=keep_ratios,
+            thresholds=thresholds,
+            out=out,
+            batch_size=batch_size,
+            timing_batches=timing_batches,
+            repeats=repeats,
+            warmup=warmup,
+            overlay_ratio=overlay_ratio,
+            max_batches=max_batches,
+            device=device,
+            num_overlay_images=num_overlay_images,
+            num_threads=num_threads,
+            quiet=quiet,
+        )
+    if thresholds is not None:
+        raise ValueError(
+            "thresholds: only exit methods on multimodal LLMs (dyvte) take decision thresholds; "
+            f"{model_path} is not a LLaVA / Qwen2-VL folder, so leave thresholds unset."
         )
     specs, oracle_requested = parse_methods(methods)
     ratios = parse_keep_ratios(keep_ratios)
@@ -702,14 +811,7 @@ def run_bench(
                 if isinstance(method, OracleMethod):
                     method.oracle_mask = None
 
-        base_acc, base_mem = rows[0]["accuracy"], rows[0]["peak_mem_bytes"]
-        for row in rows:
-            row["time_ms"] = statistics.median(row.pop("_times")) * 1e3
-            row["speedup"] = statistics.median(row.pop("_speedups"))
-            row["retention"] = row["accuracy"] / base_acc if base_acc > 0 else None
-            mem = row["peak_mem_bytes"]
-            row["mem_ratio"] = mem / base_mem if mem is not None and base_mem else None
-
+        rows = finalize_rows(rows)
         metadata = {
             "model": str(model_path),
             "model_class": type(model).__name__,
@@ -720,12 +822,7 @@ def run_bench(
             "num_batches": len(batches),
             "num_patches": num_patches,
             "num_prefix": num_prefix,
-            "device": str(torch_device),
-            "device_name": _device_name(torch_device),
-            "num_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__,
-            "transformers_version": _version("transformers"),
-            "tokensift_version": ts.__version__,
+            **environment_metadata(torch_device),
             "methods": [s.entry for s in specs],
             "keep_ratios": ratios,
             "overlay_ratio": overlay_ratio,
@@ -738,22 +835,13 @@ def run_bench(
                 "of back-to-back passes",
             },
             "flops_model": "analytic, see tokensift.bench.flops (2 FLOPs per multiply-add; embedding and head once)",
-            "memory_measure": MEMORY_MEASURE.get(torch_device.type, "not measured on this device"),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
     finally:
         if num_threads is not None:
             torch.set_num_threads(previous_threads)
 
-    rows = [{field: row.get(field) for field in FIELDS} for row in rows]
-    files = {
-        "json": _atomic_write_text(
-            out_dir / "results.json", json.dumps({"metadata": metadata, "rows": rows}, indent=2) + "\n"
-        ),
-        "csv": _atomic_write_text(out_dir / "results.csv", _csv_text(rows)),
-    }
     title = f"{metadata['model_class']} ({model_path.name}) · {metadata['num_samples']} test images"
-    files["pareto"] = plot_pareto(rows, out_dir / "pareto.png", title=title)
+    files = write_results(out_dir, rows, metadata, title, quiet=True)
     images = overlay_batch["pixel_values"].float().cpu().numpy()
     oracle_masks = overlay_batch["oracle_mask"].bool().cpu().numpy() if "oracle_mask" in overlay_batch else None
     files["overlays"] = plot_overlays(
@@ -789,14 +877,14 @@ class _Context:
         )
         flops = pruned_flops(self.adapter, handle, num_patches=self.num_patches)
         counts = handle.site_counts(self.num_patches) if handle is not None else {}
-        if handle is None:
-            times = _time_forward(self.model, self.timing, None, self.repeats, self.warmup, self.device)
-            speedups = [1.0] * len(times)
-        else:
-            times, speedups = _time_paired(
-                self.model, self.timing, method, handle, self.repeats, self.warmup, self.device
-            )
-        memory = _peak_memory(self.model, self.timing[0], method, self.device, handle)
+        times, speedups, memory = measure_speed_and_memory(
+            lambda batch: _forward(self.model, batch, method),
+            self.timing,
+            handle,
+            self.repeats,
+            self.warmup,
+            self.device,
+        )
         return {
             "method": label,
             "kind": kind,
@@ -816,6 +904,20 @@ class _Context:
             "_times": times,
             "_speedups": speedups,
         }
+
+
+def is_multimodal_dir(model_path: Path) -> bool:
+    """Whether a ``save_pretrained`` folder holds a multimodal LLM tokensift prunes (LLaVA, Qwen2-VL)."""
+    from tokensift.backbones.mllm import FAMILIES
+
+    config = model_path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return bool(architectures) and architectures[0] in FAMILIES
 
 
 def _check_image_size(adapter: VisionAdapter, pixel_values: Tensor, model_path: Path) -> None:
@@ -849,9 +951,14 @@ __all__ = [
     "FIELDS",
     "MEMORY_MEASURE",
     "MethodSpec",
+    "budget_label",
+    "finalize_rows",
+    "is_multimodal_dir",
+    "measure_speed_and_memory",
     "oracle_on_model_grid",
     "parse_keep_ratios",
     "parse_methods",
     "resolve_datamodule",
     "run_bench",
+    "write_results",
 ]
