@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo lint clean
+.PHONY: setup test test-fast demo demo-vqa lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/tokensift quickstart --out runs/quickstart
+
+demo-vqa: $(STAMP)
+	$(BIN)/tokensift quickstart-vqa --out runs/vqa
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -7,7 +7,7 @@ import sys
 from jsonargparse import auto_cli
 from lightning.pytorch.cli import LightningCLI
 
-TOOL_COMMANDS = ("export", "bench", "quickstart")
+TOOL_COMMANDS = ("export", "bench", "quickstart", "quickstart-vqa")
 
 DEFAULT_CALLBACKS = [
     {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         from tokensift.bench import bench
         from tokensift.export.checkpoint import export
         from tokensift.quickstart import quickstart
+        from tokensift.quickstart_vqa import quickstart_vqa
 
-        commands = {"export": export, "bench": bench, "quickstart": quickstart}
+        commands = {"export": export, "bench": bench, "quickstart": quickstart, "quickstart-vqa": quickstart_vqa}
         # `export CKPT OUT_DIR` reads as a sentence; bench and quickstart take --flags only
         positional = argv[0] == "export"
         args = [_underscore_flag(arg) for arg in argv[1:]]

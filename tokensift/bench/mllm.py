@@ -108,6 +108,19 @@ def _check_data(datamodule: Any, model: nn.Module, model_path: Path) -> None:
             f"{image_token}; bench the model on the data (and tokenizer) it was trained with (the 'data' entry of "
             "its tokensift_mllm.json)."
         )
+    vision = model.config.vision_config
+    channels = getattr(vision, "num_channels", getattr(vision, "in_channels", None))
+    if channels is not None and channels != getattr(datamodule, "num_channels", channels):
+        raise ValueError(
+            f"data: images have {datamodule.num_channels} channels but the model in {model_path} reads {channels}; "
+            f"set init_args.num_channels: {channels}."
+        )
+    size = getattr(vision, "image_size", None)  # LLaVA's tower has a fixed size; Qwen2-VL reads any grid
+    if size is not None and size != getattr(datamodule, "image_size", size):
+        raise ValueError(
+            f"data: images are {datamodule.image_size} px but the model in {model_path} expects {size}; "
+            f"set init_args.canvas_size: {size}."
+        )
     vocab = int(model.get_input_embeddings().weight.shape[0])
     if max(datamodule.answer_token_ids) >= vocab:
         raise ValueError(
