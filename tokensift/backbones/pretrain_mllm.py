@@ -4,10 +4,22 @@ something, for token pruners to be measured on with real accuracy numbers.
 No vision-language weights ship offline. This recipe builds a LLaVA (CLIP vision tower -> MLP projector
 -> Llama LM) or a Qwen2-VL (its own vision tower with 2x2 patch merging -> Qwen2 LM) from config, with
 the word-level vocabulary of :mod:`tokensift.data.digit_vqa`, and trains every weight end to end on the
-task's answer token. The saved directory loads with ``from_pretrained(local_files_only=True)`` and holds
-the processor (tokenizer + image processor) that rebuilds the model's inputs from a raw canvas and a
-question, plus ``tokensift_mllm.json``: the test accuracy, the text-only baseline it has to beat, the
-training time and the data options that rebuild the evaluation split.
+task's answer token plus a word-embedding alignment of the image tokens (see :class:`MLLMPretrainer`).
+The saved directory loads with ``from_pretrained(local_files_only=True)`` (:func:`load_mllm`) and holds
+the tokenizer and image processor that rebuild the model's inputs from a raw canvas and a question (for
+LLaVA also a ``LlavaProcessor``), plus ``tokensift_mllm.json``: the test accuracy by forward and by
+``generate``, the text-only baseline it has to beat, the training time and the data options that rebuild
+the evaluation split.
+
+Usage::
+
+    out, accuracy = pretrain_mllm("runs/mllm", DigitVQADataModule(), family="llava")
+    model, tokenizer, image_processor, report = load_mllm(out)
+
+Measured at the defaults (LLaVA: CLIP d64 x 2 layers, Llama d64 x 3 layers, 218k parameters; one pass
+over 65,536 questions, 2,048 steps of batch 32; seed 0): test accuracy 68.0 % (position 43 %, count 72 %,
+exists 89 %) against 28.7 % for the best text-only answerer; forward and ``generate`` agreed on all 1,024
+test questions; 610 s of training on one thread of a 2-core machine shared with other jobs (load 5-7).
 """
 
 from __future__ import annotations
@@ -54,7 +66,7 @@ def build_mllm(
     vision_hidden_size: int = 64,
     vision_layers: int = 2,
     text_hidden_size: int = 64,
-    text_layers: int = 2,
+    text_layers: int = 3,
     num_attention_heads: int = 4,
 ):
     """A randomly initialised ``LlavaForConditionalGeneration`` or ``Qwen2VLForConditionalGeneration``
@@ -342,7 +354,7 @@ class MLLMPretrainer(L.LightningModule):
 def pretrain_mllm(
     out_dir: str | os.PathLike,
     data: DigitVQADataModule,
-    max_epochs: int = 2,
+    max_epochs: int = 1,
     trainer_kwargs: dict | None = None,
     seed: int = 0,
     family: str = "llava",
@@ -355,7 +367,8 @@ def pretrain_mllm(
         out_dir: written atomically: model weights and config, the processor (tokenizer + image processor)
             and ``tokensift_mllm.json``.
         data: the digit-VQA data module (its geometry and vocabulary shape the model).
-        max_epochs: passes over ``data``'s train split.
+        max_epochs: passes over ``data``'s train split (the default data module's 65,536 samples at batch
+            32 make one pass 2,048 steps).
         trainer_kwargs: extra ``lightning.Trainer`` arguments (e.g. ``limit_train_batches``).
         seed: seeds weights, data order and dropout; the same seed and data give the same model.
         family: ``llava`` or ``qwen2_vl``.

@@ -280,7 +280,8 @@ class DigitVQA(Dataset):
 
     Args:
         split: ``train``, ``val`` or ``test``.
-        num_samples: split size (default 8192 / 512 / 1024).
+        num_samples: split size (default 65536 / 512 / 1024; samples are drawn on the fly, so a large
+            training split costs nothing until it is read).
         canvas_size / patch_size: canvas side and patch side in pixels (canvas a multiple of 2 patches).
         digit_scale: integer upscaling of the 8x8 sources.
         min_digits / max_digits: digits per scene, 1..4 (one per quadrant).
@@ -314,7 +315,7 @@ class DigitVQA(Dataset):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         if num_samples is None:
-            num_samples = {"train": 8192, "val": 512, "test": 1024}[split]
+            num_samples = {"train": 65536, "val": 512, "test": 1024}[split]
         if not is_int(num_samples) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
         _validate(
@@ -552,7 +553,7 @@ class DigitVQADataModule(L.LightningDataModule):
         self,
         batch_size: int = 32,
         num_workers: int = 0,
-        train_samples: int = 8192,
+        train_samples: int = 65536,
         val_samples: int = 512,
         test_samples: int = 1024,
         canvas_size: int = 64,
