@@ -170,7 +170,7 @@ def test_quickstart_vqa_end_to_end_and_reuses_its_outputs(tmp_path):
     options = dict(
         out=tmp_path / "vqa",
         train_samples=128,
-        text_layers=2,
+        text_layers=3,  # fastv scores at llm.2
         router_epochs=1,
         router_train_samples=64,
         keep_ratios="1,0.25",
