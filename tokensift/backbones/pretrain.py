@@ -54,8 +54,8 @@ class BackboneClassifier(L.LightningModule):
             attention_probs_dropout_prob=0.0,
         )
         self.model = ViTForImageClassification(config)
-        self.val_acc = MulticlassAccuracy(num_labels)
-        self.test_acc = MulticlassAccuracy(num_labels)
+        self.val_acc = MulticlassAccuracy(num_labels, average="micro")
+        self.test_acc = MulticlassAccuracy(num_labels, average="micro")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.model(pixel_values=batch["pixel_values"]).logits

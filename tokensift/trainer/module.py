@@ -115,8 +115,10 @@ class ScorerTrainer(L.LightningModule):
         self.adapter.final_token_module.register_forward_hook(self._grab_final_tokens)
         self._rng = random.Random(seed)
         num_classes = int(self.backbone.config.num_labels)
-        self.val_acc = nn.ModuleDict({_key(r): MulticlassAccuracy(num_classes) for r in ["full", *eval_keep_ratios]})
-        self.test_acc = nn.ModuleDict({_key(r): MulticlassAccuracy(num_classes) for r in ["full", *eval_keep_ratios]})
+        budgets = ["full", *eval_keep_ratios]
+        # micro: the fraction of correct samples, what `tokensift bench` reports (torchmetrics defaults to macro)
+        self.val_acc = nn.ModuleDict({_key(r): MulticlassAccuracy(num_classes, average="micro") for r in budgets})
+        self.test_acc = nn.ModuleDict({_key(r): MulticlassAccuracy(num_classes, average="micro") for r in budgets})
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def train(self, mode: bool = True) -> ScorerTrainer:
