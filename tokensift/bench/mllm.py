@@ -40,13 +40,13 @@ from tokensift.bench.runner import (
     ORACLE,
     UNPRUNED,
     MethodSpec,
-    _positive_int,
+    bench_settings,
     environment_metadata,
     finalize_rows,
     measure_speed_and_memory,
     parse_keep_ratios,
     parse_methods,
-    resolve_datamodule,
+    torch_threads,
     write_results,
 )
 from tokensift.bench.vqa import SUPPORTED_MODEL_TYPES, mllm_inputs
@@ -315,26 +315,13 @@ def run_mllm_bench(
     exit_thresholds = parse_thresholds(ratios if thresholds is None else thresholds)
     overlay_ratio = parse_keep_ratios([overlay_ratio], field="overlay_ratio")[0]
     overlay_threshold = parse_thresholds([overlay_threshold], field="overlay_threshold")[0]
-    timing_batches = _positive_int(timing_batches, "timing_batches")
-    repeats = _positive_int(repeats, "repeats")
-    warmup = _positive_int(warmup, "warmup", minimum=0)
-    num_overlay_images = _positive_int(num_overlay_images, "num_overlay_images")
-    if max_batches is not None:
-        max_batches = _positive_int(max_batches, "max_batches")
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device: {device!r} is not a torch device; use cpu, cuda or cuda:N.") from None
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} asked for CUDA but torch sees no GPU; use --device cpu.")
-    datamodule, data_description = resolve_datamodule(data, batch_size)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = bench_settings(
+        data, batch_size, out, timing_batches, repeats, warmup, num_overlay_images, max_batches, device
+    )
+    timing_batches, repeats, warmup, num_overlay_images, max_batches, torch_device, datamodule, *_ = settings
+    data_description, out_dir = settings.data_description, settings.out_dir
 
-    previous_threads = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(_positive_int(num_threads, "num_threads"))
-    try:
+    with torch_threads(num_threads):
         model = load_mllm_backbone(str(model_path)).to(torch_device)
         if model.config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model: {model.config.model_type!r} is not one of {list(SUPPORTED_MODEL_TYPES)}.")
@@ -433,9 +420,6 @@ def run_mllm_bench(
             "(vision tower + unpruned LLM); 2 FLOPs per multiply-add",
             "keep_count": "mean visual tokens per sample entering the last LLM layer",
         }
-    finally:
-        if num_threads is not None:
-            torch.set_num_threads(previous_threads)
 
     title = f"{metadata['model_class']} ({model_path.name}) · {count} test questions"
     files = write_results(out_dir, rows, metadata, title, quiet)
