@@ -48,11 +48,11 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from tokensift.data.base import SplitDataModule, check_loader_args
 from tokensift.data.digits import (
     MAX_VALUE,
     NUM_CLASSES,
@@ -534,7 +534,7 @@ class DigitVQACollator:
         return batch
 
 
-class DigitVQADataModule(L.LightningDataModule):
+class DigitVQADataModule(SplitDataModule):
     """Lightning data module for digit VQA (see :mod:`tokensift.data.digit_vqa`).
 
     Buildable from YAML by ``LightningCLI``::
@@ -571,24 +571,12 @@ class DigitVQADataModule(L.LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        for name, value, minimum in (
-            ("batch_size", batch_size, 1),
-            ("num_workers", num_workers, 0),
-            ("train_samples", train_samples, 1),
-            ("val_samples", val_samples, 1),
-            ("test_samples", test_samples, 1),
-        ):
-            if not is_int(value) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        check_loader_args(batch_size, num_workers, train_samples, val_samples, test_samples, is_integer=is_int)
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.save_hyperparameters()
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self._init_splits(batch_size, num_workers, pin_memory, seed, train_samples, val_samples, test_samples)
         self.padding_side = padding_side
-        self.seed = seed
-        self._num_samples = {"train": train_samples, "val": val_samples, "test": test_samples}
         self._dataset_kwargs = dict(
             canvas_size=canvas_size,
             patch_size=patch_size,
@@ -615,9 +603,6 @@ class DigitVQADataModule(L.LightningDataModule):
         self.grid_size = probe.grid_size
         self.num_patches = probe.num_patches
         self.num_image_tokens = probe.num_image_tokens
-        self.train_dataset: DigitVQA | None = None
-        self.val_dataset: DigitVQA | None = None
-        self.test_dataset: DigitVQA | None = None
 
     def build(self, split: str, num_samples: int | None = None) -> DigitVQA:
         """A split with this module's options (``num_samples`` defaults to the module's split size)."""
@@ -631,38 +616,8 @@ class DigitVQADataModule(L.LightningDataModule):
     def collate_fn(self) -> DigitVQACollator:
         return self.collator()
 
-    def setup(self, stage: str | None = None) -> None:
-        """Build the datasets needed for ``stage`` (all three when ``stage`` is None)."""
-        if stage in (None, "fit") and self.train_dataset is None:
-            self.train_dataset = self.build("train")
-        if stage in (None, "fit", "validate") and self.val_dataset is None:
-            self.val_dataset = self.build("val")
-        if stage in (None, "test", "predict") and self.test_dataset is None:
-            self.test_dataset = self.build("test")
+    def _build(self, split: str) -> DigitVQA:
+        return self.build(split)
 
-    def _loader(self, dataset: DigitVQA | None, name: str, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{name} is not built; call setup() first")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            collate_fn=self.collate_fn,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, "train_dataset", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, "val_dataset", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, "test_dataset", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, "test_dataset", shuffle=False)
+    def _collate(self) -> DigitVQACollator:
+        return self.collate_fn

@@ -44,10 +44,11 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from tokensift.data.base import SplitDataModule, check_loader_args
 
 __all__ = [
     "SPLITS",
@@ -101,6 +102,10 @@ def upscale(image: np.ndarray, factor: int) -> np.ndarray:
 def normalize(canvas: np.ndarray) -> np.ndarray:
     """Map raw grey levels 0..16 to [-1, 1] via ``x / 8 - 1`` (background -> -1, full ink -> +1)."""
     return (np.asarray(canvas, dtype=np.float32) / (MAX_VALUE / 2) - 1.0).astype(np.float32)
+
+
+def _is_python_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_int(value: object) -> bool:
@@ -438,7 +443,7 @@ class ClutteredDigits(Dataset):
         )
 
 
-class ClutteredDigitsDataModule(L.LightningDataModule):
+class ClutteredDigitsDataModule(SplitDataModule):
     """Lightning data module for the cluttered-digits task (see :mod:`tokensift.data.digits`).
 
     Buildable from YAML by ``LightningCLI``::
@@ -449,6 +454,7 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
 
     ``num_classes``, ``image_size``, ``patch_size``, ``num_channels`` and ``num_patches`` are available
     right after construction, to build a matching ViT config. Arguments are validated in ``__init__``.
+    ``setup`` is cheap: no I/O beyond scikit-learn's bundled digits; samples are generated on the fly.
     """
 
     num_classes: int = NUM_CLASSES
@@ -473,15 +479,7 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
         align_target: bool = True,
     ) -> None:
         super().__init__()
-        for name, value, minimum in (
-            ("batch_size", batch_size, 1),
-            ("num_workers", num_workers, 0),
-            ("train_samples", train_samples, 1),
-            ("val_samples", val_samples, 1),
-            ("test_samples", test_samples, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        check_loader_args(batch_size, num_workers, train_samples, val_samples, test_samples, is_integer=_is_python_int)
         validate_config(
             canvas_size=canvas_size,
             patch_size=patch_size,
@@ -493,16 +491,12 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
             clutter_scale=clutter_scale,
         )
         self.save_hyperparameters()
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.seed = seed
+        self._init_splits(batch_size, num_workers, pin_memory, seed, train_samples, val_samples, test_samples)
         self.image_size = canvas_size
         self.patch_size = patch_size
         self.num_channels = num_channels
         self.grid_size = canvas_size // patch_size
         self.num_patches = self.grid_size**2
-        self._num_samples = {"train": train_samples, "val": val_samples, "test": test_samples}
         self._dataset_kwargs = dict(
             canvas_size=canvas_size,
             patch_size=patch_size,
@@ -515,45 +509,6 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
             seed=seed,
             split_fractions=tuple(split_fractions),
         )
-        self.train_dataset: ClutteredDigits | None = None
-        self.val_dataset: ClutteredDigits | None = None
-        self.test_dataset: ClutteredDigits | None = None
 
     def _build(self, split: str) -> ClutteredDigits:
         return ClutteredDigits(split, self._num_samples[split], **self._dataset_kwargs)
-
-    def setup(self, stage: str | None = None) -> None:
-        """Build the datasets needed for ``stage`` (all three when ``stage`` is None). Cheap: no I/O
-        beyond scikit-learn's bundled digits; samples are generated on the fly."""
-        if stage in (None, "fit") and self.train_dataset is None:
-            self.train_dataset = self._build("train")
-        if stage in (None, "fit", "validate") and self.val_dataset is None:
-            self.val_dataset = self._build("val")
-        if stage in (None, "test", "predict") and self.test_dataset is None:
-            self.test_dataset = self._build("test")
-
-    def _loader(self, dataset: ClutteredDigits | None, name: str, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{name} is not built; call setup() first")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, "train_dataset", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, "val_dataset", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, "test_dataset", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, "test_dataset", shuffle=False)
