@@ -8,12 +8,45 @@ Each stage reuses its output when it already exists, so a second run only re-ben
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "dynamicvit_digits.yaml"
 TRAINING_FREE = ("random", "l2norm", "cls_attention", "tome", "divprune")
+
+
+def fit_and_export(
+    console: Console,
+    artifact: Path,
+    label: str,
+    title: str,
+    recipe: Path,
+    backbone_arg: str,
+    save_dir: Path,
+    data_options: dict,
+    max_epochs: int | None,
+    extra_args: Sequence[str] = (),
+) -> None:
+    """Stages 2 and 3: ``tokensift fit`` of ``recipe`` on the frozen backbone (``backbone_arg``), logging to
+    ``save_dir``, with ``data_options`` as data init_args, ``max_epochs`` when given, then ``extra_args``; export
+    its last checkpoint to ``artifact``. An existing ``artifact`` is reused."""
+    from tokensift.cli import TokensiftCLI
+    from tokensift.export.checkpoint import export
+
+    if (artifact / "tokensift.json").is_file():
+        console.print(f"[green]reusing {label}[/] {artifact}")
+        return
+    console.rule(title)
+    args = ["fit", f"--config={recipe}", backbone_arg, f"--trainer.logger.init_args.save_dir={save_dir}"]
+    args += [f"--data.init_args.{key}={json.dumps(value)}" for key, value in data_options.items()]
+    if max_epochs is not None:
+        args.append(f"--trainer.max_epochs={max_epochs}")
+    cli = TokensiftCLI(args=[*args, *extra_args])
+    last = Path(cli.trainer.checkpoint_callbacks[-1].dirpath) / "last.ckpt"
+    console.rule("3/4 export")
+    export(last, artifact, overwrite=True)
 
 
 def quickstart(
@@ -42,9 +75,7 @@ def quickstart(
     """
     from tokensift.backbones.pretrain import REPORT, pretrain_backbone
     from tokensift.bench import run_bench
-    from tokensift.cli import TokensiftCLI
     from tokensift.data import ClutteredDigitsDataModule
-    from tokensift.export.checkpoint import export
 
     console = Console()
     out = Path(out)
@@ -64,23 +95,19 @@ def quickstart(
     console.print(f"backbone unpruned test accuracy: {backbone_accuracy:.4f}")
 
     artifact = out / "artifact"
-    if (artifact / "tokensift.json").is_file():
-        console.print(f"[green]reusing scorer artifact[/] {artifact}")
-    else:
-        console.rule("2/4 train the dynamicvit scorer on the frozen backbone")
-        args = ["fit", f"--config={recipe}", f"--model.backbone={backbone}"]
-        args.append(f"--trainer.logger.init_args.save_dir={out / 'scorer'}")
-        args += [f"--data.init_args.{key}={json.dumps(value)}" for key, value in data_options.items()]
-        if scorer_epochs is not None:
-            args.append(f"--trainer.max_epochs={scorer_epochs}")
-        cli = TokensiftCLI(args=args)
-        last = Path(cli.trainer.checkpoint_callbacks[-1].dirpath) / "last.ckpt"
-        console.rule("3/4 export")
-        export(last, artifact, overwrite=True)
+    fit_and_export(
+        console,
+        artifact,
+        "scorer artifact",
+        "2/4 train the dynamicvit scorer on the frozen backbone",
+        recipe,
+        f"--model.backbone={backbone}",
+        out / "scorer",
+        data_options,
+        scorer_epochs,
+    )
     console.rule("4/4 bench: learned vs training-free on the same frozen model")
     methods = [f"dynamicvit:{artifact}", *TRAINING_FREE]
     ratios = [float(r) for r in keep_ratios.split(",")]
     data = ClutteredDigitsDataModule(**(data_options | {"batch_size": bench_batch_size}))
-    return run_bench(
-        model_dir=str(backbone), data=data, methods=methods, keep_ratios=ratios, out=out / "bench"
-    )
+    return run_bench(model_dir=str(backbone), data=data, methods=methods, keep_ratios=ratios, out=out / "bench")

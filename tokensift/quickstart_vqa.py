@@ -68,9 +68,8 @@ def quickstart_vqa(
     """
     from tokensift.backbones.pretrain_mllm import REPORT, pretrain_mllm
     from tokensift.bench import run_bench
-    from tokensift.cli import TokensiftCLI
     from tokensift.data import DigitVQADataModule
-    from tokensift.export.checkpoint import export
+    from tokensift.quickstart import fit_and_export
 
     console = Console()
     out = Path(out)
@@ -98,21 +97,18 @@ def quickstart_vqa(
     scene = {key: report["data"][key] for key in SCENE_OPTIONS if key in report["data"]}
 
     artifact = out / "dyvte_artifact"
-    if (artifact / "tokensift.json").is_file():
-        console.print(f"[green]reusing router artifact[/] {artifact}")
-    else:
-        console.rule("2/4 train the DyVTE exit routers on the frozen model")
-        args = ["fit", f"--config={recipe}", f"--model.init_args.backbone={backbone}"]
-        args.append(f"--trainer.logger.init_args.save_dir={out / 'routers'}")
-        args += [f"--data.init_args.{key}={json.dumps(value)}" for key, value in scene.items()]
-        if router_epochs is not None:
-            args.append(f"--trainer.max_epochs={router_epochs}")
-        if router_train_samples is not None:
-            args.append(f"--data.init_args.train_samples={router_train_samples}")
-        cli = TokensiftCLI(args=args)
-        last = Path(cli.trainer.checkpoint_callbacks[-1].dirpath) / "last.ckpt"
-        console.rule("3/4 export")
-        export(last, artifact, overwrite=True)
+    fit_and_export(
+        console,
+        artifact,
+        "router artifact",
+        "2/4 train the DyVTE exit routers on the frozen model",
+        recipe,
+        f"--model.init_args.backbone={backbone}",
+        out / "routers",
+        scene,
+        router_epochs,
+        [] if router_train_samples is None else [f"--data.init_args.train_samples={router_train_samples}"],
+    )
 
     console.rule("4/4 bench: every MLLM pruner, the exit routers and the oracle on the same frozen model")
     data = DigitVQADataModule(**(scene | {"test_samples": test_samples, "batch_size": bench_batch_size}))
