@@ -49,10 +49,5 @@ def scorer_objective(
     # through it would teach the scorer to drop exactly the tokens pruning perturbs most
     kept = (records[-1].policy.detach() > 0.5).to(tokens.dtype).unsqueeze(-1)
     token_error = ((tokens - teacher_tokens) ** 2 * kept).sum() / (kept.sum() * tokens.shape[-1]).clamp_min(1.0)
-    loss = (
-        weights.task * task
-        + weights.budget * budget
-        + weights.distill * distill
-        + weights.tokens * token_error
-    )
+    loss = weights.task * task + weights.budget * budget + weights.distill * distill + weights.tokens * token_error
     return {"loss": loss, "task": task, "budget": budget, "distill": distill, "tokens": token_error}

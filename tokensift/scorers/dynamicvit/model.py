@@ -83,9 +83,7 @@ class DynamicViTMethod(TokenMethod):
                 "DynamicViTConfig needs hidden_size and sites; build it with DynamicViTMethod.for_backbone()."
             )
         width = max(8, int(cfg.hidden_size * cfg.hidden_ratio) // 4 * 4)
-        self.predictors = nn.ModuleList(
-            _Predictor(cfg.hidden_size, width, cfg.budget_conditioned) for _ in cfg.sites
-        )
+        self.predictors = nn.ModuleList(_Predictor(cfg.hidden_size, width, cfg.budget_conditioned) for _ in cfg.sites)
 
     @classmethod
     def for_backbone(cls, adapter, config: DynamicViTConfig | None = None) -> DynamicViTMethod:
