@@ -38,8 +38,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument(
-        "--vit", default="", help='random-init ViT shape as JSON, e.g. \'{"hidden_size": 192, "num_hidden_layers": 12, '
-        '"num_attention_heads": 3, "intermediate_size": 768, "image_size": 224, "patch_size": 16}\' (ViT-Tiny)'
+        "--vit",
+        default="",
+        help='random-init ViT shape as JSON, e.g. \'{"hidden_size": 192, "num_hidden_layers": 12, '
+        '"num_attention_heads": 3, "intermediate_size": 768, "image_size": 224, "patch_size": 16}\' (ViT-Tiny)',
     )
     args = parser.parse_args()
     torch.manual_seed(0)
