@@ -177,6 +177,19 @@ def test_print_config_lists_the_recipe(tmp_path, capsys):
     assert "keep_ratio_range" in printed and "ClutteredDigitsDataModule" in printed and "RichProgressBar" in printed
 
 
+def test_progress_bar_can_be_switched_off(tmp_path):
+    """The default Rich bar steps aside instead of making Lightning refuse the flag."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+
+    backbone = save_vit(tmp_path / "backbone")
+    cli = TokensiftCLI(
+        args=[f"--model.backbone={backbone}", *data_args(train=32), "--trainer.enable_progress_bar=false"],
+        run=False,
+    )
+    assert not any(isinstance(c, ProgressBar) for c in cli.trainer.callbacks)
+    assert sum(isinstance(c, ModelCheckpoint) for c in cli.trainer.callbacks) == 2, "the other defaults stay"
+
+
 def test_trainer_rejects_bad_settings(tmp_path):
     backbone = str(save_vit(tmp_path / "backbone"))
     with pytest.raises(ValueError, match="keep_ratio_range"):

@@ -55,6 +55,14 @@ class TokensiftCLI(LightningCLI):
             }
         )
 
+    def before_instantiate_classes(self) -> None:
+        # the default Rich bar would make Lightning refuse `--trainer.enable_progress_bar false`
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.get("enable_progress_bar") is False and config.trainer.callbacks:
+            config.trainer.callbacks = [
+                c for c in config.trainer.callbacks if not str(c.get("class_path", "")).endswith("ProgressBar")
+            ]
+
 
 def _underscore_flag(arg: str) -> str:
     """Accept ``--keep-ratios`` as well as ``--keep_ratios``."""
