@@ -104,7 +104,9 @@ def test_adapter_names_parts_and_sites(saved_mllms, family):
     assert adapter.num_layers == 4
     sites = adapter.sites()
     assert sites[-4:] == ["pre_llm", "llm.1", "llm.2", "llm.3"]
-    assert ("vit.0" in sites) == (family == "llava")  # Qwen2-VL's packed, 2x2-merging tower has none
+    # blocks strictly before the one whose output becomes the features (LLaVA: vision_feature_layer -2 of 3;
+    # Qwen2-VL: its last of 2 blocks feeds the merger)
+    assert [s for s in sites if s.startswith("vit.")] == ["vit.0"]
     assert adapter.spread_llm_sites(3) == ["llm.1", "llm.2", "llm.3"]
     for bad in ("llm.0", "llm.4", "vit.9", "block1"):
         with pytest.raises(ValueError, match=bad.replace(".", r"\.")):
@@ -245,6 +247,7 @@ def test_batch_matches_single_samples(saved_mllms, family, method):
     [
         ("llava", "visionzip", None),
         ("llava", "divprune", ["vit.0"]),
+        ("qwen2_vl", "divprune", ["vit.0"]),
         ("qwen2_vl", "visionzip", None),
         ("qwen2_vl", "fastv", None),
     ],
@@ -447,25 +450,72 @@ def test_manual_decoding_without_position_ids_continues_from_the_unpruned_length
     assert torch.equal(torch.cat(tokens, 1), torch.cat(expected, 1))
 
 
-# -- vit.<i> sites (LLaVA's tower) ---------------------------------------------------------------------
+# -- vit.<i> sites (LLaVA's tower; Qwen2-VL's packed tower, by merge groups) ----------------------------
 
 
-def test_vit_site_on_llava_drops_the_same_patches_from_the_llm(saved_mllms):
-    model, batch = load(saved_mllms, "llava"), make_batch("llava")
-    with ts.apply(model, "divprune", keep_ratio=0.5, sites=["vit.0"]) as handle:
+@pytest.mark.parametrize("method", ["divprune", "l2norm"])
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_vit_site_drops_the_same_patches_from_the_llm(saved_mllms, family, method):
+    model, batch = load(saved_mllms, family), make_batch(family)
+    reference = generate(model, batch.inputs())
+    hooks_before = hook_count(model)
+    with ts.apply(model, method, keep_ratio=1.0, sites=["vit.0"]):
+        assert torch.equal(generate(model, batch.inputs()).sequences, reference.sequences)
+    with ts.apply(model, method, keep_ratio=0.5, sites=["vit.0"]) as handle:
         batched = generate(model, batch.inputs())
         record = handle.last_records[-1]
         assert record.site == "vit.0"
-        assert record.kept_visual.tolist() == [8, 8, 16]  # 8 of 16 patches per image
+        # each image keeps half of its own tokens (LLaVA: 16 patches; Qwen2-VL: 16, 8, 8 + 16 merge groups)
+        assert record.kept_visual.tolist() == ([8, 8, 16] if family == "llava" else [8, 4, 12])
         tokens = continuation(batched, batch.inputs())
         for i in range(batch.size):
             single = generate(model, batch.sample(i))
             assert torch.equal(continuation(single, batch.sample(i))[0], tokens[i])
+            for step_batched, step_single in zip(batched.logits, single.logits, strict=True):
+                torch.testing.assert_close(step_single[0], step_batched[i], atol=1e-4, rtol=1e-4)
+    assert hook_count(model) == hooks_before
+    assert torch.equal(generate(model, batch.inputs()).sequences, reference.sequences)
 
 
-def test_qwen2_vl_has_no_vit_sites(saved_mllms):
-    with pytest.raises(ValueError, match=r"vit\.0"):
-        ts.apply(load(saved_mllms, "qwen2_vl"), "divprune", keep_ratio=0.5, sites=["vit.0"])
+def test_qwen2_vl_vit_site_keeps_the_merge_groups_the_method_ranks_first(saved_mllms):
+    """l2norm at vit.0 keeps, per image, the merge groups whose block-0 states (mean over the group's 2x2 patches)
+    have the largest norm; those groups' LLM tokens, and only they, stay in the LLM's input."""
+    model, batch = load(saved_mllms, "qwen2_vl"), make_batch("qwen2_vl")
+    inputs = batch.inputs()
+    tower = adapt(model).tower_blocks
+    seen = []
+    hook = tower[0].register_forward_hook(lambda module, args, output: seen.append(output))
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    norms = seen[0].view(-1, 4, seen[0].shape[-1]).mean(1).norm(dim=-1)  # one per merge group, in LLM order
+    expected, start = [], 0
+    for t, h, w in batch.grids:
+        count = t * h * w // 4
+        top = norms[start : start + count].topk(count // 2).indices
+        flags = torch.zeros(count, dtype=torch.bool)
+        flags[top] = True
+        expected.append(flags)
+        start += count
+    expected = torch.cat(expected)
+
+    with torch.no_grad(), ts.apply(model, "l2norm", keep_ratio=0.5, sites=["vit.0"]) as handle:
+        pruned = model(**inputs).logits
+        kept_index = handle.kept_orig_index
+    visual = inputs["input_ids"] == image_token_id("qwen2_vl")
+    kept = torch.zeros_like(visual)
+    for b in range(batch.size):
+        kept[b, kept_index[b][kept_index[b] >= 0]] = True
+    assert torch.equal(kept[visual], expected)  # visual tokens fill in row-major batch order, as the features
+    assert torch.isfinite(pruned).all()
+
+
+@pytest.mark.parametrize(("method", "needle"), [("tome", "merges tokens"), ("cls_attention", "attention")])
+def test_packed_tower_refuses_methods_it_cannot_run(saved_mllms, method, needle):
+    model = load(saved_mllms, "qwen2_vl")
+    with pytest.raises(ValueError, match=needle):
+        ts.apply(model, method, keep_ratio=0.5, sites=["vit.0"])
+    assert ts.apply(model, "random", keep_ratio=0.5, sites=["vit.0"]).remove() is None  # nothing left behind
 
 
 # -- method rules on hand-made states ------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Token reduction in a multimodal LLM, on an unmodified transformers model: hooks, no forked modeling file.
 
 A method runs at ``pre_llm`` (on the LLM's input embeddings) or ``llm.<k>`` (before decoder layer ``k``)
-during the prefill; ``vit.<i>`` sites run in LLaVA's vision tower through the vision handle. What is kept
+during the prefill; ``vit.<i>`` sites run in the vision tower (LLaVA's through the vision handle, Qwen2-VL's
+packed one through ``tokensift.reduce_packed``), and the LLM's input loses the dropped patches. What is kept
 is chosen once, in the prefill, and decoding continues on that choice:
 
 - **Layouts.** Each run of decoder layers between two sites shares one *layout*: which original token each
@@ -32,9 +33,10 @@ from torch import Tensor, nn
 from transformers.masking_utils import create_causal_mask
 
 from tokensift import attention as attn
-from tokensift.backbones.mllm import IMAGE, TEXT, MLLMAdapter, Site, TowerCall
+from tokensift.backbones.mllm import TEXT, MLLMAdapter, Site, TowerCall
 from tokensift.budget import Budget
 from tokensift.reduce import PruningHandle
+from tokensift.reduce_packed import PackedTowerHandle
 from tokensift.scorers.base import TokenMethod
 from tokensift.state import TokenState
 
@@ -148,7 +150,7 @@ class MLLMPruningHandle:
         if "llm" in kinds and "sliding_attention" in (getattr(adapter.text_config, "layer_types", None) or []):
             raise ValueError("llm.<k> sites need full-attention decoder layers; this model has sliding-window layers.")
 
-        self._vision_handle: PruningHandle | None = None
+        self._vision_handle: PruningHandle | PackedTowerHandle | None = None
         self.enabled = True
         self.last_records: list[MLLMSiteRecord] = []
         # [B] text (and special) tokens and visual tokens per sample of the last prefill with visual tokens
@@ -160,7 +162,6 @@ class MLLMPruningHandle:
         # forward (and an uncached generate() reuses that one encoding for every step), so this outlives a
         # forward pass and is cleared only when the tower runs again after a prefill used it
         self._tower_calls: list[TowerCall] = []
-        self._forced_keep: Tensor | None = None  # vit sites: [n_images, features] patches the tower kept
         self._tower_used = False
         self._hooks: list = []
         self._restore_attn: list[tuple[nn.Module, str]] = []
@@ -176,11 +177,23 @@ class MLLMPruningHandle:
     def _install(self) -> None:
         adapter, parsed = self.adapter, self._parsed
         self._hooks.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
-        if parsed[0].kind == "vit":
+        # registered before the vision handle's, so a tower call is on record when the tower's blocks run
+        self._hooks.append(adapter.tower.register_forward_pre_hook(self._on_tower_call, with_kwargs=True))
+        if parsed[0].kind == "vit" and self.family.packed_tower:
+            self._vision_handle = PackedTowerHandle(
+                adapter.tower,
+                adapter.tower_blocks,
+                self.family.projector(self.model),
+                self.family.merge_size(self.model),
+                self.method,
+                self.budget,
+                self.sites,
+                on_kept=self._keep_tower_tokens,
+            )
+        elif parsed[0].kind == "vit":
             self._vision_handle = PruningHandle(adapter.vision_adapter, self.method, self.budget, sites=self.sites)
             projector = self.family.projector(self.model)
             self._hooks.append(projector.register_forward_hook(self._expand_pruned_features))
-        self._hooks.append(adapter.tower.register_forward_pre_hook(self._on_tower_call, with_kwargs=True))
         if self.method.needs_tower_attention:
             self._wrap_attention(adapter.tower)
             block = adapter.tower_blocks[self.family.scored_tower_block(self.model)]
@@ -305,7 +318,7 @@ class MLLMPruningHandle:
     # -- vision tower ---------------------------------------------------------------------------
     def _on_tower_call(self, module: nn.Module, args: tuple, kwargs: dict):
         if self._tower_used:
-            self._tower_calls, self._forced_keep, self._tower_used = [], None, False
+            self._tower_calls, self._tower_used = [], False
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         tokens = self.family.encoded_tokens(self.model, args, kwargs)
         self._tower_calls.append(TowerCall(grid_thw=grid, tokens=tokens, attention=[], keys=[]))
@@ -332,8 +345,13 @@ class MLLMPruningHandle:
         expanded.scatter_(1, feature_index.unsqueeze(-1).expand(-1, -1, output.shape[-1]), output)
         keep = torch.zeros(output.shape[0], full, dtype=torch.bool, device=output.device)
         keep.scatter_(1, feature_index, True)
-        self._forced_keep = keep
+        self._keep_tower_tokens(keep.reshape(-1))
         return expanded
+
+    def _keep_tower_tokens(self, keep: Tensor) -> None:
+        """vit sites: which LLM tokens of the current tower call survived the tower."""
+        if self._tower_calls and self.enabled:
+            self._tower_calls[-1].kept = keep
 
     # -- the language model ---------------------------------------------------------------------
     def _on_lm_call(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -384,7 +402,7 @@ class MLLMPruningHandle:
             if self.method.decides_exits or bool((counts[site.name] < previous).any()):
                 active.append(site)
             previous = torch.minimum(previous, counts[site.name])
-        forced = self._forced_keep
+        forced = self._tower_keep(inputs, calls, kinds[::repeat])
         if not active and forced is None:
             self.last_records = []
             return None
@@ -400,7 +418,7 @@ class MLLMPruningHandle:
         if forced is None and pre_llm is None:
             return None
         if forced is not None:
-            keep = _scatter_images(forced, kinds[::repeat]).repeat_interleave(repeat, dim=0) | (valid & (kinds == TEXT))
+            keep = forced.repeat_interleave(repeat, dim=0) & valid
             target = keep.logical_and(kinds != TEXT).sum(1)
             site_name = self.sites[-1]
             new_embeds = embeds
@@ -421,6 +439,21 @@ class MLLMPruningHandle:
         kwargs["attention_mask"] = new_layout.slot_valid.long()
         kwargs["position_ids"] = _gather_last(position_ids, new_layout.slot_orig, batch)
         return (), kwargs
+
+    def _tower_keep(self, inputs: dict, calls: list[TowerCall], kinds: Tensor) -> Tensor | None:
+        """vit sites: ``[B, L]`` bool, the tokens the tower left (text included); ``None`` when it dropped none."""
+        if not any(call.kept is not None for call in calls):
+            return None
+        keep = kinds == TEXT
+        call_kinds = self.family.call_kinds(self.model, inputs, calls, kinds)
+        for kind in set(call_kinds):
+            parts = [
+                call.kept if call.kept is not None else torch.ones(call.tokens, dtype=torch.bool)
+                for call, call_kind in zip(calls, call_kinds, strict=True)
+                if call_kind == kind
+            ]
+            keep[kinds == kind] = torch.cat([p.to(kinds.device) for p in parts])  # the models' fill order
+        return keep
 
     def _continue_decoding(self, run: _Run, kwargs: dict):
         run.prefill, run.masks = False, {}
@@ -657,13 +690,6 @@ def _gather_last(values: Tensor, index: Tensor, batch: int) -> Tensor:
     index = index.clamp(min=0)
     values = values.expand(*values.shape[:-2], batch, values.shape[-1])
     return values.gather(-1, index.expand(*values.shape[:-2], *index.shape))
-
-
-def _scatter_images(per_image: Tensor, kinds: Tensor) -> Tensor:
-    """``[n_images, features]`` per-patch flags to the ``[B, L]`` image tokens, in the models' fill order."""
-    out = torch.zeros(kinds.shape, dtype=torch.bool, device=kinds.device)
-    out[kinds == IMAGE] = per_image.reshape(-1).to(kinds.device)
-    return out
 
 
 __all__ = ["MLLMPruningHandle", "MLLMSiteRecord"]

@@ -7,7 +7,8 @@ LLaVA-OneVision or Qwen2.5-VL is one more class in ``FAMILIES``, not a branch in
 
 Sites, in depth order:
 
-- ``vit.<i>``: output of vision block ``i`` (LLaVA's CLIP / SigLIP tower, through the vision adapter);
+- ``vit.<i>``: output of vision block ``i`` (LLaVA's CLIP / SigLIP tower through the vision adapter;
+  Qwen2-VL's packed tower by merge groups, ``tokensift.reduce_packed``);
 - ``pre_llm``: the LLM's input embeddings, after the projector and before decoder layer 0;
 - ``llm.<k>``: the input of decoder layer ``k`` (``k >= 1``; attention-based methods read layer ``k-1``).
 """
@@ -52,6 +53,7 @@ class TowerCall:
     tokens: int  # visual tokens this call puts in the LLM's input
     attention: list[Tensor]  # one [1 | n, H, Nq, Nk] tensor per attention call of the scored block
     keys: list[Tensor]  # head-averaged keys, one tensor per attention call
+    kept: Tensor | None = None  # vit.<i> sites: [tokens] bool, which of this call's LLM tokens the tower kept
 
 
 class MLLMFamily:
@@ -60,6 +62,9 @@ class MLLMFamily:
     name: ClassVar[str]
     model_classes: ClassVar[tuple[str, ...]]
     multimodal_rope: ClassVar[bool] = False  # position ids are [3, B, L] (M-RoPE) rather than [B, L]
+    # the tower runs every image as one packed sequence and merges patch groups into LLM tokens (Qwen2-VL):
+    # vit.<i> sites run through tokensift.reduce_packed instead of the vision adapter
+    packed_tower: ClassVar[bool] = False
 
     # -- parts --------------------------------------------------------------------------------
     def tower(self, model: nn.Module) -> nn.Module:
@@ -79,11 +84,20 @@ class MLLMFamily:
         raise NotImplementedError
 
     def vision_adapter(self, model: nn.Module) -> VisionAdapter | None:
-        """An adapter for ``vit.<i>`` sites, or ``None`` when the tower cannot shrink its sequence."""
+        """An adapter for ``vit.<i>`` sites of a ``[B, N, D]`` tower; ``None`` for a packed tower."""
         return None
 
+    def merge_size(self, model: nn.Module) -> int:
+        """Packed towers: the side of the patch groups the tower merges into one LLM token."""
+        raise NotImplementedError
+
+    def call_kinds(self, model: nn.Module, inputs: dict, calls: list[TowerCall], kinds: Tensor) -> list[int]:
+        """IMAGE or VIDEO for each tower call, in order: whose placeholders the call's features fill."""
+        return [IMAGE] * len(calls)
+
     def projector(self, model: nn.Module) -> nn.Module:
-        """The module that turns the tower's tokens into LLM features (``vit.<i>`` sites hook its output)."""
+        """The module that turns the tower's tokens into LLM features (``vit.<i>`` sites hook its output;
+        a packed tower's merger)."""
         raise NotImplementedError
 
     def features_per_image(self, model: nn.Module) -> int:
@@ -258,8 +272,17 @@ class Qwen2VLFamily(MLLMFamily):
     def scored_tower_block(self, model) -> int:
         return len(self.tower_blocks(model)) - 1  # the merger reads the last block's output
 
-    def last_vit_site(self, model) -> int:
-        return -1  # no vit.<i> sites: see vision_adapter
+    packed_tower = True
+
+    def projector(self, model):
+        return self.tower(model).merger
+
+    def merge_size(self, model) -> int:
+        return int(model.config.vision_config.spatial_merge_size)
+
+    def call_kinds(self, model, inputs, calls, kinds):
+        image_grids = self._grids_by_kind(model, inputs, calls, kinds)[IMAGE]
+        return [IMAGE if _same(call.grid_thw, image_grids) else VIDEO for call in calls]
 
     def encoded_tokens(self, model, args, kwargs):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -329,17 +352,15 @@ class Qwen2VLFamily(MLLMFamily):
         return image_id.to(kinds.device), coords.to(kinds.device)
 
     def tower_token_scores(self, model, calls, kinds, inputs):
-        group = int(model.config.vision_config.spatial_merge_size) ** 2
-        image_grids = self._grids_by_kind(model, inputs, calls, kinds)[IMAGE]
+        group = self.merge_size(model) ** 2
         by_kind = {}
-        for call in calls:
+        for call, kind in zip(calls, self.call_kinds(model, inputs, calls, kinds), strict=True):
             # attention runs once per frame chunk (cu_seqlens); a patch's score is the attention it receives
             score = torch.cat([a.float().sum(dim=1).mean(dim=1).reshape(-1) for a in call.attention])
             keys = torch.cat([k.float().reshape(-1, k.shape[-1]) for k in call.keys])
             # the merger joins each run of `group` consecutive patches into one LLM token
             score = score.reshape(-1, group).sum(dim=1)
             keys = keys.reshape(-1, group, keys.shape[-1]).mean(dim=1)
-            kind = IMAGE if _same(call.grid_thw, image_grids) else VIDEO
             by_kind[kind] = (score, keys)
         scores = torch.zeros(kinds.shape, device=kinds.device)
         dim = next(iter(by_kind.values()))[1].shape[-1]
@@ -396,13 +417,13 @@ class MLLMAdapter:
 
     @property
     def vision_adapter(self) -> VisionAdapter:
-        if self.family.last_vit_site(self.model) < 0:
-            raise ValueError(
-                f"{type(self.model).__name__} has no vit.<i> sites: its tower packs every image into one sequence "
-                "and merges 2x2 patches, so it cannot drop single patches; use pre_llm or llm.<k>."
-            )
         if self._vision_adapter is None:
             self._vision_adapter = self.family.vision_adapter(self.model)
+        if self._vision_adapter is None:
+            raise ValueError(
+                f"{type(self.model).__name__}'s tower packs every image into one sequence; its vit.<i> sites run "
+                "through tokensift.reduce_packed, not a vision adapter."
+            )
         return self._vision_adapter
 
     # -- sites ----------------------------------------------------------------------------------
