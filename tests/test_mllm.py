@@ -453,8 +453,10 @@ def test_manual_decoding_without_position_ids_continues_from_the_unpruned_length
 # -- vit.<i> sites (LLaVA's tower; Qwen2-VL's packed tower, by merge groups) ----------------------------
 
 
-@pytest.mark.parametrize("method", ["divprune", "l2norm"])
-@pytest.mark.parametrize("family", MLLM_FAMILIES)
+@pytest.mark.parametrize(
+    ("family", "method"),
+    [(f, m) for f in MLLM_FAMILIES for m in ("divprune", "l2norm")] + [("llava", "cls_attention"), ("llava", "tome")],
+)
 def test_vit_site_drops_the_same_patches_from_the_llm(saved_mllms, family, method):
     model, batch = load(saved_mllms, family), make_batch(family)
     reference = generate(model, batch.inputs())
