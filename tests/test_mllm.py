@@ -512,6 +512,31 @@ def test_qwen2_vl_vit_site_keeps_the_merge_groups_the_method_ranks_first(saved_m
     assert torch.isfinite(pruned).all()
 
 
+def test_qwen2_vl_vit_site_prunes_a_video_frame_by_frame(saved_mllms):
+    """A video's frames are separate attention chunks in the tower; pruning rebuilds them, an emptied frame included."""
+    from tiny_mllm import QWEN_VIDEO_TOKEN, QWEN_VISION_END, QWEN_VISION_START
+
+    model = load(saved_mllms, "qwen2_vl")
+    t, h, w = 3, 4, 8  # 3 frames of 4x8 patches: 8 merge groups each
+    ids = torch.tensor([[1, 5, QWEN_VISION_START, *[QWEN_VIDEO_TOKEN] * (t * h * w // 4), QWEN_VISION_END, 7, 9]])
+    inputs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values_videos=torch.randn(t * h * w, 96, generator=torch.Generator().manual_seed(0)),
+        video_grid_thw=torch.tensor([[t, h, w]]),
+        mm_token_type_ids=(ids == QWEN_VIDEO_TOKEN).long() * 2,
+    )
+    reference = logits(model, inputs)
+    with ts.apply(model, "divprune", keep_ratio=1.0, sites=["vit.0"]):
+        assert torch.equal(logits(model, inputs), reference)
+    for budget, kept in (({"keep_ratio": 0.5}, 12), ({"keep_count": 1}, 1)):  # keep_count 1 empties two frames
+        with ts.apply(model, "divprune", sites=["vit.0"], **budget) as handle:
+            pruned = logits(model, inputs)
+            assert handle.last_records[-1].kept_visual.tolist() == [kept]
+            assert torch.isfinite(pruned).all() and not torch.allclose(pruned[:, -1], reference[:, -1], atol=1e-4)
+            assert generate(model, inputs).sequences.shape == (1, ids.shape[1] + NEW_TOKENS)
+
+
 @pytest.mark.parametrize(("method", "needle"), [("tome", "merges tokens"), ("cls_attention", "attention")])
 def test_packed_tower_refuses_methods_it_cannot_run(saved_mllms, method, needle):
     model = load(saved_mllms, "qwen2_vl")
