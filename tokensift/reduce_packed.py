@@ -185,6 +185,7 @@ class PackedTowerHandle:
         orig_index[image, slot] = groups - run.image_start[image]  # the group's index within its image
         coords = torch.full((num_images, width, 3), -1, dtype=torch.long, device=hidden.device)
         coords[image, slot] = run.group_coords[groups]
+        # a tower call does not say whether it encodes images or videos; several frames mean a video
         kind = torch.tensor([VIDEO if t > 1 else IMAGE for t, _, _ in run.grids], device=hidden.device)
         image_id = torch.arange(num_images, device=hidden.device).unsqueeze(1).expand(-1, width)
         m = self.merge_size

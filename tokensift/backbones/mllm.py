@@ -256,6 +256,7 @@ class Qwen2VLFamily(MLLMFamily):
     name = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration",)
     multimodal_rope = True
+    packed_tower = True
 
     def tower(self, model):
         return model.model.visual
@@ -272,8 +273,6 @@ class Qwen2VLFamily(MLLMFamily):
     def scored_tower_block(self, model) -> int:
         return len(self.tower_blocks(model)) - 1  # the merger reads the last block's output
 
-    packed_tower = True
-
     def projector(self, model):
         return self.tower(model).merger
 
@@ -286,7 +285,7 @@ class Qwen2VLFamily(MLLMFamily):
 
     def encoded_tokens(self, model, args, kwargs):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        return int(grid.prod(-1).sum()) // int(model.config.vision_config.spatial_merge_size) ** 2
+        return int(grid.prod(-1).sum()) // self.merge_size(model) ** 2
 
     def token_kinds(self, model, inputs):
         types = inputs.get("mm_token_type_ids")
@@ -299,7 +298,7 @@ class Qwen2VLFamily(MLLMFamily):
         return (input_ids == config.image_token_id).long() * IMAGE + (input_ids == config.video_token_id).long() * VIDEO
 
     def _merged_grids(self, model, grid_thw: Tensor | None) -> list[tuple[int, int, int]]:
-        merge = int(model.config.vision_config.spatial_merge_size)
+        merge = self.merge_size(model)
         if grid_thw is None:
             return []
         return [(int(t), int(h) // merge, int(w) // merge) for t, h, w in grid_thw.tolist()]
@@ -307,7 +306,7 @@ class Qwen2VLFamily(MLLMFamily):
     def _grids_by_kind(self, model, inputs: dict, calls: list[TowerCall], kinds: Tensor) -> dict[int, Tensor | None]:
         """The (t, h, w) patch grids of the images and of the videos, from the inputs or the tower calls."""
         grids = {IMAGE: inputs.get("image_grid_thw"), VIDEO: inputs.get("video_grid_thw")}
-        merge = int(model.config.vision_config.spatial_merge_size) ** 2
+        merge = self.merge_size(model) ** 2
         for call in calls:
             if call.grid_thw is None or any(_same(call.grid_thw, g) for g in grids.values()):
                 continue
