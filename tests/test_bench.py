@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from jsonargparse import auto_cli
@@ -15,8 +17,17 @@ from transformers import ViTConfig, ViTForImageClassification
 
 import tokensift as ts
 from tokensift.backbones import adapt
-from tokensift.bench import FIELDS, bench, run_bench
+from tokensift.bench import (
+    FIELDS,
+    CurvePoint,
+    accuracy_at_flops,
+    accuracy_interval,
+    bench,
+    paired_difference,
+    run_bench,
+)
 from tokensift.bench.runner import oracle_on_model_grid
+from tokensift.bench.sweep import choose_best_sites
 from tokensift.data import ClutteredDigitsDataModule
 from tokensift.scorers.dynamicvit import DynamicViTMethod
 
@@ -186,14 +197,22 @@ def test_cli_function_with_a_yaml_data_config(run, tmp_path):
             "--repeats=1",
             "--warmup=0",
             "--max_batches=1",
+            "--sweep_sites=vit.1,vit.2",
+            "--flops_ratios=0.75,0.95",
+            "--bootstrap_resamples=200",
         ],
         as_positional=False,  # model/data/methods as --flags (the default makes the required ones positional)
     )
-    assert {p.name for p in out.iterdir()} >= {"results.json", "results.csv", "pareto.png", "overlays.png"}
+    assert {p.name for p in out.iterdir()} >= {
+        "results.json", "results.csv", "pareto.png", "overlays.png", "matched_flops.csv", "site_sweep.csv"
+    }  # fmt: skip
+    assert {e["site"] for e in result["site_sweep"]} == {"vit.1", "vit.2"}
+    assert {e["flops_ratio"] for e in result["matched_flops"]} == {0.75, 0.95}
+    assert result["metadata"]["accuracy_interval"]["resamples"] == 200
     assert result["metadata"]["batch_size"] == 4 and result["metadata"]["num_samples"] == 4
     assert {(r["method"], r["keep_ratio"]) for r in result["rows"]} == {
         ("unpruned", 1.0),
-        *((m, r) for m in ("random", "l2norm", "oracle") for r in (1.0, 0.5)),
+        *((m, r) for m in ("random", "l2norm", "oracle", "random@best_site", "l2norm@best_site") for r in (1.0, 0.5)),
     }
 
 
@@ -246,3 +265,193 @@ def test_oracle_mask_moves_onto_the_model_grid():
     assert torch.equal(oracle_on_model_grid(same, (1, 3, 8, 8), (2, 2)), same)
     with pytest.raises(ValueError, match=r"data: oracle_mask has 4 patches .* init_args.patch_size: 2"):
         oracle_on_model_grid(same, (1, 3, 8, 8), (4, 4))
+
+
+# -- intervals, equal cost, paired comparisons, site sweep ------------------------------------------------------
+def test_every_accuracy_has_an_interval_around_it(run):
+    rows = run.result["rows"]
+    for row in rows:
+        low, high = row["accuracy_low"], row["accuracy_high"]
+        assert 0.0 <= low <= row["accuracy"] <= high <= 1.0, row["method"]
+    assert any(row["accuracy_high"] > row["accuracy_low"] for row in rows)  # not all degenerate
+    meta = run.result["metadata"]["accuracy_interval"]
+    assert meta["level"] == 0.95 and meta["resamples"] == 1000
+    with (run.out / "results.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [float(r["accuracy_low"]) for r in table] == [r["accuracy_low"] for r in rows]
+
+
+def test_intervals_shrink_with_more_test_samples(run, tmp_path):
+    widths = {}
+    for samples in (32, 512):
+        result = run_bench(
+            str(run.backbone),
+            ClutteredDigitsDataModule(**dict(DATA, test_samples=samples, batch_size=64)),
+            ["l2norm"],
+            [1.0, 0.5],
+            out=tmp_path / str(samples),
+            repeats=1,
+            warmup=0,
+            quiet=True,
+            flops_ratios=None,
+        )
+        unpruned = result["rows"][0]
+        assert 0.0 < unpruned["accuracy"] < 1.0
+        widths[samples] = unpruned["accuracy_high"] - unpruned["accuracy_low"]
+    assert 0.0 < widths[512] < 0.6 * widths[32], widths  # ~1/sqrt(16) of it
+
+
+def test_accuracy_interval_and_paired_difference_by_hand():
+    rng = np.random.default_rng(3)
+    small, large = rng.random(40) < 0.7, rng.random(4000) < 0.7
+    for correct in (small, large):
+        out = accuracy_interval(correct, resamples=500, seed=1)
+        assert out["accuracy"] == correct.mean()
+        assert out["accuracy_low"] < out["accuracy"] < out["accuracy_high"]
+    width = {n: accuracy_interval(c)["accuracy_high"] - accuracy_interval(c)["accuracy_low"] for n, c in
+             ((40, small), (4000, large))}  # fmt: skip
+    assert width[4000] < 0.2 * width[40]
+    assert accuracy_interval(small, seed=5) == accuracy_interval(small, seed=5)  # seeded
+    # b is a, except 30 of 400 samples a gets right and b does not: a paired interval excludes 0
+    a = rng.random(400) < 0.6
+    b = a.copy()
+    flipped = np.flatnonzero(a)[:30]
+    b[flipped] = False
+    paired = paired_difference(a, b)
+    assert paired["difference"] == pytest.approx(30 / 400)
+    assert 0.0 < paired["difference_low"] < paired["difference"] < paired["difference_high"]
+    assert paired["p_not_above_zero"] == 0.0
+    same = paired_difference(a, a)
+    assert same["difference"] == same["difference_low"] == same["difference_high"] == 0.0
+    with pytest.raises(ValueError, match="pair the same test samples"):
+        paired_difference(a, b[:-1])
+
+
+def test_accuracy_at_equal_flops_on_a_synthetic_curve():
+    points = [
+        CurvePoint(1.0, 0.9, np.array([0.8, 0.9, 1.0]), "1"),
+        CurvePoint(0.6, 0.7, np.array([0.6, 0.7, 0.8]), "0.5"),
+        CurvePoint(0.2, 0.5, np.array([0.4, 0.5, 0.6]), "0.25"),
+    ]
+    below, middle, on, upper, above = accuracy_at_flops(points, [0.1, 0.4, 0.6, 0.9, 1.1])
+    assert below is None and above is None  # no extrapolation past the cheapest or dearest budget
+    # 0.4 is halfway from 0.2 to 0.6: accuracy (0.5 + 0.7) / 2, replicates [0.5, 0.6, 0.7] draw by draw
+    assert middle["accuracy"] == pytest.approx(0.6) and middle["between"] == "0.25–0.5"
+    # 95% percentile interval of [0.5, 0.6, 0.7] (numpy linear): 0.5 + 0.05·0.1 and 0.6 + 0.95·0.1
+    assert middle["accuracy_low"] == pytest.approx(0.505) and middle["accuracy_high"] == pytest.approx(0.695)
+    assert on["accuracy"] == 0.7 and on["between"] == "0.5"
+    # 0.9 is 3/4 of the way from 0.6 to 1.0
+    assert upper["accuracy"] == pytest.approx(0.7 + 0.75 * 0.2)
+    assert upper["accuracy_low"] == pytest.approx(0.75 + 0.05 * 0.1)
+
+
+def test_matched_flops_table_follows_each_curve(run):
+    rows, matched = run.result["rows"], run.result["matched_flops"]
+    assert {e["flops_ratio"] for e in matched} == {0.4, 0.5, 0.6, 0.7, 0.8}
+    grouped = _by_method(rows)
+    assert {e["method"] for e in matched} == set(grouped) - {"unpruned"}
+    for entry in matched:
+        curve = sorted((r["flops_ratio"], r["accuracy"]) for r in grouped[entry["method"]].values())
+        target = entry["flops_ratio"]
+        if not curve[0][0] <= target <= curve[-1][0]:
+            assert entry["accuracy"] is None and entry["accuracy_low"] is None, entry
+            continue
+        (x0, y0), (x1, y1) = next((p, q) for p, q in itertools.pairwise(curve) if p[0] <= target <= q[0])
+        assert entry["accuracy"] == pytest.approx(y0 + (target - x0) / (x1 - x0) * (y1 - y0)), entry
+        assert entry["accuracy_low"] <= entry["accuracy"] + 1e-12 <= entry["accuracy_high"] + 2e-12
+    assert any(e["accuracy"] is None for e in matched) and any(e["accuracy"] is not None for e in matched)
+    with (run.out / "matched_flops.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(matched)
+    assert json.loads((run.out / "results.json").read_text())["matched_flops"] == matched
+
+
+def test_learned_is_compared_with_the_best_training_free_method(run):
+    grouped = _by_method(run.result["rows"])
+    by_ratio = {c["value"]: c for c in run.result["comparisons"] if c["at"] == "keep_ratio"}
+    assert sorted(by_ratio) == [0.25, 0.5]  # keep 1 drops nothing
+    for ratio, comparison in by_ratio.items():
+        free = {name: grouped[name][ratio]["accuracy"] for name in TRAINING_FREE}
+        assert comparison["learned"] == "dynamicvit" and free[comparison["baseline"]] == max(free.values())
+        assert comparison["difference"] == pytest.approx(grouped["dynamicvit"][ratio]["accuracy"] - max(free.values()))
+        assert comparison["difference_low"] <= comparison["difference"] <= comparison["difference_high"]
+
+
+def test_site_sweep_picks_the_site_with_the_best_validation_accuracy(run, tmp_path):
+    result = run_bench(
+        str(run.backbone),
+        ClutteredDigitsDataModule(**dict(DATA, val_samples=48)),
+        ["l2norm", "random"],
+        [1.0, 0.5, 0.25],
+        out=tmp_path / "sweep",
+        repeats=1,
+        warmup=0,
+        quiet=True,
+        sweep_sites=True,
+    )
+    sweep = result["site_sweep"]
+    assert {e["site"] for e in sweep} == {"vit.0", "vit.1", "vit.2"}  # 4 blocks: a block must follow the site
+    assert len(sweep) == 2 * 3 * 3
+    assert result["metadata"]["site_sweep"]["val_samples"] == 48
+    rows = {(r["method"], r["keep_ratio"]): r for r in result["rows"]}
+    for method in ("l2norm", "random"):
+        for ratio in (1.0, 0.5, 0.25):
+            entries = [e for e in sweep if e["method"] == method and e["keep_ratio"] == ratio]
+            (best,) = [e for e in entries if e["best"]]
+            assert best["val_accuracy"] == max(e["val_accuracy"] for e in entries)
+            row = rows[(f"{method}@best_site", ratio)]
+            assert row["sites"] == [best["site"]] and row["kind"] == "training-free"
+            # the measured row is the sweep's test score at that site: the same model, data and draws
+            assert row["accuracy"] == best["accuracy"] and row["flops_ratio"] == pytest.approx(best["flops_ratio"])
+    # the sweep is not a re-run of the default site: some site's test accuracy differs at keep 0.5
+    assert len({e["accuracy"] for e in sweep if e["method"] == "l2norm" and e["keep_ratio"] == 0.5}) > 1
+    with (tmp_path / "sweep" / "site_sweep.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(sweep)
+
+
+def test_choose_best_sites_uses_validation_not_test_accuracy():
+    entries = [
+        {"method": "m", "keep_ratio": 0.5, "site": "vit.0", "val_accuracy": 0.6, "accuracy": 0.9, "flops_ratio": 0.4},
+        {"method": "m", "keep_ratio": 0.5, "site": "vit.1", "val_accuracy": 0.8, "accuracy": 0.7, "flops_ratio": 0.5},
+        {"method": "m", "keep_ratio": 0.5, "site": "vit.2", "val_accuracy": 0.8, "accuracy": 0.8, "flops_ratio": 0.6},
+    ]
+    assert choose_best_sites(entries) == {("m", 0.5): "vit.1"}  # best validation; the tie goes to fewer FLOPs
+    assert [e["best"] for e in entries] == [False, True, False]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(flops_ratios="0.5,2"), r"flops_ratios: 2.0 is outside \(0, 1\]"),
+        (dict(bootstrap_resamples=1), r"bootstrap_resamples: must be an integer >= 2"),
+        (dict(sweep_sites="block3"), r"sweep_sites: .*block3.* are not vit.<i> sites"),
+    ],
+)
+def test_new_options_are_validated_before_any_work(run, tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run_bench(str(run.backbone), ClutteredDigitsDataModule(**DATA), ["random"], [1.0], tmp_path / "o", **kwargs)
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_sites_outside_the_model_are_named(run, tmp_path):
+    with pytest.raises(ValueError, match=r"sweep_sites: \['vit.3'\] do not exist on this model"):
+        run_bench(
+            str(run.backbone), ClutteredDigitsDataModule(**DATA), ["random"], [1.0], tmp_path, sweep_sites="vit.3"
+        )
+
+
+def test_sweep_refuses_data_without_a_validation_split(run, tmp_path):
+    from lightning.pytorch import LightningDataModule
+
+    class TestOnly(LightningDataModule):
+        def __init__(self):
+            super().__init__()
+            self.inner = ClutteredDigitsDataModule(**DATA)
+
+        def setup(self, stage=None):
+            self.inner.setup("test")
+
+        def test_dataloader(self):
+            return self.inner.test_dataloader()
+
+    with pytest.raises(ValueError, match=r"sweep_sites: TestOnly gives no validation split .*never on the test split"):
+        run_bench(str(run.backbone), TestOnly(), ["random"], [1.0, 0.5], tmp_path, sweep_sites=True, quiet=True)

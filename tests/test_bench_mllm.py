@@ -87,6 +87,37 @@ def test_every_output_file_and_row(run):
         assert row["num_samples"] == 16 and row["num_patches"] == 64
 
 
+def test_intervals_and_accuracy_at_equal_flops(run):
+    result = run["result"]
+    for row in result["rows"]:
+        assert 0.0 <= row["accuracy_low"] <= row["accuracy"] <= row["accuracy_high"] <= 1.0, row["method"]
+    assert any(row["accuracy_high"] > row["accuracy_low"] for row in result["rows"])
+    assert result["metadata"]["accuracy_interval"]["resamples"] == 1000
+    matched = result["matched_flops"]
+    assert {e["method"] for e in matched} == {*METHODS, "dyvte", "oracle"}
+    rows = _rows(run)
+    for entry in matched:
+        flops = [r["flops_ratio"] for r in result["rows"] if r["method"] == entry["method"]]
+        covered = min(flops) <= entry["flops_ratio"] <= max(flops)
+        assert (entry["accuracy"] is not None) == covered, entry
+        if covered:
+            assert entry["accuracy_low"] <= entry["accuracy"] + 1e-12 <= entry["accuracy_high"] + 2e-12
+    # random's curve runs from keep 0.1 to keep 1 (FLOPs ratio 1): a target between two budgets lies between them
+    low, high = rows[("random", 0.5)], rows[("random", 1.0)]
+    target = round((low["flops_ratio"] + high["flops_ratio"]) / 2, 6)
+    data = {"class_path": "tokensift.data.DigitVQADataModule", "init_args": DATA}
+    again = run_bench(
+        run["model_dir"], data, "random", RATIOS, out=run["out"].parent / "again", repeats=1, warmup=0,
+        quiet=True, flops_ratios=[target],
+    )  # fmt: skip
+    (entry,) = [e for e in again["matched_flops"] if e["method"] == "random"]
+    low, high = (next(r for r in again["rows"] if r["method"] == "random" and r["keep_ratio"] == k) for k in (0.5, 1.0))
+    weight = (target - low["flops_ratio"]) / (high["flops_ratio"] - low["flops_ratio"])
+    assert entry["accuracy"] == pytest.approx(low["accuracy"] + weight * (high["accuracy"] - low["accuracy"]))
+    saved = json.loads((run["out"] / "results.json").read_text())
+    assert saved["matched_flops"] == matched and saved["comparisons"] == result["comparisons"]
+
+
 def test_keep_ratio_one_is_the_unpruned_model(run):
     rows = _rows(run)
     unpruned = rows[("unpruned", 1.0)]
@@ -154,6 +185,8 @@ def test_bad_inputs_name_the_field(run, tmp_path):
     data = {"class_path": "tokensift.data.DigitVQADataModule", "init_args": DATA}
     with pytest.raises(ValueError, match="cannot run on a multimodal LLM"):
         run_bench(run["model_dir"], data, "tome", out=tmp_path)
+    with pytest.raises(ValueError, match=r"sweep_sites: the site sweep covers image classifiers"):
+        run_bench(run["model_dir"], data, "random", out=tmp_path, sweep_sites=True)
     with pytest.raises(ValueError, match=r"thresholds: 1\.5 is outside"):
         run_bench(run["model_dir"], data, "random", thresholds="1.5", out=tmp_path)
     other = dict(DATA, num_channels=1)

@@ -196,7 +196,9 @@ def test_item_fields(tokenizer):
             "oracle_mask",
             "patch_classes",
             "question_type",
+            "index",
         }
+        assert int(item["index"]) == i and item["index"].dtype == torch.long
         assert item["pixel_values"].shape == (3, 64, 64) and item["pixel_values"].dtype == torch.float32
         assert item["oracle_mask"].shape == (64,) and item["oracle_mask"].dtype == torch.bool
         ids = item["input_ids"]

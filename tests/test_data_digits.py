@@ -82,7 +82,8 @@ def test_item_shapes_and_dtypes():
     ds = ClutteredDigits("train", **SMALL)
     assert len(ds) == 16
     item = ds[0]
-    assert set(item) == {"pixel_values", "labels", "oracle_mask"}
+    assert set(item) == {"pixel_values", "labels", "oracle_mask", "index"}
+    assert item["index"].dtype == torch.long and int(item["index"]) == 0 and int(ds[-1]["index"]) == len(ds) - 1
     assert item["pixel_values"].shape == (3, 64, 64) and item["pixel_values"].dtype == torch.float32
     assert item["labels"].shape == () and item["labels"].dtype == torch.long
     assert item["oracle_mask"].shape == (256,) and item["oracle_mask"].dtype == torch.bool

@@ -135,9 +135,15 @@ def test_random_is_reproducible_per_seed():
         with ts.apply(model, "random", keep_ratio=0.25, sites=[SITE], seed=seed) as handle:
             _logits(model, x)
             first = handle.kept_orig_index.clone()
+            _logits(model, x)  # the next rows (arrival order) are other samples: another draw
+            assert not torch.equal(handle.kept_orig_index, first)
+            handle.set_samples(torch.arange(x.shape[0]))  # the same samples again: the same draw
             _logits(model, x)
             assert torch.equal(handle.kept_orig_index, first), "a seeded random baseline must repeat"
             kept[seed] = first
+        with ts.apply(model, "random", keep_ratio=0.25, sites=[SITE], seed=seed) as handle:
+            _logits(model, x)
+            assert torch.equal(handle.kept_orig_index, first), "a fresh handle with the same seed repeats"
     assert not torch.equal(kept[0], kept[1])
 
 

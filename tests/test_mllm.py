@@ -193,6 +193,7 @@ def test_prunes_to_budget_and_removes_cleanly(saved_mllms, family, method):
     hooks_before, attn_before = hook_count(model), attn_implementations(model)
 
     handle = ts.apply(model, method, keep_ratio=0.5)
+    handle.set_samples(torch.arange(batch.size))  # random draws per sample: the same samples again below
     pruned = logits(model, inputs)
     assert pruned.shape == reference.shape, "logits stay aligned with input_ids"
     assert torch.isfinite(pruned).all()
@@ -216,6 +217,7 @@ def test_prunes_to_budget_and_removes_cleanly(saved_mllms, family, method):
     handle.enabled = False
     assert torch.equal(logits(model, inputs), reference)
     handle.enabled = True
+    handle.set_samples(torch.arange(batch.size))
     torch.testing.assert_close(logits(model, inputs), pruned)
 
     handle.remove()
@@ -613,6 +615,7 @@ def test_dart_keeps_image_pivots_and_the_tokens_least_like_the_pivots():
     keys = torch.ones(1, 8, 3) * torch.tensor([1.0, 1, 5, 1, 1, 1, 1, 9]).view(1, 8, 1)
     protected = torch.tensor([[False] * 6 + [True, True]])
     state = _state(hidden, protected, keys=keys, site="llm.2")
+    state.normed_hidden = hidden  # the similarity space (the LM's final norm of hidden; a unit weight here)
     keep = DARTMethod(DARTConfig(image_pivots=1, text_pivots=1)).select_tokens(state, torch.tensor([3]))
     # pivot 2 is kept; each pivot then claims one token: the least like token 2 (0, 1) is 4 (cos -0.1),
     # the least like token 7 (1, 0) among the rest is 3 (cos 0.71)

@@ -93,7 +93,16 @@ def test_llava_loss_goes_down_and_artifact_round_trips(trained_llava):
 
 def test_same_seed_gives_the_same_model(trained_llava, tmp_path):
     out, _, _, _ = trained_llava
-    again, _ = pretrain_mllm(tmp_path / "again", _data(), max_epochs=6, trainer_kwargs=QUIET, seed=0, lr=5e-3, **TINY)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the recipe trains on its own fixed thread count, whatever the caller's is
+    try:
+        again, _ = pretrain_mllm(
+            tmp_path / "again", _data(), max_epochs=6, trainer_kwargs=QUIET, seed=0, lr=5e-3, **TINY
+        )
+        assert torch.get_num_threads() == 2  # and gives the caller's back
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((again / REPORT).read_text())["torch_threads"] == 1
     first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)

@@ -2,8 +2,10 @@
 learning-rate groups, activation checkpointing and the launch scripts.
 
 Multi-process fits run in subprocesses (`python -m tokensift.cli fit`, `launch/torchrun.sh`, or
-tests/scale_out_fit.py for the noise-free method), so pytest itself never forks; each uses a tiny ViT
-and a few dozen samples.
+tests/scale_out_fit.py, the same CLI with tests/ importable for the data module that deals batches alike for
+any world size), so pytest itself never forks; each uses a tiny ViT and a few dozen samples. The
+1-process / DDP / ZeRO-2 comparisons train the shipped ``dynamicvit``, Gumbel noise included: each sample's
+noise is a function of (seed, sample index, step), not of the rank that holds it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from safetensors.torch import load_file
-from scale_out_helpers import DistributedOrderDigits, noise_free_method_registered
+from scale_out_helpers import DistributedOrderDigits
 from test_train_export import save_vit
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -100,25 +102,19 @@ def state_of(artifact: Path) -> dict[str, torch.Tensor]:
     return load_file(artifact / "scorer.safetensors")
 
 
-# -- shared runs: a tiny backbone and the noise-free method under 1 process, DDP and ZeRO-2 --------------
+# -- shared runs: a tiny backbone and the shipped dynamicvit under 1 process, DDP and ZeRO-2 -------------
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory) -> Path:
     return save_vit(tmp_path_factory.mktemp("scale_out") / "backbone")
 
 
-@pytest.fixture(scope="module")
-def noise_free():
-    with noise_free_method_registered() as name:
-        yield name
-
-
-def noise_free_fit(backbone: Path, save_dir: Path, batch_size: int, *extra: str) -> Path:
+def dynamicvit_fit(backbone: Path, save_dir: Path, batch_size: int, *extra: str) -> Path:
     run(
         [
             sys.executable,
             str(TESTS / "scale_out_fit.py"),
             *fit_args(backbone, save_dir, *extra),
-            "--model.method=test_noise_free_dynamicvit",
+            "--model.method=dynamicvit",
             *data_args(batch_size, DistributedOrderDigits),
         ]
     )
@@ -128,30 +124,30 @@ def noise_free_fit(backbone: Path, save_dir: Path, batch_size: int, *extra: str)
 @pytest.fixture(scope="module")
 def ddp_run(backbone, tmp_path_factory) -> Path:
     """2 processes x 8 samples per step (global batch 16)."""
-    return noise_free_fit(backbone, tmp_path_factory.mktemp("ddp"), 8, "--trainer.devices=2", "--trainer.strategy=ddp")
+    return dynamicvit_fit(backbone, tmp_path_factory.mktemp("ddp"), 8, "--trainer.devices=2", "--trainer.strategy=ddp")
 
 
 @pytest.fixture(scope="module")
 def single_run(backbone, tmp_path_factory) -> Path:
     """1 process x 16 samples per step: the same global batch as ``ddp_run``."""
-    return noise_free_fit(backbone, tmp_path_factory.mktemp("single"), 16, "--trainer.devices=1")
+    return dynamicvit_fit(backbone, tmp_path_factory.mktemp("single"), 16, "--trainer.devices=1")
 
 
 @pytest.fixture(scope="module")
 def zero2_run(backbone, tmp_path_factory) -> Path:
-    return noise_free_fit(
+    return dynamicvit_fit(
         backbone, tmp_path_factory.mktemp("zero2"), 8, "--trainer.devices=2", "--trainer.strategy=deepspeed_stage_2"
     )
 
 
 # -- multi-process runs ---------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_two_process_ddp_reaches_the_single_process_weights(backbone, ddp_run, single_run, noise_free):
+def test_two_process_ddp_reaches_the_single_process_weights(backbone, ddp_run, single_run):
     ddp = torch.load(last_checkpoint(ddp_run), weights_only=True)["state_dict"]
     single = torch.load(last_checkpoint(single_run), weights_only=True)["state_dict"]
     assert ddp.keys() == single.keys() and all(k.startswith("method.") for k in ddp)
     seed_everything(0)  # as `--seed_everything=0` before the model is built: the runs' initial scorer
-    initial = ScorerTrainer(str(backbone), method=noise_free).method.state_dict()
+    initial = ScorerTrainer(str(backbone), method="dynamicvit").method.state_dict()
     moved = max((single[f"method.{k}"] - v).abs().max().item() for k, v in initial.items())
     assert moved > 1e-3, "training changed the scorer, so equal weights mean equal training"
     for key in ddp:
@@ -165,7 +161,7 @@ def test_two_process_ddp_reaches_the_single_process_weights(backbone, ddp_run, s
 
 
 @pytest.mark.slow
-def test_zero2_artifact_equals_the_ddp_artifact(backbone, ddp_run, zero2_run, noise_free, tmp_path):
+def test_zero2_artifact_equals_the_ddp_artifact(backbone, ddp_run, zero2_run, tmp_path):
     checkpoint = last_checkpoint(zero2_run)
     assert checkpoint.is_dir(), "DeepSpeed writes a ZeRO checkpoint directory"
     model_states = torch.load(next((checkpoint / "checkpoint").glob("*model_states.pt")), weights_only=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 
 from torch import nn
@@ -15,7 +16,7 @@ from tokensift.budget import Budget
 from tokensift.export.artifact import Artifact, FingerprintMismatch, check_fingerprint, load_artifact
 from tokensift.reduce import Mode, PruningHandle
 from tokensift.reduce_mllm import MLLMPruningHandle
-from tokensift.scorers import TokenMethod, build_method
+from tokensift.scorers import TokenMethod, build_method, get_method_class
 from tokensift.scorers import methods as _methods
 
 
@@ -36,7 +37,7 @@ def apply(
     keep_count: int | Mapping[str, int] | None = None,
     sites: list[str] | None = None,
     mode: Mode = "gather",
-    strict: bool = True,
+    strict: bool | None = None,
     threshold: float | None = None,
     **options,
 ) -> PruningHandle | MLLMPruningHandle:
@@ -48,7 +49,10 @@ def apply(
     ``method`` is a registered name (``ts.methods()``), an artifact directory or ``Artifact``, or a
     ``TokenMethod``. ``keep_ratio`` / ``keep_count`` apply to the last site (earlier sites follow a
     geometric schedule) or per site as a mapping; an artifact falls back to its default budget.
-    ``options`` configure a registered method (e.g. ``seed`` for ``random``). Returns a handle whose
+    ``options`` configure a method given by name (e.g. ``seed`` for ``random``); a ``TokenMethod`` carries its
+    own config and an artifact its trained one, so options there are refused, as are ``layer`` /
+    ``num_stages`` next to ``sites=`` (they only pick the default sites). ``strict`` (default True) applies to
+    artifacts: False applies one to a backbone whose fingerprint differs. Returns a handle whose
     ``remove()`` restores the model exactly; it also works as a context manager.
 
     Exit methods (``dyvte``) decide per sample when all its visual tokens leave; their budget is
@@ -59,6 +63,7 @@ def apply(
     place, removed again by ``remove()``), then the scorer.
     """
     adapter = adapt(model)
+    sites = _checked_sites(sites)
     default_budget: dict = {}
     lora_path = None
     expected_name = None
@@ -67,11 +72,16 @@ def apply(
     if isinstance(method, (str, os.PathLike)) and _looks_like_path(method):
         method = load_artifact(method)
         if expected_name is not None and method.method.name != expected_name:
-            raise ValueError(f"{method.path} holds a {method.method.name} artifact, not {expected_name}.")
+            held = method.method.name
+            raise ValueError(
+                f"{method.path} holds a {held} artifact (the 'method' field of its tokensift.json), not "
+                f"{expected_name}; write {held}:{method.path}."
+            )
+    from_artifact = isinstance(method, Artifact)
     if isinstance(method, Artifact):
         if options:
             raise ValueError(f"options {sorted(options)} do not apply to an exported artifact; retrain instead.")
-        _check_artifact_backbone(method, adapter.fingerprint(), strict)
+        _check_artifact_backbone(method, adapter.fingerprint(), strict is not False)
         default_budget = method.default_budget
         if method.manifest.get("adapter"):
             if method.path is None:
@@ -79,9 +89,22 @@ def apply(
             lora_path = method.path / method.manifest["adapter"]
         method = method.method
     elif isinstance(method, str):
+        _check_site_options(method, options, sites)
+        _refuse_untrained(method)
         method = build_method(method, options)
     elif not isinstance(method, TokenMethod):
         raise TypeError(f"method must be a name, an artifact path or a TokenMethod, got {type(method).__name__}")
+    elif options:
+        raise TypeError(
+            f"options {sorted(options)} configure a method given by name; {type(method).__name__} is already built "
+            f"and would ignore them: set them on its config ({type(method.config).__name__}(...)) or pass "
+            f"{method.name!r} with the options."
+        )
+    if strict is not None and not from_artifact:
+        raise ValueError(
+            f"strict={strict!r} checks an exported artifact's backbone fingerprint; {method.name} is not an artifact "
+            "(a method name or TokenMethod), so leave strict unset."
+        )
     if method.decides_exits:
         if keep_ratio is not None or keep_count is not None:
             raise ValueError(
@@ -130,6 +153,46 @@ def apply(
         raise
     handle.on_remove(lora_model.unload)
     return handle
+
+
+# options that only choose a method's default sites: ``sites=`` replaces those, so both together is a mistake
+_SITE_PICKING_OPTIONS = ("layer", "num_stages")
+
+
+def _check_site_options(name: str, options: dict, sites: list[str] | None) -> None:
+    if sites is None or not options:
+        return
+    known = {f.name for f in fields(get_method_class(name).config_class)}  # unknown ones: build_method names them
+    picked = [key for key in _SITE_PICKING_OPTIONS if key in options and key in known]
+    if picked:
+        key = picked[0]
+        raise ValueError(
+            f"{key}={options[key]!r} only picks {name}'s default sites and sites={list(sites)} replaces them, so "
+            f"{key} would be ignored: give sites= or {key}=, not both."
+        )
+
+
+def _checked_sites(sites) -> list[str] | None:
+    """``sites`` as a list of names, or a TypeError / ValueError naming the field (``None``: the default)."""
+    if sites is None:
+        return None
+    if isinstance(sites, str) or not isinstance(sites, (list, tuple)):
+        raise TypeError(f"sites must be a list of site names such as ['vit.1'] (or None), got {sites!r}.")
+    if not sites:
+        raise ValueError("sites=[] names no site; give at least one (e.g. ['vit.1']) or None for the default.")
+    wrong = [site for site in sites if not isinstance(site, str)]
+    if wrong:
+        raise TypeError(f"sites must be site names (str) such as 'vit.1' or 'llm.2', got {wrong!r} in {sites!r}.")
+    return list(sites)
+
+
+def _refuse_untrained(name: str) -> None:
+    """A learned method given by name has no trained weights: say how to get an artifact."""
+    if name in _methods() and get_method_class(name).kind == "learned":
+        raise ValueError(
+            f"{name} is a learned method: apply an exported artifact (ts.apply(model, 'path/to/artifact') or "
+            f"ts.load(path)), trained with `tokensift fit` and written by `tokensift export`, not the bare name."
+        )
 
 
 def _check_artifact_backbone(artifact: Artifact, fingerprint: dict, strict: bool) -> None:

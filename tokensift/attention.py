@@ -13,11 +13,18 @@ its attention function):
   method that scores with attention pays for them at that one layer only; the layer's output still
   comes from the base kernel.
 
-Without any of them, the call goes to the base implementation unchanged (SDPA, flash, ...), so ``keep_ratio=1``
-reproduces the unpruned model bit for bit.
+Without any of them (and, with ``capture``, for the layer's output), the call goes to exactly the function the
+model would have called: the registered kernel (SDPA, flash, ...) or, for ``eager``, the ``eager_attention_forward``
+of the attention module's own modeling file (transformers has no shared eager kernel; each model passes its own
+as the fallback of ``ALL_ATTENTION_FUNCTIONS.get_interface``). So ``keep_ratio=1`` reproduces the unpruned model
+bit for bit in every dtype: an eager kernel of our own, however close, rounds differently in bf16 / fp16.
 """
 
 from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -99,11 +106,44 @@ def policy_attention(
 
 
 def _eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' standard ``eager_attention_forward``, op for op (logits in the input dtype, softmax in float32):
+    the fallback for an attention module whose modeling file's own eager function cannot be found."""
     key, value = _repeat_kv(key, module), _repeat_kv(value, module)
-    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
-    probs = attention_probs(query, key, attention_mask, scaling, causal).to(query.dtype)
-    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+_MODEL_EAGER: dict[type, Callable] = {}
+
+
+def model_eager(module) -> Callable:
+    """The eager attention function ``module``'s own modeling file passes as ``get_interface``'s fallback.
+
+    Found by name among the globals that the attention class's ``forward`` reads (most models call it
+    ``eager_attention_forward``; a few ``simple_`` / ``vision_`` / ``text_eager_attention_forward``), which also
+    covers a subclass defined elsewhere that inherits ``forward``; else the module-level ``eager_attention_forward``
+    of the class's file; else transformers' standard one, re-implemented (``_eager``).
+    """
+    cls = type(module)
+    if cls not in _MODEL_EAGER:
+        _MODEL_EAGER[cls] = _find_model_eager(cls)
+    return _MODEL_EAGER[cls]
+
+
+def _find_model_eager(cls: type) -> Callable:
+    forward = inspect.unwrap(getattr(cls, "forward", None) or (lambda: None))
+    code, scope = getattr(forward, "__code__", None), getattr(forward, "__globals__", {})
+    if code is not None:
+        found = {scope[n] for n in code.co_names if n.endswith("eager_attention_forward") and callable(scope.get(n))}
+        if len(found) == 1:
+            return found.pop()
+    fallback = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+    return fallback if callable(fallback) else _eager
 
 
 CALL_ATTRIBUTE = "tokensift_call"
@@ -129,7 +169,7 @@ def _make(base: str):
             causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
             probs = attention_probs(query, _repeat_kv(key, module), attention_mask, scaling, causal)
             capture["attention"] = probs.detach()
-        fn = _eager if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+        fn = model_eager(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     tokensift_attention.__name__ = f"tokensift_attention_{base}"

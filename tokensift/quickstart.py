@@ -49,13 +49,26 @@ def fit_and_export(
     export(last, artifact, overwrite=True)
 
 
+def parse_seeds(seeds: str) -> list[int]:
+    """``"0,1,2"`` → ``[0, 1, 2]``; at least one seed, no repeats."""
+    try:
+        values = [int(part) for part in str(seeds).split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"scorer_seeds must be comma-separated integers, got {seeds!r}.") from None
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"scorer_seeds needs at least one seed and no repeats, got {seeds!r}.")
+    return values
+
+
 def quickstart(
     out: Path = Path("runs/quickstart"),
     recipe: Path = RECIPE,
     backbone_epochs: int = 4,
     backbone_train_samples: int = 16384,
     scorer_epochs: int | None = None,
+    scorer_seeds: str = "0,1,2",
     keep_ratios: str = "1,0.5,0.25,0.1",
+    sweep_sites: bool = True,
     bench_batch_size: int = 64,
     data_options: dict | None = None,
     backbone_options: dict | None = None,
@@ -68,13 +81,18 @@ def quickstart(
         backbone_epochs: epochs of the ViT trained from scratch (once; reused afterwards).
         backbone_train_samples: training canvases per backbone epoch.
         scorer_epochs: override the recipe's ``trainer.max_epochs``.
+        scorer_seeds: comma-separated seeds; one scorer is trained and benched per seed, so the learned row is
+            reported as mean ± spread over training runs, not one lucky draw.
         keep_ratios: comma-separated budgets to bench.
+        sweep_sites: also bench every training-free method at each ``vit.<i>`` and report it at its best site
+            (chosen on the validation split), as the learned scorer's sites were chosen for it.
         bench_batch_size: batch size of the bench (timings use one such batch).
         data_options: ``ClutteredDigitsDataModule`` arguments applied to every stage (e.g. a smaller canvas).
         backbone_options: ``BackboneClassifier`` arguments (width, depth, lr) of the ViT trained from scratch.
     """
     from tokensift.backbones.pretrain import REPORT, pretrain_backbone
     from tokensift.bench import run_bench
+    from tokensift.bench.seeds import markdown_tables, summarize_seeds
     from tokensift.data import ClutteredDigitsDataModule
 
     console = Console()
@@ -94,20 +112,42 @@ def quickstart(
     backbone_accuracy = json.loads((backbone / REPORT).read_text())["test_accuracy"]
     console.print(f"backbone unpruned test accuracy: {backbone_accuracy:.4f}")
 
-    artifact = out / "artifact"
-    fit_and_export(
-        console,
-        artifact,
-        "scorer artifact",
-        "2/4 train the dynamicvit scorer on the frozen backbone",
-        recipe,
-        f"--model.backbone={backbone}",
-        out / "scorer",
-        data_options,
-        scorer_epochs,
-    )
+    seeds = parse_seeds(scorer_seeds)
+    artifacts = []
+    for seed in seeds:
+        artifact = out / "artifacts" / f"seed{seed}"
+        fit_and_export(
+            console,
+            artifact,
+            f"scorer artifact (seed {seed})",
+            f"2/4 train the dynamicvit scorer on the frozen backbone (seed {seed})",
+            recipe,
+            f"--model.backbone={backbone}",
+            out / "scorer" / f"seed{seed}",
+            data_options,
+            scorer_epochs,
+            [f"--seed_everything={seed}"],
+        )
+        artifacts.append(artifact)
     console.rule("4/4 bench: learned vs training-free on the same frozen model")
-    methods = [f"dynamicvit:{artifact}", *TRAINING_FREE]
+    methods = [f"dynamicvit:{artifact}" for artifact in artifacts] + list(TRAINING_FREE)
     ratios = [float(r) for r in keep_ratios.split(",")]
     data = ClutteredDigitsDataModule(**(data_options | {"batch_size": bench_batch_size}))
-    return run_bench(model_dir=str(backbone), data=data, methods=methods, keep_ratios=ratios, out=out / "bench")
+    result = run_bench(
+        model_dir=str(backbone),
+        data=data,
+        methods=methods,
+        keep_ratios=ratios,
+        out=out / "bench",
+        sweep_sites=sweep_sites,
+    )
+    learned = [row["method"] for row in result["rows"] if row["kind"] == "learned"]
+    summary = summarize_seeds(result, {"dynamicvit (learned)": list(dict.fromkeys(learned))})
+    tables = markdown_tables(summary)
+    (out / "bench" / "summary.md").write_text(tables + "\n")
+    (out / "bench" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    console.rule(
+        f"summary: dynamicvit over {len(seeds)} scorer seeds (mean ± sd), the rest with 95% bootstrap intervals"
+    )
+    console.print(tables, markup=False, highlight=False)
+    return result | {"seed_summary": summary}

@@ -34,7 +34,7 @@ def quickstart_vqa(
     out: Path = Path("runs/vqa"),
     recipe: Path = RECIPE,
     family: str = "llava",
-    train_samples: int = 64000,
+    train_samples: int = 65536,
     backbone_epochs: int = 1,
     text_layers: int = 3,
     router_epochs: int | None = 1,
@@ -52,8 +52,8 @@ def quickstart_vqa(
         out: working directory (the model in ``<family>/``, ``routers/``, ``dyvte_artifact/``, ``bench/``).
         recipe: the routers' LightningCLI recipe.
         family: ``llava`` or ``qwen2_vl``.
-        train_samples: training questions of the MLLM (one epoch of 64,000 at batch 32: about 10 minutes on
-            2 cores).
+        train_samples: training questions of the MLLM (one epoch of 65,536 at batch 32, ``pretrain_mllm``'s
+            recipe on one thread: about 7 minutes on a quiet core).
         backbone_epochs: passes over them.
         text_layers: decoder layers of the LM (routers sit before layers 1 .. text_layers-1).
         router_epochs: override the recipe's ``trainer.max_epochs`` (``None`` keeps it; 1 keeps the demo short).

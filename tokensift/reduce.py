@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from tokensift import attention as attn
 from tokensift.backbones.vision import VisionAdapter
 from tokensift.budget import Budget
-from tokensift.scorers.base import TokenMethod
-from tokensift.state import TokenState
+from tokensift.scorers.base import TokenMethod, check_site_input
+from tokensift.state import SampleCounter, TokenState, checked_samples
 
 Mode = Literal["gather", "mask"]
 
@@ -36,6 +36,10 @@ class SiteRecord:
     keep_fraction: Tensor  # [B] prunable tokens kept / prunable tokens in the unpruned input
     target: float  # the budget's cumulative keep fraction at this site
     hidden: Tensor | None = None  # gather mode: the survivors' hidden states right after the site
+    protected: Tensor | None = None  # mask mode: [B, N] bool, [CLS] / registers (never pruned, not patches)
+    # mask mode: the method kept exactly the budget's count (as at inference), so the kept fraction is no
+    # function of the scorer and the objective has no budget term to train
+    exact_count: bool = False
 
 
 @dataclass
@@ -51,6 +55,8 @@ class _Run:
     merged: bool = False  # some token stands for several: later blocks need ToMe's size bias
     capture: dict | None = None
     records: list[SiteRecord] = field(default_factory=list)
+    sample_index: Tensor | None = None  # [B] what set_samples named, else the handle's running count
+    draw: tuple[int, ...] = ()
 
 
 class PruningHandle:
@@ -93,6 +99,8 @@ class PruningHandle:
         self._hooks.append(adapter.final_token_module.register_forward_hook(self._pool_kept_only))
         self.model = adapter.model
         self._on_remove: list[Callable[[], object]] = []
+        self._samples = SampleCounter()  # rows of forwards without set_samples, numbered in arrival order
+        self._next_samples: tuple[Tensor | None, tuple[int, ...]] | None = None
 
     # -- public ---------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -121,6 +129,17 @@ class PruningHandle:
         budget.counts(self.sites, self.adapter.num_patches())  # fail now, not in the next forward's hooks
         self.budget = budget
 
+    def set_samples(self, index: Tensor | None, draw: int | tuple[int, ...] = ()) -> None:
+        """Name the rows of the next forward pass: ``index`` ``[B]``, each row's dataset index (``batch["index"]``
+        of the tokensift data modules); ``draw`` tells draws of the same samples apart (a trainer: (seed, step)).
+
+        Methods that draw noise (``random``, ``dynamicvit`` in training, the benchmark's oracle) make each
+        sample's draw a function of (their seed, ``index``, ``draw``): a sample keeps its draw in any batch, at
+        any batch size and on any rank. Applies to the next forward pass only; without it the rows are numbered
+        in arrival order since the handle was made (``index=None`` with a ``draw`` keeps that numbering).
+        """
+        self._next_samples = checked_samples(index, draw)
+
     def site_counts(self, num_prunable: int | None = None) -> dict[str, int]:
         """Prunable tokens kept after each site for the current budget."""
         n = num_prunable or self.adapter.num_patches()
@@ -138,7 +157,10 @@ class PruningHandle:
             self._run = None
             return None
         pixel_values = kwargs.get("pixel_values", args[0] if args else None)
+        _check_pixel_values(pixel_values, self.adapter.config, bool(kwargs.get("interpolate_pos_encoding")))
         self._run = _Run(grid=self.adapter.grid_for(pixel_values))
+        self._run.sample_index, self._run.draw = self._next_samples or (None, ())
+        self._next_samples = None
         self.last_records = self._run.records
         return None
 
@@ -150,6 +172,14 @@ class PruningHandle:
         run.protected = run.orig_index < run.num_prefix
         run.size = torch.ones(b, n, device=hidden.device, dtype=torch.float32)
         run.counts = self.budget.counts(self.sites, run.num_prunable)
+        if run.sample_index is None:
+            run.sample_index = self._samples.take(b, hidden.device)
+        elif run.sample_index.shape[0] != b:
+            raise ValueError(
+                f"set_samples named {run.sample_index.shape[0]} samples but the forward pass has {b} rows; "
+                "give one index per row of the batch."
+            )
+        run.sample_index = run.sample_index.to(hidden.device)
 
     def _before_layer(self, index: int):
         attention_module = self.adapter.attention_modules[index]
@@ -207,11 +237,16 @@ class PruningHandle:
                 attention=capture.get("attention"),
                 keys=capture.get("keys"),
                 keep_target=torch.full((hidden.shape[0],), target, device=hidden.device),
+                sample_index=run.sample_index,
+                draw=run.draw,
             )
+            check_site_input(state.hidden, state.alive, self.method.name, site)
             if self.mode == "mask":
                 run.policy = self.method.keep_policy(state, count)
                 kept = (run.policy * (~run.protected).float()).sum(1)
-                run.records.append(SiteRecord(site, None, run.policy, kept / run.num_prunable, target))
+                exact = self.method.keeps_budget_count
+                record = SiteRecord(site, None, run.policy, kept / run.num_prunable, target, None, run.protected, exact)
+                run.records.append(record)
                 return None
             reduced = self.method.reduce(state, count)
             run.protected, run.orig_index, run.size = reduced.protected, reduced.orig_index, reduced.size
@@ -257,3 +292,23 @@ def _attention_mask(args: tuple, kwargs: dict) -> Tensor | None:
 
 
 __all__ = ["Mode", "PruningHandle", "SiteRecord"]
+
+
+def _check_pixel_values(pixel_values, config, interpolate: bool) -> None:
+    """A ValueError naming ``pixel_values`` when it is not ``[batch, channels, height, width]`` of the model's
+    channel count and (unless ``interpolate_pos_encoding=True``) its image size."""
+    channels, size = getattr(config, "num_channels", None), getattr(config, "image_size", None)
+    expected = f"[batch, {channels}, {size}, {size}]"
+    if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
+        raise ValueError(f"pixel_values must be a tensor {expected} for this model, got {shape}.")
+    if channels is not None and pixel_values.shape[1] != channels:
+        raise ValueError(
+            f"pixel_values has {pixel_values.shape[1]} channels (shape {tuple(pixel_values.shape)}); this model "
+            f"takes {channels}: {expected}."
+        )
+    if size is not None and not interpolate and tuple(pixel_values.shape[-2:]) != (size, size):
+        raise ValueError(
+            f"pixel_values is {pixel_values.shape[-2]}x{pixel_values.shape[-1]} px; this model takes {size}x{size}: "
+            f"{expected} (resize the images, or pass interpolate_pos_encoding=True where the model supports it)."
+        )

@@ -37,8 +37,8 @@ from tokensift.backbones.mllm import TEXT, MLLMAdapter, Site, TowerCall
 from tokensift.budget import Budget
 from tokensift.reduce import PruningHandle
 from tokensift.reduce_packed import PackedTowerHandle
-from tokensift.scorers.base import TokenMethod
-from tokensift.state import TokenState
+from tokensift.scorers.base import TokenMethod, check_site_input
+from tokensift.state import SampleCounter, TokenState, checked_samples
 
 HANDLE_ATTRIBUTE = "_tokensift_handle"
 
@@ -93,6 +93,9 @@ class _Run:
     new_mask: Tensor | None = None  # decoding: the 2-D mask of the tokens appended after the prefill
     masks: dict[int, Any] = field(default_factory=dict)  # layout index -> mask of this forward pass
     records: list[MLLMSiteRecord] = field(default_factory=list)
+    sample_index: Tensor | None = None  # [B] each row's sample (set_samples, else the running count; beams share)
+    draw: tuple[int, ...] = ()
+    position: Tensor | None = None  # [B, L] each token's position in its sample's own sequence (padding not counted)
 
     def layout_of(self, layer: int) -> int:
         return max(i for i, layout in enumerate(self.layouts) if layout.start_layer <= layer)
@@ -130,7 +133,16 @@ class MLLMPruningHandle:
         self.model = adapter.model
         self.family = adapter.family
         names = list(sites or method.config.sites or method.default_sites(adapter))
-        parsed = sorted((adapter.parse_site(name) for name in names), key=lambda s: s.depth)
+        try:
+            parsed = sorted((adapter.parse_site(name) for name in names), key=lambda s: s.depth)
+        except ValueError as error:
+            if sites or method.config.sites:
+                raise
+            option = " (its layer option)" if hasattr(method.config, "layer") else ""
+            raise ValueError(
+                f"{method.name}'s default sites {names}{option} do not fit this model: {error} Pass sites=[...] "
+                "(or the method's layer=) within that range."
+            ) from error
         if len({s.name for s in parsed}) != len(parsed):
             raise ValueError(f"sites must be distinct, got {names}")
         for site in parsed:
@@ -163,6 +175,8 @@ class MLLMPruningHandle:
         # forward pass and is cleared only when the tower runs again after a prefill used it
         self._tower_calls: list[TowerCall] = []
         self._tower_used = False
+        self._samples = SampleCounter()  # rows of prefills without set_samples, numbered in arrival order
+        self._next_samples: tuple[Tensor | None, tuple[int, ...]] | None = None
         self._hooks: list = []
         self._restore_attn: list[tuple[nn.Module, str]] = []
         self._forward_signature = inspect.signature(self.model.forward)
@@ -260,6 +274,15 @@ class MLLMPruningHandle:
         if self._vision_handle is not None:
             self._vision_handle.budget = budget
 
+    def set_samples(self, index: Tensor | None, draw: int | tuple[int, ...] = ()) -> None:
+        """Name the samples of the next prefill: ``index`` ``[B]``, each sample's dataset index (``batch["index"]``).
+
+        As ``PruningHandle.set_samples``: methods that draw noise (``random``, the benchmark's oracle) make each
+        sample's draw a function of (seed, index, ``draw``), whatever batch it is in; ``generate()``'s copies of a
+        sample (beams) share it. Applies to the next prefill only; without it samples are numbered in arrival order.
+        """
+        self._next_samples = checked_samples(index, draw)
+
     def site_counts(self, num_visual: int) -> dict[str, int]:
         """Visual tokens kept after each site, for a sample with ``num_visual`` of them."""
         return self.budget.counts(self.sites, num_visual)
@@ -322,6 +345,14 @@ class MLLMPruningHandle:
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         tokens = self.family.encoded_tokens(self.model, args, kwargs)
         self._tower_calls.append(TowerCall(grid_thw=grid, tokens=tokens, attention=[], keys=[]))
+        pixel_values = kwargs.get("pixel_values", args[0] if args else None)
+        index = self._next_samples[0] if self._next_samples is not None else None
+        if isinstance(self._vision_handle, PackedTowerHandle):  # one grid row per image
+            rows = None if grid is None else grid.shape[0]
+        else:  # one pixel row per image
+            rows = None if pixel_values is None else pixel_values.shape[0]
+        if self._vision_handle is not None and index is not None and rows == index.shape[0]:  # draws follow samples
+            self._vision_handle.set_samples(*self._next_samples)
 
     def _capture_tower_block(self, module: nn.Module, args: tuple):
         attention_module = self.family.tower_attention(module)
@@ -370,6 +401,7 @@ class MLLMPruningHandle:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             return None
+        samples, self._next_samples = self._next_samples or (None, ()), None
         self.last_num_text = self.last_num_visual = None
         kinds = self.family.token_kinds(self.model, inputs).to(embeds.device)
         if not bool((kinds != TEXT).any()):
@@ -387,6 +419,7 @@ class MLLMPruningHandle:
         valid = torch.ones_like(kinds, dtype=torch.bool) if mask is None else mask.bool()
         calls = self._tower_calls
         repeat = _row_repeat(kinds, calls)
+        sample_index, draw = self._sample_rows(samples, batch, repeat, kinds.device)  # every visual prefill counts
         if repeat > 1:  # the grids in the inputs, if any, were repeated too; the tower calls' are per sample
             inputs = {k: v for k, v in inputs.items() if k not in ("image_grid_thw", "video_grid_thw")}
         image_id, coords = (
@@ -409,6 +442,8 @@ class MLLMPruningHandle:
         layout = _Layout(0, torch.arange(length, device=kinds.device).expand(batch, -1), valid)
         run = _Run(batch, length, kinds, image_id, coords, num_visual, counts, active, cache, [layout])
         self._run, self.last_records = run, run.records
+        run.sample_index, run.draw = sample_index, draw
+        run.position = valid.long().cumsum(1) - 1
         if self.method.needs_tower_attention and calls:
             run.tower_scores, run.tower_keys = (
                 t.repeat_interleave(repeat, dim=0)
@@ -439,6 +474,21 @@ class MLLMPruningHandle:
         kwargs["attention_mask"] = new_layout.slot_valid.long()
         kwargs["position_ids"] = _gather_last(position_ids, new_layout.slot_orig, batch)
         return (), kwargs
+
+    def _sample_rows(self, samples: tuple, batch: int, repeat: int, device) -> tuple[Tensor, tuple[int, ...]]:
+        """``[B]`` sample index of each row: what ``set_samples`` named, else the running count; a sample's
+        ``generate()`` copies (beams, ``repeat`` rows each) share one."""
+        index, draw = samples
+        if index is None:
+            index = self._samples.take(batch // repeat)
+        if index.shape[0] == batch // repeat and repeat > 1:
+            index = index.repeat_interleave(repeat)
+        if index.shape[0] != batch:
+            raise ValueError(
+                f"set_samples named {index.shape[0]} samples but the prefill has {batch} rows"
+                f"{f' ({batch // repeat} samples x {repeat} copies)' if repeat > 1 else ''}; give one index per sample."
+            )
+        return index.to(device), draw
 
     def _tower_keep(self, inputs: dict, calls: list[TowerCall], kinds: Tensor) -> Tensor | None:
         """vit sites: ``[B, L]`` bool, the tokens the tower left (text included); ``None`` when it dropped none."""
@@ -490,6 +540,10 @@ class MLLMPruningHandle:
         for layout in run.layouts:
             layout.rotary, layout.position_ids = None, None  # prefill-only; decoding computes its own
         last = run.layouts[-1]
+        if last.slot_orig.shape[1] == run.length and bool((last.slot_orig == _identity(last.slot_orig)).all()):
+            # nothing was dropped (an exit method that let every sample keep its tokens): the output is already the
+            # unpruned model's, padding slots included, which the scatter below would zero
+            return None
         hidden = output.last_hidden_state
         full = hidden.new_zeros(run.batch, run.length, hidden.shape[-1])
         rows = torch.arange(run.batch, device=hidden.device).unsqueeze(1).expand_as(last.slot_orig)
@@ -545,6 +599,16 @@ class MLLMPruningHandle:
     def _prune_in_llm(self, run: _Run, site: Site, hidden: Tensor, kwargs: dict) -> Tensor:
         current = run.layouts[-1]
         state = self._state(run, site, hidden, current)
+        rotary = kwargs.get("position_embeddings") if current.start_layer == 0 else current.rotary
+        if self.method.needs_query_attention:
+            state.query_attention = self._last_query_attention(site.index, state, rotary)
+        if state.keys is not None and rotary is not None:  # layer k-1's keys as its attention uses them (DART)
+            head_dim = self.adapter.attention_modules[site.index - 1].head_dim
+            keys = state.keys.view(*state.keys.shape[:2], -1, head_dim).transpose(1, 2)
+            cos, sin = (t.expand(keys.shape[0], -1, -1) for t in rotary)
+            state.keys = _rotate(keys, cos, sin).transpose(1, 2).flatten(2)
+        if self.method.needs_final_norm:
+            state.normed_hidden = self.adapter.language_model.norm(hidden)
         keep, new_hidden = self._select(state, run.counts[site.name])
         run.capture, run.keys = None, None
         layout, source = _relayout(current, keep, start_layer=site.index)
@@ -559,6 +623,33 @@ class MLLMPruningHandle:
         gathered = _gather_tokens(new_hidden, source)
         self._record(run, site.name, layout, run.counts[site.name], gathered)
         return gathered
+
+    def _last_query_attention(self, index: int, state: TokenState, rotary: tuple[Tensor, Tensor]) -> Tensor:
+        """``[B, H, N]``: the attention each sample's last text token pays the slots in decoder layer ``index``.
+
+        Layer ``index``'s own input norm, query / key projections (grouped-query heads shared) and rotary
+        embedding on its input ``state.hidden``; keys after the query or in padding slots are masked.
+        Only that one query row is computed, in float32.
+        """
+        layer, attention = self.adapter.layers[index], self.adapter.attention_modules[index]
+        hidden = layer.input_layernorm(state.hidden)
+        batch, slots, _ = hidden.shape
+        head_dim = attention.head_dim
+        rows = torch.arange(batch, device=hidden.device)
+        text = state.protected & state.valid
+        last = torch.where(text, torch.arange(slots, device=hidden.device), -1).amax(dim=1).clamp(min=0)
+        query = attention.q_proj(hidden[rows, last].unsqueeze(1)).view(batch, 1, -1, head_dim).transpose(1, 2)
+        keys = attention.k_proj(hidden).view(batch, slots, -1, head_dim).transpose(1, 2)
+        if hasattr(attention, "q_norm"):  # models with per-head q / k norms (Qwen3) apply them before RoPE
+            query, keys = attention.q_norm(query), attention.k_norm(keys)
+        cos, sin = (t.expand(batch, -1, -1) for t in rotary)
+        query = _rotate(query, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1))
+        keys = _rotate(keys, cos, sin)
+        keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)  # grouped-query attention
+        scaling = getattr(attention, "scaling", head_dim**-0.5)
+        logits = (query.float() @ keys.float().transpose(-1, -2)).squeeze(2) * scaling  # [B, H, N]
+        allowed = state.valid & (torch.arange(slots, device=hidden.device) <= last.unsqueeze(1))
+        return logits.masked_fill(~allowed.unsqueeze(1), float("-inf")).softmax(dim=-1)
 
     def _layout_mask(self, run: _Run, layout: _Layout, hidden: Tensor, cache):
         mask_2d = layout.slot_valid if run.prefill else torch.cat([layout.slot_valid, run.new_mask], dim=1)
@@ -601,9 +692,13 @@ class MLLMPruningHandle:
             tower_keys=None if run.tower_keys is None else _gather_tokens(run.tower_keys, index),
             text_mean=(hidden * text_weights).sum(1) / text_weights.sum(1).clamp(min=1),
             text_last=hidden[torch.arange(hidden.shape[0], device=hidden.device), last_text],
+            sample_index=run.sample_index,
+            draw=run.draw,
+            token_key=run.position.gather(1, index),
         )
 
     def _select(self, state: TokenState, num_keep: Tensor) -> tuple[Tensor, Tensor]:
+        check_site_input(state.hidden, state.valid, self.method.name, state.site)
         keep, hidden = self.method.reduce_tokens(state, num_keep)
         if keep.shape != state.valid.shape or keep.dtype != torch.bool:
             raise ValueError(
@@ -619,6 +714,13 @@ class MLLMPruningHandle:
 
 
 # -- layout arithmetic ----------------------------------------------------------------------------------
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of ``x`` ``[B, H, L, d]`` by the model's ``cos`` / ``sin`` ``[B, L, d]`` (rotate-half form)."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 def _cache_length(cache) -> int:
@@ -683,6 +785,11 @@ def _gather_tokens(values: Tensor, index: Tensor) -> Tensor:
     """``values[b, index[b, j]]`` for ``[B, N, D]`` values; padding slots (index -1) read token 0."""
     index = index.clamp(min=0)
     return values.gather(1, index.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
+
+
+def _identity(slot_orig: Tensor) -> Tensor:
+    """The slot indices of the unpruned input's own layout (every slot, padding included, is its own token)."""
+    return torch.arange(slot_orig.shape[1], device=slot_orig.device).expand_as(slot_orig)
 
 
 def _gather_last(values: Tensor, index: Tensor, batch: int) -> Tensor:

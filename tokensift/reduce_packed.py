@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from tokensift.backbones.mllm import IMAGE, VIDEO
 from tokensift.budget import Budget
-from tokensift.scorers.base import TokenMethod
-from tokensift.state import TokenState
+from tokensift.scorers.base import TokenMethod, check_site_input
+from tokensift.state import SampleCounter, TokenState, checked_samples
 
 
 @dataclass
@@ -39,6 +39,8 @@ class _TowerRun:
     rotary: tuple[Tensor, Tensor] | None = None  # the unpruned (cos, sin) of every patch
     patch_index: Tensor | None = None  # [N'] original index of each patch left; None: nothing dropped yet
     cu_seqlens: Tensor | None = None
+    sample_index: Tensor | None = None  # [images] whose draw each image's random choices are
+    draw: tuple[int, ...] = ()
 
 
 class PackedTowerHandle:
@@ -73,6 +75,8 @@ class PackedTowerHandle:
         self.enabled = True
         self._on_kept = on_kept
         self._run: _TowerRun | None = None
+        self._samples = SampleCounter()  # images of calls without set_samples, numbered in arrival order
+        self._next_samples: tuple[Tensor | None, tuple[int, ...]] | None = None
         site_blocks = {int(site.split(".")[1]): site for site in self.sites}
         self._hooks = [tower.register_forward_pre_hook(self._start, with_kwargs=True)]
         for index, block in enumerate(blocks):
@@ -80,6 +84,10 @@ class PackedTowerHandle:
             if index in site_blocks:
                 self._hooks.append(block.register_forward_hook(self._prune_after(site_blocks[index], index)))
         self._hooks.append(merger.register_forward_hook(self._expand))
+
+    def set_samples(self, index: Tensor | None, draw: int | tuple[int, ...] = ()) -> None:
+        """Name the images of the next tower call (one per sample): their random draws follow the sample."""
+        self._next_samples = checked_samples(index, draw)
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -90,7 +98,13 @@ class PackedTowerHandle:
     # -- hooks --------------------------------------------------------------------------------------
     def _start(self, module: nn.Module, args: tuple, kwargs: dict):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        samples, self._next_samples = self._next_samples, None
         self._run = None if not self.enabled or grid is None else self._new_run(grid)
+        if self._run is not None:
+            index, draw = samples or (None, ())
+            if index is None or index.numel() != len(self._run.grids):
+                index = self._samples.take(len(self._run.grids), grid.device)
+            self._run.sample_index, self._run.draw = index.to(grid.device), draw
 
     def _new_run(self, grid_thw: Tensor) -> _TowerRun:
         m = self.merge_size
@@ -152,6 +166,7 @@ class PackedTowerHandle:
         if bool((num_keep >= torch.bincount(image, minlength=len(run.grids))).all()):
             return None  # this budget drops nothing here
         state, slot = self._state(run, site, layer, hidden, groups, image, num_keep / original.clamp(min=1))
+        check_site_input(state.hidden, state.valid, self.method.name, site)
         keep = self.method.select_tokens(state, num_keep) & state.valid
         keep_patch = keep[image, slot].repeat_interleave(g)
         run.patch_index = patch_index[keep_patch]
@@ -203,6 +218,8 @@ class PackedTowerHandle:
             kind=kind.unsqueeze(1).expand(-1, width).masked_fill(~valid, 0),
             image_id=image_id.masked_fill(~valid, -1),
             coords=coords,
+            sample_index=run.sample_index,
+            draw=run.draw,
         )
         return state, slot
 

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from tokensift.backbones.vision import _VOLATILE_CONFIG_KEYS, VisionAdapter
+from tokensift.backbones.vision import _VOLATILE_CONFIG_KEYS, FINGERPRINT_VERSION, VisionAdapter, weights_fingerprint
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
 _VIT_SITE = re.compile(r"^vit\.(-?\d+)$")
@@ -459,8 +459,8 @@ class MLLMAdapter:
             if isinstance(cfg.get(sub), dict):
                 cfg[sub] = {k: v for k, v in cfg[sub].items() if k not in _VOLATILE_CONFIG_KEYS}
         config_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        embedding = self.language_model.get_input_embeddings().weight
-        digest = hashlib.sha256(embedding.detach()[:64].float().cpu().numpy().tobytes()).hexdigest()[:16]
+        # every parameter: tower, projector and language model (see weights_fingerprint); taken before LoRA
+        digest, groups = weights_fingerprint(self.model)
         return {
             "model_class": type(self.model).__name__,
             "model_type": self.config.model_type,
@@ -469,4 +469,6 @@ class MLLMAdapter:
             "num_attention_heads": int(self.text_config.num_attention_heads),
             "config_hash": config_hash,
             "weights_digest": digest,
+            "weights_groups": groups,
+            "fingerprint_version": FINGERPRINT_VERSION,
         }

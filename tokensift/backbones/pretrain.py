@@ -16,7 +16,7 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import ViTConfig, ViTForImageClassification
 
-from tokensift.io import atomic_directory
+from tokensift.io import atomic_directory, check_replaceable
 from tokensift.trainer.schedule import warmup_cosine
 
 REPORT = "tokensift_backbone.json"  # what the recipe measured, beside the weights
@@ -87,10 +87,14 @@ def pretrain_backbone(
 ) -> tuple[Path, float]:
     """Train a ViT on ``data`` and ``save_pretrained`` it to ``out_dir`` (atomically).
 
+    ``out_dir`` must be absent, empty, or an earlier output of this function (it holds ``tokensift_backbone.json``);
+    any other directory is refused before training, so its files are never deleted.
+
     The ViT's geometry follows the data module (``image_size``, ``patch_size``, ``num_channels``,
     ``num_classes``). Returns the directory and the unpruned test accuracy.
     """
     out = Path(out_dir)
+    check_replaceable(out, REPORT, "trained backbone")  # refuse a wrong path before training, not after
     L.seed_everything(seed, workers=True)  # the demo's backbone is the same on every fresh run
     geometry = {
         "image_size": data.image_size,
@@ -107,7 +111,7 @@ def pretrain_backbone(
     )
     trainer.fit(module, datamodule=data)
     accuracy = float(trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"])
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, REPORT, "trained backbone") as tmp:
         module.model.save_pretrained(tmp)
         (tmp / REPORT).write_text(json.dumps({"test_accuracy": accuracy, "max_epochs": max_epochs}, indent=2))
     return out, accuracy

@@ -38,7 +38,7 @@ import torch
 
 from tokensift.bench.vqa import answer_accuracy, mllm_inputs
 from tokensift.data.digit_vqa import IGNORE_INDEX, DigitVQA, DigitVQADataModule, build_image_processor
-from tokensift.io import atomic_directory
+from tokensift.io import atomic_directory, check_replaceable
 from tokensift.trainer.schedule import warmup_cosine
 
 __all__ = [
@@ -362,13 +362,15 @@ def pretrain_mllm(
     seed: int = 0,
     family: str = "llava",
     eval_batch_size: int = 128,
+    torch_threads: int | None = 1,
     **model_kwargs,
 ) -> tuple[Path, float]:
     """Train a tiny ``family`` MLLM on ``data``'s train split and ``save_pretrained`` it to ``out_dir``.
 
     Args:
         out_dir: written atomically: model weights and config, the processor (tokenizer + image processor)
-            and ``tokensift_mllm.json``.
+            and ``tokensift_mllm.json``. It must be absent, empty, or an earlier output of this function (it holds
+            ``tokensift_mllm.json``); any other directory is refused before training.
         data: the digit-VQA data module (its geometry and vocabulary shape the model).
         max_epochs: passes over ``data``'s train split (the default data module's 65,536 samples at batch
             32 make one pass 2,048 steps).
@@ -376,6 +378,9 @@ def pretrain_mllm(
         seed: seeds weights, data order and dropout; the same seed and data give the same model.
         family: ``llava`` or ``qwen2_vl``.
         eval_batch_size: batch size of the final test evaluation.
+        torch_threads: intra-op threads while training and evaluating (restored afterwards). Float sums split
+            over a different number of threads round differently, so the weights are bit-reproducible only at
+            a fixed count: 1 by default (``None`` keeps the process's setting).
         **model_kwargs: :func:`build_mllm` sizes and :class:`MLLMPretrainer` ``lr`` / ``weight_decay`` /
             ``warmup_fraction`` / ``alignment_loss_weight``.
 
@@ -384,6 +389,17 @@ def pretrain_mllm(
     """
     _check_family(family)
     out = Path(out_dir)
+    check_replaceable(out, REPORT, "trained MLLM")  # refuse a wrong path before training, not after
+    threads_before = torch.get_num_threads()
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    try:
+        return _pretrain(out, data, max_epochs, trainer_kwargs, seed, family, eval_batch_size, model_kwargs)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _pretrain(out, data, max_epochs, trainer_kwargs, seed, family, eval_batch_size, model_kwargs):
     L.seed_everything(seed, workers=True)
     module = MLLMPretrainer(family, data, **model_kwargs)
     trainer = L.Trainer(
@@ -419,7 +435,7 @@ def pretrain_mllm(
         "data": {key: list(v) if isinstance(v, tuple) else v for key, v in dict(data.hparams).items()},
         "torch_threads": torch.get_num_threads(),
     }
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, REPORT, "trained MLLM") as tmp:
         model.save_pretrained(tmp)
         _save_input_pipeline(family, data, tmp)
         (tmp / REPORT).write_text(json.dumps(report, indent=2))

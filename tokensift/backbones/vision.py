@@ -37,6 +37,39 @@ _VOLATILE_CONFIG_KEYS = {
 }
 
 
+FINGERPRINT_VERSION = 2  # 1: a hash of the patch embedding only (vision) / 64 embedding rows (MLLM)
+_SAMPLES_PER_TENSOR = 256
+
+
+def weights_fingerprint(module: nn.Module) -> tuple[str, dict[str, str]]:
+    """A digest of every parameter of ``module``, overall and per group (block), cheap on any model size.
+
+    Each tensor contributes its name, shape, dtype and a fixed strided sample of ``_SAMPLES_PER_TENSOR``
+    values (every value of a smaller tensor), so a different layer anywhere changes the digest while a 7B
+    model costs a few hundred small gathers. A group is the name up to its first block index
+    (``encoder.layer.3``), else the parameter's module (``embeddings.patch_embeddings.projection``).
+    """
+    overall = hashlib.sha256()
+    groups: dict[str, hashlib._Hash] = {}
+    for name, param in sorted(module.named_parameters(), key=lambda item: item[0]):
+        tensor = param.detach()
+        flat = tensor.reshape(-1)
+        stride = max(1, -(-flat.numel() // _SAMPLES_PER_TENSOR))
+        sample = flat[::stride].to("cpu", torch.float32).numpy().tobytes()
+        record = f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode() + sample
+        overall.update(record)
+        groups.setdefault(_weight_group(name), hashlib.sha256()).update(record)
+    return overall.hexdigest()[:16], {group: digest.hexdigest()[:12] for group, digest in groups.items()}
+
+
+def _weight_group(name: str) -> str:
+    parts = name.split(".")
+    for index, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: index + 1])
+    return ".".join(parts[:-1]) or name
+
+
 @dataclass
 class _Family:
     tower_types: tuple[str, ...]
@@ -151,13 +184,15 @@ class VisionAdapter:
 
     # -- identity -------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
-        """What an artifact records of the backbone it was trained on, to refuse a different one."""
+        """What an artifact records of the backbone it was trained on, to refuse a different one.
+
+        Take it before LoRA layers are injected or ZeRO-3 partitions the parameters: both change what
+        ``named_parameters`` shows (the trainers take it at construction).
+        """
         cfg = {k: v for k, v in self.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
         config_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        patch_weight = next(
-            p for n, p in self.tower.named_parameters() if "patch_embedding" in n and n.endswith("weight")
-        )
-        digest = hashlib.sha256(patch_weight.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+        # every tower parameter (the head never changes what a scorer sees): see weights_fingerprint
+        digest, groups = weights_fingerprint(self.tower)
         return {
             "model_class": type(self.model).__name__,
             "model_type": self.config.model_type,
@@ -168,6 +203,8 @@ class VisionAdapter:
             "patch_size": self.patch_size,
             "config_hash": config_hash,
             "weights_digest": digest,
+            "weights_groups": groups,
+            "fingerprint_version": FINGERPRINT_VERSION,
         }
 
 

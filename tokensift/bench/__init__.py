@@ -13,13 +13,26 @@ A LLaVA / Qwen2-VL folder as ``--model`` benches multimodal LLM methods on a VQA
     tokensift bench --model runs/vqa/llava --data configs/dyvte_digit_vqa.yaml \
         --methods fastv,pyramiddrop,visionzip,dart,d2pruner,divprune,random,dyvte:runs/vqa/dyvte_artifact \
         --keep-ratios 1,0.5,0.25,0.1 --out runs/vqa/bench
+
+Every accuracy carries a 95% percentile-bootstrap interval; ``--flops_ratios`` gives each method's accuracy at
+equal FLOPs (:mod:`tokensift.bench.stats`); ``--sweep_sites true`` runs the training-free methods at every
+``vit.<i>`` site and picks each one's site on the validation split (:mod:`tokensift.bench.sweep`).
 """
 
 from __future__ import annotations
 
 from tokensift.bench.flops import backbone_flops, pruned_flops, scorer_flops, tokens_per_layer
 from tokensift.bench.oracle import OracleMethod
+from tokensift.bench.results import COMPARISON_FIELDS, MATCHED_FIELDS, SWEEP_FIELDS
 from tokensift.bench.runner import FIELDS, parse_keep_ratios, parse_methods, resolve_datamodule, run_bench
+from tokensift.bench.stats import (
+    Bootstrap,
+    CurvePoint,
+    accuracy_at_flops,
+    accuracy_interval,
+    interpolate_at,
+    paired_difference,
+)
 
 
 def bench(
@@ -37,13 +50,20 @@ def bench(
     device: str = "cpu",
     num_threads: int | None = None,
     thresholds: str | None = None,
+    flops_ratios: str | None = "0.4,0.5,0.6,0.7,0.8",
+    bootstrap_resamples: int = 1000,
+    bootstrap_seed: int = 0,
+    sweep_sites: bool | str = False,
 ) -> dict:
     """Benchmark token methods × keep ratios on a data module's test split.
 
     The model is an image classifier (ViT / CLIP / SigLIP) or a LLaVA / Qwen2-VL multimodal LLM (then the data is
     a VQA data module such as tokensift.data.DigitVQADataModule, and accuracy is answer accuracy).
 
-    Writes results.json, results.csv, pareto.png and overlays.png to ``out`` and prints a table.
+    Writes results.json, results.csv, matched_flops.csv, pareto.png and overlays.png (and site_sweep.csv with
+    --sweep_sites) to ``out`` and prints the tables. Every accuracy comes with a 95% bootstrap interval
+    (accuracy_low, accuracy_high); learned methods are compared with the best training-free one at equal keep
+    ratio and at equal FLOPs ratio by a paired bootstrap (``comparisons`` in results.json).
 
     Args:
         model: a save_pretrained directory of the frozen classifier (the backbone the scorers were trained on).
@@ -65,6 +85,14 @@ def bench(
         num_threads: torch intra-op threads for the run (default: leave torch's setting).
         thresholds: MLLM exit methods (dyvte) only: comma-separated exit thresholds in [0, 1], one row each
             (1 never exits); default: the keep ratios read as thresholds.
+        flops_ratios: comma-separated target FLOPs ratios: each method's accuracy there, linear between the two
+            budgets that bracket it (none outside its range), in matched_flops.csv and on the Pareto plot;
+            null: no equal-cost table.
+        bootstrap_resamples: resamples of the test samples behind every 95% interval (percentile bootstrap).
+        bootstrap_seed: seed of those resamples.
+        sweep_sites: image classifiers: true runs each training-free method at every vit.<i> site (or a
+            comma-separated list, e.g. vit.2,vit.3), picks per keep ratio the site with the best accuracy on the
+            data's validation split and adds a <method>@best_site row; per-site accuracies in site_sweep.csv.
     """
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     return run_bench(
@@ -82,14 +110,27 @@ def bench(
         device=device,
         num_threads=num_threads,
         thresholds=thresholds,
+        flops_ratios=flops_ratios,
+        bootstrap_resamples=bootstrap_resamples,
+        bootstrap_seed=bootstrap_seed,
+        sweep_sites=sweep_sites,
     )
 
 
 __all__ = [
+    "COMPARISON_FIELDS",
     "FIELDS",
+    "MATCHED_FIELDS",
+    "SWEEP_FIELDS",
+    "Bootstrap",
+    "CurvePoint",
     "OracleMethod",
+    "accuracy_at_flops",
+    "accuracy_interval",
     "backbone_flops",
     "bench",
+    "interpolate_at",
+    "paired_difference",
     "parse_keep_ratios",
     "parse_methods",
     "pruned_flops",

@@ -16,19 +16,41 @@ Token counts: every block before the first site sees all ``num_prefix + P`` toke
 (output of block ``i``) keeps ``count`` prunable tokens, so every block after it sees ``count +
 num_prefix`` tokens (ToMe's merged tokens count once each).
 
-The scorer's own cost is added at each site where it actually runs (a site whose budget keeps every
-token that is still alive is skipped by the reduction hooks, so it costs nothing):
+**The method's own cost** (``scorer``) is charged at each site where it runs (a site whose budget keeps
+every token still alive is skipped by the reduction hooks, so it costs nothing), per image (vision) or per
+sample (multimodal LLM), described by a :class:`SiteShape` (``n`` tokens present, ``v`` of them prunable,
+``k`` kept, hidden ``d``, the read attention's ``H`` heads of size ``h``). It has two parts, both in
+:func:`site_flops`:
 
-- learned scorers: every ``nn.Linear`` of the stage's predictor (``method.predictors[stage]``) costs
-  ``2 · in · out`` per token present at the site; a learned method without ``predictors`` is charged
-  all of its ``nn.Linear`` layers at every site.
-- training-free scorers, with ``n`` tokens present at the site, hidden size ``d``, ``k`` tokens kept:
-  ``l2norm`` ``n·d`` (squares and sums), ``divprune`` ``n²·d + k·n`` (cosine similarity matrix, then
-  ``k`` greedy max-min sweeps), ``tome`` ``n²/4 · d`` (similarity between the two halves of the
-  bipartite split, per merge round), ``cls_attention`` 0 (the attention probabilities it reads are
-  those of the block itself, computed eagerly at that one layer instead of by SDPA: no extra work),
-  ``random`` and the benchmark's ``oracle`` 0. A method may override this with a method
-  ``analytic_flops(n, d, k) -> float``; any other training-free method is charged 0.
+1. What the pruning handle computes for the method, by the capability the method declares
+   (:func:`capture_flops`; the model's own forward still runs its kernel, so all of this is extra):
+
+   - ``needs_attention`` (and ``needs_keys`` at a ``vit.<i>`` site, whose capture goes through the same
+     attention wrapper, ``tokensift/attention.py``, which computes the probabilities whenever it captures):
+     the attention map of the read layer (the site block; the decoder layer ``k-1`` for ``llm.<k>``) on the
+     side, every row: ``QKᵀ`` ``2 n² H h``, then per score a scale, the mask add (decoders only: the causal
+     mask) and a softmax (max, subtract, exp, sum, divide: 5), i.e. ``(6 + causal) · H n²``; and the
+     head-averaged keys the capture stores, ``n · H_kv h``.
+   - ``needs_keys`` at an ``llm.<k>`` site: a hook on ``k_proj`` keeps the output it computed anyway: 0.
+   - ``needs_query_attention`` (``llm.<k>``, PyramidDrop): the last text token's attention row in layer ``k``
+     itself, computed by the handle: the layer's input RMSNorm on the ``n`` tokens ``4 n d``, their keys
+     ``2 n d · H_kv h``, one query ``2 d · H h``, RoPE on both (3 per element), the row's logits ``2 n H h``
+     and scale, causal mask and softmax ``7 H n``.
+   - ``needs_final_norm`` (``llm.<k>``, DART): the LM's final RMSNorm on the ``n`` hidden states, ``4 n d``.
+   - ``needs_tower_attention`` (``pre_llm``): per image, the scored tower block's map on its ``t`` tower
+     tokens (``2 t² H_t h_t + 6 H_t t²``, no mask), its averaged keys ``t · H_t h_t`` and the family's
+     head sum ``H_t t²`` that turns it into one score per token.
+
+2. The method's own algorithm: its ``analytic_flops(site: SiteShape) -> float`` (each method's
+   ``model.py`` next to its code; the formulas are in their docstrings). A learned method without one is
+   charged every ``nn.Linear`` of the stage's predictor (``method.predictors[stage]``), ``2 · in · out`` per
+   token present (all of its ``nn.Linear`` layers when it has no ``predictors``); a training-free method
+   without one (``random``, the benchmark's ``oracle``) costs 0.
+
+The primitives the formulas share are static methods of :class:`SiteShape`: a matrix product ``2 m k n``,
+normalising ``m`` rows of width ``w`` (square, sum, divide: ``3 m w``), the attention map above. As in
+the backbone count, work per scalar (sorting, top-k, comparisons, masks, index arithmetic, O(n) loops) is
+left out; passes over ``n × d`` features and ``H × n × n`` maps are not.
 
 Multimodal LLMs (:func:`mllm_prefill_flops`): the prefill of the language model, sample by sample. A
 decoder layer on ``n`` tokens costs ``n`` times the FLOPs per token of every ``nn.Linear`` in its attention
@@ -37,9 +59,13 @@ and MLP (read from the modules, so grouped-query attention and gated MLPs count 
 above. Sample ``b`` enters layer ``l`` with its text tokens and ``visual_per_layer[b, l]`` visual tokens
 (``MLLMPruningHandle.visual_tokens_per_layer``; a DyVTE exit at ``llm.<k>`` means all of them before layer
 ``k``, none from ``k`` on: :func:`exit_visual_per_layer`). The vision tower, projector, embeddings and LM
-head are left out: pruning inside the LLM does not change them, and the ratio is the LLM's. A method with
-``analytic_mllm_flops(num_text, visual_per_layer) -> [B]`` is charged that (DyVTE: one router call per
-layer until the sample exits); training-free MLLM methods read signals the model computes anyway, 0.
+head are left out: pruning inside the LLM does not change them, and the ratio is the LLM's. The method is
+charged as above at each of its ``pre_llm`` / ``llm.<k>`` sites (its configured or default sites, or
+``sites``) that runs: one where some sample of the batch drops a visual token, or every site of a method
+that ``decides_exits``; then every sample of the batch pays it, with its own token counts (``n`` = its
+text + the visual tokens entering the site, ``v`` = those visual tokens, ``k`` = those entering the next
+layer; ``pre_llm``: the LLM's input). Tower tokens are counted as in :func:`mllm_vision_flops` (one tower
+image per LLaVA image, one Qwen2-VL image per sample).
 
 The MLLM bench's ratio adds the vision side (:func:`mllm_vision_flops`, one image: the patch embedding,
 every tower block on all of the image's tower tokens, the projector / merger per LLM token) to both sides,
@@ -48,7 +74,8 @@ since the methods benched prune only inside or after it: ``(vision + LLM + score
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,15 +83,123 @@ from torch import Tensor, nn
 
 from tokensift.backbones.vision import VisionAdapter
 
-# cost of one selection at a site: (tokens present n, hidden d, prunable tokens kept k) -> FLOPs
-TRAINING_FREE_COSTS: dict[str, Callable[[int, int, int], float]] = {
-    "l2norm": lambda n, d, k: float(n * d),
-    "divprune": lambda n, d, k: float(n * n * d + k * n),
-    "tome": lambda n, d, k: n * n / 4 * d,
-    "cls_attention": lambda n, d, k: 0.0,
-    "random": lambda n, d, k: 0.0,
-    "oracle": lambda n, d, k: 0.0,
-}
+SOFTMAX_PER_SCORE = 5  # max, subtract, exp, sum, divide
+RMS_NORM_PER_ELEMENT = 4  # square, mean, scale by the reciprocal root, weight
+ROPE_PER_ELEMENT = 3  # x · cos + rotate(x) · sin
+
+
+@dataclass(frozen=True)
+class SiteShape:
+    """What a method works on at one site, for one image (vision) or one sample (multimodal LLM).
+
+    ``tokens`` (``n``): tokens present at the site, [CLS] / text included; ``prunable`` (``v``): the patch /
+    visual tokens among them; ``keep`` (``k``): those of them kept; ``hidden`` (``d``): width of the hidden
+    states; ``heads`` / ``head_dim`` / ``kv_heads``: the attention the site reads (the site block; decoder
+    layer ``k-1`` for ``llm.<k>``); ``causal``: that attention is masked (a decoder). ``tower_*``: per image,
+    the scored vision-tower block (``pre_llm`` sites of a multimodal LLM), ``tower_images`` images.
+    """
+
+    site: str
+    tokens: int
+    prunable: int
+    keep: int
+    hidden: int
+    heads: int
+    head_dim: int
+    kv_heads: int
+    causal: bool = False
+    tower_tokens: int = 0
+    tower_images: int = 0
+    tower_heads: int = 0
+    tower_head_dim: int = 0
+
+    @property
+    def protected(self) -> int:
+        """[CLS] / text tokens present (never pruned)."""
+        return self.tokens - self.prunable
+
+    @property
+    def width(self) -> int:
+        """Query width ``H h``."""
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @staticmethod
+    def matmul(m: int, k: int, n: int) -> float:
+        """``[m, k] @ [k, n]``: ``2 m k n``."""
+        return 2.0 * m * k * n
+
+    @staticmethod
+    def normalize(rows: int, width: int) -> float:
+        """Dividing ``rows`` vectors of ``width`` by their L2 norm: square, sum, divide, ``3`` per element."""
+        return 3.0 * rows * width
+
+    @staticmethod
+    def cosine_matrix(rows: int, width: int) -> float:
+        """``tokensift.scorers.multimodal.cosine_similarity_matrix`` of ``rows`` vectors: normalise, then ``XXᵀ``."""
+        return SiteShape.normalize(rows, width) + SiteShape.matmul(rows, width, rows)
+
+    @staticmethod
+    def attention_map(rows: int, keys: int, heads: int, head_dim: int, causal: bool = False) -> float:
+        """Softmax attention probabilities of ``rows`` queries over ``keys`` keys, as ``attention_probs`` computes
+        them: ``QKᵀ`` (``2 · rows · keys · heads · head_dim``), then per score a scale, the mask add when
+        ``causal`` and a softmax (5)."""
+        scores = heads * rows * keys
+        return SiteShape.matmul(rows, heads * head_dim, keys) + (1 + int(causal) + SOFTMAX_PER_SCORE) * scores
+
+
+def capture_flops(method: nn.Module, site: SiteShape) -> float:
+    """What the pruning handle computes for ``method`` at ``site`` besides the model's forward (module docstring, 1)."""
+    kind = site.site.split(".")[0]
+    n = site.tokens
+    reads_map = bool(getattr(method, "needs_attention", False)) and kind in ("vit", "llm")
+    # a vit.<i> capture of keys goes through the attention wrapper, which computes the map whenever it captures
+    reads_map = reads_map or (kind == "vit" and bool(getattr(method, "needs_keys", False)))
+    total = 0.0
+    if reads_map:
+        total += site.attention_map(n, n, site.heads, site.head_dim, site.causal) + n * site.kv_width
+    if kind == "llm" and bool(getattr(method, "needs_query_attention", False)):
+        # layer k's input norm on every token, its keys, the last text token's query, RoPE on both, one score row
+        rope = ROPE_PER_ELEMENT * (n * site.kv_width + site.width)
+        keys_and_query = site.matmul(n, site.hidden, site.kv_width) + site.matmul(1, site.hidden, site.width)
+        total += RMS_NORM_PER_ELEMENT * n * site.hidden + keys_and_query + rope
+        total += site.attention_map(1, n, site.heads, site.head_dim, causal=True)
+    if kind == "llm" and bool(getattr(method, "needs_keys", False)):
+        # the keys come from k_proj (already computed); the handle rotates them as layer k-1's attention does
+        total += ROPE_PER_ELEMENT * n * site.kv_width
+    if kind == "llm" and bool(getattr(method, "needs_final_norm", False)):
+        total += RMS_NORM_PER_ELEMENT * n * site.hidden
+    if kind == "pre_llm" and bool(getattr(method, "needs_tower_attention", False)):
+        t, heads, head_dim = site.tower_tokens, site.tower_heads, site.tower_head_dim
+        per_image = site.attention_map(t, t, heads, head_dim) + t * heads * head_dim + heads * t * t
+        total += site.tower_images * per_image
+    return total
+
+
+def _learned_flops(method: nn.Module, site: SiteShape) -> float:
+    """A learned scorer without its own formula: its stage's predictor linears (or all of its linears) per token."""
+    config_sites = list(getattr(getattr(method, "config", None), "sites", None) or [])
+    predictors = getattr(method, "predictors", None)
+    if isinstance(predictors, nn.ModuleList) and site.site in config_sites and len(predictors) == len(config_sites):
+        return site.tokens * _linear_flops(predictors[config_sites.index(site.site)])
+    return site.tokens * _linear_flops(method)
+
+
+def site_flops(method: nn.Module | None, site: SiteShape) -> float:
+    """The method's whole cost at one site it runs at: the handle's capture plus its own algorithm."""
+    if method is None:
+        return 0.0
+    own = getattr(method, "analytic_flops", None)
+    if callable(own):
+        algorithm = float(own(site))
+    elif getattr(method, "kind", "training-free") == "learned":
+        algorithm = _learned_flops(method, site)
+    else:
+        algorithm = 0.0
+    return capture_flops(method, site) + algorithm
 
 
 def layer_flops(n, linear_per_token: float, attention_width: int):
@@ -127,6 +262,14 @@ def backbone_flops(adapter: VisionAdapter, tokens_per_layer: list[int], num_patc
     return embed_flops(adapter, num_patches) + blocks + head_flops(adapter)
 
 
+def vit_site_shape(adapter: VisionAdapter, site: str, tokens: int, prunable: int, keep: int) -> SiteShape:
+    """The :class:`SiteShape` of ``vit.<i>``: the block's tokens, its hidden size and (unmasked) attention heads."""
+    d = adapter.hidden_size
+    heads = int(adapter.config.num_attention_heads)
+    head_dim = int(getattr(adapter.config, "head_dim", 0) or d // heads)
+    return SiteShape(site, tokens, prunable, keep, d, heads, head_dim, heads)
+
+
 def scorer_flops(
     adapter: VisionAdapter,
     method: nn.Module | None,
@@ -138,27 +281,13 @@ def scorer_flops(
         return 0.0
     patches = adapter.num_patches() if num_patches is None else num_patches
     tokens = tokens_per_layer(adapter, site_counts, patches)
-    d = adapter.hidden_size
-    kind = getattr(method, "kind", "training-free")
-    config_sites = list(getattr(getattr(method, "config", None), "sites", None) or [])
-    predictors = getattr(method, "predictors", None)
     total, alive = 0.0, patches
     for site in sorted(site_counts, key=adapter.layer_of):
         count = int(site_counts[site])
         if count >= alive:  # the hooks skip a site with nothing to remove
             continue
         n = tokens[adapter.layer_of(site)]  # a block's output has as many tokens as its input
-        custom = getattr(method, "analytic_flops", None)
-        if callable(custom):
-            total += float(custom(n, d, count))
-        elif kind == "learned":
-            if isinstance(predictors, nn.ModuleList) and site in config_sites and len(predictors) == len(config_sites):
-                total += n * _linear_flops(predictors[config_sites.index(site)])
-            else:
-                total += n * _linear_flops(method)
-        else:
-            cost = TRAINING_FREE_COSTS.get(getattr(method, "name", ""))
-            total += cost(n, d, count) if cost is not None else 0.0
+        total += site_flops(method, vit_site_shape(adapter, site, n, alive, count))
         alive = count
     return total
 
@@ -236,6 +365,7 @@ def mllm_prefill_flops(
     visual_per_layer: Tensor,
     method: nn.Module | None = None,
     num_visual: Tensor | None = None,
+    sites: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Analytic FLOPs of a multimodal LLM's prefill with per-sample visual token counts per decoder layer.
 
@@ -243,9 +373,10 @@ def mllm_prefill_flops(
         adapter: the model's ``MLLMAdapter`` (``tokensift.backbones.adapt(model)``).
         num_text: ``[B]`` text and special tokens of each sample (never pruned).
         visual_per_layer: ``[B, num_layers]`` visual tokens entering each decoder layer, per sample.
-        method: charged its ``analytic_mllm_flops(num_text, visual_per_layer)`` when it has one.
+        method: charged at each of its ``pre_llm`` / ``llm.<k>`` sites that runs (:func:`site_flops`).
         num_visual: ``[B]`` visual tokens of the unpruned input (default: ``visual_per_layer[:, 0]``, right
             unless something was pruned before the LLM).
+        sites: the method's sites (default: its configured or default sites, as ``ts.apply`` resolves them).
 
     Returns ``llm`` (decoder layers), ``scorer``, ``total`` and ``unpruned`` FLOPs summed over the batch,
     ``ratio`` (``total / unpruned``) and ``per_sample_ratio`` (``[B]``).
@@ -269,10 +400,7 @@ def mllm_prefill_flops(
     for index, (linear, width) in enumerate(shapes):
         llm += layer_flops(tokens[:, index], linear, width)
         unpruned += layer_flops(full[:, index], linear, width)
-    custom = getattr(method, "analytic_mllm_flops", None)
-    scorer = (
-        torch.as_tensor(custom(num_text, visual), dtype=torch.float64) if callable(custom) else torch.zeros_like(llm)
-    )
+    scorer = _mllm_scorer_flops(adapter, method, sites, num_text, visual, num_visual)
     total = llm + scorer
     return {
         "llm": float(llm.sum()),
@@ -282,6 +410,82 @@ def mllm_prefill_flops(
         "ratio": float(total.sum() / unpruned.sum()),
         "per_sample_ratio": total / unpruned,
     }
+
+
+def _mllm_sites(adapter, method: nn.Module, sites: Sequence[str] | None) -> list:
+    if sites is None:
+        config = getattr(method, "config", None)
+        sites = getattr(config, "sites", None) or method.default_sites(adapter)
+    return sorted((adapter.parse_site(name) for name in sites), key=lambda s: s.depth)
+
+
+def _llm_attention(adapter, layer: int) -> tuple[int, int, int]:
+    """(heads, head size, key/value heads) of decoder layer ``layer``'s attention."""
+    attention, config = adapter.attention_modules[layer], adapter.text_config
+    heads = int(getattr(attention, "num_heads", 0) or config.num_attention_heads)
+    head_dim = int(getattr(attention, "head_dim", 0) or adapter.hidden_size // heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    return heads, head_dim, kv_heads
+
+
+def _tower_geometry(adapter, visual_tokens: int) -> dict[str, int]:
+    """One image's tower: ``patches``, ``tokens`` ([CLS] included), ``width``, ``heads``; ``per_image`` LLM tokens."""
+    model, family = adapter.model, adapter.family
+    vision = model.config.vision_config
+    if family.name == "qwen2_vl":
+        patches = int(visual_tokens) * int(vision.spatial_merge_size) ** 2
+        width, heads = int(vision.embed_dim), int(vision.num_heads)
+        return {"patches": patches, "tokens": patches, "width": width, "heads": heads, "per_image": visual_tokens}
+    patches = (int(vision.image_size) // int(vision.patch_size)) ** 2
+    tower = family.tower(model)
+    has_cls = int(hasattr(getattr(tower, "vision_model", tower).embeddings, "class_embedding"))
+    full = getattr(model.config, "vision_feature_select_strategy", "default") == "full"
+    return {
+        "patches": patches,
+        "tokens": patches + has_cls,
+        "width": int(vision.hidden_size),
+        "heads": int(vision.num_attention_heads),
+        "per_image": patches + has_cls * int(full),
+    }
+
+
+def mllm_site_shape(adapter, site, num_text: int, visual: int, kept: int, num_visual: int) -> SiteShape:
+    """The :class:`SiteShape` of one sample at a ``pre_llm`` / ``llm.<k>`` site (``site``: a parsed ``Site``).
+
+    ``visual`` tokens reach the site and ``kept`` leave it; ``num_visual``: the sample's unpruned visual tokens
+    (its tower images)."""
+    heads, head_dim, kv_heads = _llm_attention(adapter, max(site.index - 1, 0))
+    tower: dict[str, int] = {}
+    if site.kind == "pre_llm" and num_visual > 0:
+        geometry = _tower_geometry(adapter, num_visual)
+        tower = {
+            "tower_tokens": geometry["tokens"],
+            "tower_images": max(1, num_visual // geometry["per_image"]),
+            "tower_heads": geometry["heads"],
+            "tower_head_dim": geometry["width"] // geometry["heads"],
+        }
+    return SiteShape(
+        site.name, num_text + visual, visual, kept, adapter.hidden_size, heads, head_dim, kv_heads, True, **tower
+    )
+
+
+def _mllm_scorer_flops(adapter, method, sites, num_text: Tensor, visual: Tensor, num_visual: Tensor) -> Tensor:
+    """``[B]``: the method at each of its multimodal sites that runs, every sample of the batch paying its own."""
+    scorer = torch.zeros(len(num_text), dtype=torch.float64)
+    if method is None:
+        return scorer
+    decides_exits = bool(getattr(method, "decides_exits", False))
+    for site in _mllm_sites(adapter, method, sites):
+        if site.kind == "vit":  # pruned in the tower: the tower is counted unpruned (mllm_vision_flops)
+            continue
+        before = num_visual if site.kind == "pre_llm" else visual[:, site.index - 1]
+        after = visual[:, 0] if site.kind == "pre_llm" else visual[:, site.index]
+        if not decides_exits and not bool((after < before).any()):  # the handle skips it
+            continue
+        for b in range(len(num_text)):
+            shape = mllm_site_shape(adapter, site, int(num_text[b]), int(before[b]), int(after[b]), int(num_visual[b]))
+            scorer[b] += site_flops(method, shape)
+    return scorer
 
 
 def mllm_vision_flops(adapter, visual_tokens: int) -> float:
@@ -294,15 +498,9 @@ def mllm_vision_flops(adapter, visual_tokens: int) -> float:
     weights`` of its convolution per patch. Norms and activations are left out, as everywhere here.
     """
     model, family = adapter.model, adapter.family
-    vision = model.config.vision_config
     tower = family.tower(model)
-    if family.name == "qwen2_vl":
-        patches = int(visual_tokens) * int(vision.spatial_merge_size) ** 2
-        tower_tokens, width = patches, int(vision.embed_dim)
-    else:
-        patches = (int(vision.image_size) // int(vision.patch_size)) ** 2
-        has_cls = hasattr(getattr(tower, "vision_model", tower).embeddings, "class_embedding")
-        tower_tokens, width = patches + int(has_cls), int(vision.hidden_size)
+    geometry = _tower_geometry(adapter, visual_tokens)
+    patches, tower_tokens, width = geometry["patches"], geometry["tokens"], geometry["width"]
     convolution = next(m for m in tower.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
     embed = 2.0 * convolution.weight.numel() * patches
     blocks = sum(layer_flops(tower_tokens, _linear_flops(block), width) for block in adapter.tower_blocks)
@@ -316,13 +514,16 @@ def last_prefill_flops(handle) -> dict[str, Any]:
     visual = handle.visual_tokens_per_layer
     if visual is None:
         raise ValueError("the handle has run no prefill with visual tokens yet: run the model (or generate) first.")
-    return mllm_prefill_flops(handle.adapter, handle.last_num_text, visual, handle.method, handle.last_num_visual)
+    return mllm_prefill_flops(
+        handle.adapter, handle.last_num_text, visual, handle.method, handle.last_num_visual, handle.sites
+    )
 
 
 __all__ = [
-    "TRAINING_FREE_COSTS",
+    "SiteShape",
     "backbone_flops",
     "block_flops",
+    "capture_flops",
     "decoder_layer_shapes",
     "embed_flops",
     "exit_visual_per_layer",
@@ -330,9 +531,12 @@ __all__ = [
     "last_prefill_flops",
     "layer_flops",
     "mllm_prefill_flops",
+    "mllm_site_shape",
     "mllm_vision_flops",
     "pruned_flops",
     "scorer_flops",
+    "site_flops",
     "tokens_per_layer",
     "unpruned_flops",
+    "vit_site_shape",
 ]

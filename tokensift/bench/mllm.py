@@ -1,7 +1,8 @@
 """``run_mllm_bench``: the benchmark on a multimodal LLM (LLaVA, Qwen2-VL) and a VQA data module.
 
 ``tokensift bench`` dispatches here when ``--model`` is a LLaVA / Qwen2-VL folder; the rows, files, table,
-Pareto plot, timing and memory code are :mod:`tokensift.bench.runner`'s. Per method × budget:
+Pareto plot, timing, memory and interval code are the shared modules' (:mod:`~tokensift.bench.results`,
+:mod:`~tokensift.bench.measure`, :mod:`~tokensift.bench.stats`). Per method × budget:
 
 - ``accuracy``: answer accuracy on the test split (torchmetrics): the prompt (left-padded, ending in
   ``answer :``) goes through the model once and the prediction is the argmax of the next-token logits over
@@ -35,19 +36,18 @@ import tokensift as ts
 from tokensift.backbones import adapt
 from tokensift.backbones.loading import load_mllm_backbone
 from tokensift.bench.flops import mllm_prefill_flops, mllm_vision_flops
+from tokensift.bench.measure import environment_metadata, measure_speed_and_memory
 from tokensift.bench.oracle import MLLMOracleMethod
-from tokensift.bench.runner import (
-    ORACLE,
-    UNPRUNED,
-    MethodSpec,
-    bench_settings,
-    environment_metadata,
-    finalize_rows,
-    measure_speed_and_memory,
-    parse_keep_ratios,
-    parse_methods,
-    torch_threads,
-    write_results,
+from tokensift.bench.results import MATCHED_FLOPS_NOTE, finalize_rows, summarize, write_results
+from tokensift.bench.settings import bench_settings, torch_threads
+from tokensift.bench.specs import ORACLE, UNPRUNED, MethodSpec, parse_keep_ratios, parse_methods
+from tokensift.bench.stats import (
+    DEFAULT_FLOPS_RATIOS,
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    Bootstrap,
+    check_bootstrap,
+    parse_flops_ratios,
 )
 from tokensift.bench.vqa import SUPPORTED_MODEL_TYPES, mllm_inputs
 from tokensift.export.artifact import Artifact, FingerprintMismatch
@@ -139,6 +139,7 @@ class _PreparedBatch:
     visual_positions: Tensor  # [B, P] index in the LLM input of each patch's visual token
     num_text: Tensor  # [B] text and special tokens (padding excluded)
     num_visual: Tensor  # [B]
+    index: Tensor | None = None  # [B] dataset index of each sample: its random draws follow it, not the batch
 
 
 def _prepare(model: nn.Module, batch: dict, answer_ids: Tensor, image_token_id: int, device) -> _PreparedBatch:
@@ -162,6 +163,7 @@ def _prepare(model: nn.Module, batch: dict, answer_ids: Tensor, image_token_id: 
         visual_positions=visual_positions,
         num_text=batch["attention_mask"].sum(1) - num_visual,
         num_visual=num_visual,
+        index=batch.get("index"),
     )
 
 
@@ -184,10 +186,12 @@ class _MLLMEvaluator:
         self.answer_ids, self.device, self.repeats, self.warmup = answer_ids.to(device), device, repeats, warmup
         self._vision: dict[int, float] = {}
 
-    def forward_fn(self, method: nn.Module | None):
+    def forward_fn(self, method: nn.Module | None, handle=None):
         def forward(batch: _PreparedBatch) -> Tensor:
             if isinstance(method, MLLMOracleMethod):
                 method.oracle_mask = batch.oracle_mask
+            if handle is not None and batch.index is not None:
+                handle.set_samples(batch.index)
             # only the next-token logits are read: the LM head runs on the last position (a prefill)
             return self.model(**batch.inputs, logits_to_keep=1).logits[:, -1]
 
@@ -202,17 +206,15 @@ class _MLLMEvaluator:
         return total
 
     def measure(self, label: str, kind: str, handle, method, keep_ratio=None, threshold=None) -> dict:
-        from torchmetrics.classification import MulticlassAccuracy
-
-        forward = self.forward_fn(method)
-        metric = MulticlassAccuracy(num_classes=len(self.answer_ids), average="micro").to(self.device)
+        forward = self.forward_fn(method, handle)
+        correct = []
         hits = total = samples = 0
         llm = scorer = unpruned = vision = 0.0
         kept_last, exits = [], []
         with torch.no_grad():
             for batch in self.batches:
                 logits = forward(batch)
-                metric.update(logits[:, self.answer_ids].argmax(-1), batch.answer_index)
+                correct.append((logits[:, self.answer_ids].argmax(-1) == batch.answer_index).cpu())
                 samples += int(batch.answer_index.shape[0])
                 kept = _kept_patches(handle, batch)
                 hits += int((kept & batch.oracle_mask).sum())
@@ -229,13 +231,14 @@ class _MLLMEvaluator:
             forward, self.timing, handle, self.repeats, self.warmup, self.device
         )
         decides_exits = bool(getattr(method, "decides_exits", False))
+        per_sample = torch.cat(correct).double().numpy()
         return {
             "method": label,
             "kind": kind,
             "keep_ratio": keep_ratio,
             "keep_count": float(torch.cat(kept_last).mean()),  # visual tokens reaching the last layer, mean
             "num_patches": int(self.batches[0].oracle_mask.shape[1]),
-            "accuracy": float(metric.compute()),
+            "accuracy": float(per_sample.mean()),
             "oracle_recall": hits / total if total else None,
             "flops": vision + llm + scorer,
             "flops_backbone": vision + llm,
@@ -247,6 +250,7 @@ class _MLLMEvaluator:
             "artifact": None,
             "threshold": threshold,
             "mean_exit_layer": float(torch.cat(exits).mean()) if decides_exits else None,
+            "_correct": per_sample,
             "_times": times,
             "_speedups": speedups,
         }
@@ -272,6 +276,53 @@ def _set_budget(handle, method, keep_ratio: float | None, threshold: float | Non
         handle.set_budget(keep_ratio=keep_ratio)
 
 
+_TIMING_NOTES = {
+    "pass": "one prefill forward per batch (logits of the last position only)",
+    "statistic": "time: median over repeats; speedup: median over repeats of unpruned / pruned time of back-to-back "
+    "passes",
+}
+_MEASURE_NOTES = {
+    "accuracy": "answer accuracy: argmax over the answer words of the next-token logits after the prompt",
+    "flops_model": "analytic prefill, see tokensift.bench.flops: (vision tower + LLM + scorer) / "
+    "(vision tower + unpruned LLM); 2 FLOPs per multiply-add",
+    "keep_count": "mean visual tokens per sample entering the last LLM layer",
+    "matched_flops": MATCHED_FLOPS_NOTE,
+}
+
+
+def _bench_spec(evaluator: _MLLMEvaluator, spec: MethodSpec, ratios, exit_thresholds, shown):
+    """One method at every budget (measured rows) and its ``overlays.png`` column; ``shown`` is the overlay batch,
+    its keep ratio and threshold, and the logits -> answer words function."""
+    overlay, overlay_ratio, overlay_threshold, words = shown
+    exits = bool(getattr(_method_of(spec.build()), "decides_exits", False)) if spec.kind != ORACLE else False
+    budgets = [(None, t) for t in exit_thresholds] if exits else [(r, None) for r in ratios]
+    handle, method = _apply(evaluator.model, spec, *budgets[0])
+    rows = []
+    try:
+        for keep_ratio, threshold in budgets:
+            _set_budget(handle, method, keep_ratio, threshold)
+            row = evaluator.measure(spec.label, spec.kind, handle, method, keep_ratio, threshold)
+            row["artifact"] = None if spec.artifact is None else str(spec.artifact.path)
+            rows.append(row)
+        _set_budget(handle, method, *((None, overlay_threshold) if exits else (overlay_ratio, None)))
+        with torch.no_grad():
+            logits = evaluator.forward_fn(method, handle)(overlay)
+        notes = None
+        if exits and handle.exit_layers is not None:
+            notes = [f"exit @ layer {int(k)}" for k in handle.exit_layers.tolist()]
+        column = {
+            "title": f"{spec.label} @ " + (f"t={overlay_threshold:g}" if exits else f"{overlay_ratio:g}"),
+            "kept": _kept_patches(handle, overlay).cpu().numpy(),
+            "preds": words(logits),
+            "notes": notes,
+        }
+    finally:
+        handle.remove()
+        if isinstance(method, MLLMOracleMethod):
+            method.oracle_mask = None
+    return rows, column
+
+
 def run_mllm_bench(
     model_dir: str | os.PathLike,
     data: Any,
@@ -290,6 +341,9 @@ def run_mllm_bench(
     num_overlay_images: int = 4,
     num_threads: int | None = None,
     quiet: bool = False,
+    flops_ratios: Sequence[float] | str | None = DEFAULT_FLOPS_RATIOS,
+    bootstrap_resamples: int = DEFAULT_RESAMPLES,
+    bootstrap_seed: int = DEFAULT_SEED,
 ) -> dict:
     """Benchmark MLLM token methods × budgets on a VQA data module's test split against the unpruned model.
 
@@ -303,6 +357,8 @@ def run_mllm_bench(
         thresholds: exit thresholds of exit methods (``dyvte``), each a row; default: ``keep_ratios``.
         out: output directory (``results.json``, ``results.csv``, ``pareto.png``, ``overlays.png``).
         overlay_ratio / overlay_threshold: the budget shown in ``overlays.png``.
+        flops_ratios, bootstrap_resamples, bootstrap_seed: the equal-cost table and the intervals, as
+            :func:`tokensift.bench.runner.run_bench` (FLOPs here are the prefill's, vision tower included).
         Other arguments as :func:`tokensift.bench.runner.run_bench`.
     """
     from tokensift.bench.plots import plot_overlays
@@ -315,6 +371,8 @@ def run_mllm_bench(
     exit_thresholds = parse_thresholds(ratios if thresholds is None else thresholds)
     overlay_ratio = parse_keep_ratios([overlay_ratio], field="overlay_ratio")[0]
     overlay_threshold = parse_thresholds([overlay_threshold], field="overlay_threshold")[0]
+    targets = parse_flops_ratios(flops_ratios)
+    check_bootstrap(bootstrap_resamples, bootstrap_seed)
     settings = bench_settings(
         data, batch_size, out, timing_batches, repeats, warmup, num_overlay_images, max_batches, device
     )
@@ -360,35 +418,13 @@ def run_mllm_bench(
                 {"title": f"{UNPRUNED} (all tokens)", "kept": None, "preds": words(evaluator.forward_fn(None)(overlay))}
             ]
         for spec in [*specs, MethodSpec(ORACLE, ORACLE, ORACLE, ORACLE)]:
-            exits = bool(getattr(_method_of(spec.build()), "decides_exits", False)) if spec.kind != ORACLE else False
-            budgets = [(None, t) for t in exit_thresholds] if exits else [(r, None) for r in ratios]
-            handle, method = _apply(model, spec, *budgets[0])
-            try:
-                for keep_ratio, threshold in budgets:
-                    _set_budget(handle, method, keep_ratio, threshold)
-                    row = evaluator.measure(spec.label, spec.kind, handle, method, keep_ratio, threshold)
-                    row["artifact"] = None if spec.artifact is None else str(spec.artifact.path)
-                    rows.append(row)
-                shown = (None, overlay_threshold) if exits else (overlay_ratio, None)
-                _set_budget(handle, method, *shown)
-                with torch.no_grad():
-                    logits = evaluator.forward_fn(method)(overlay)
-                notes = None
-                if exits and handle.exit_layers is not None:
-                    notes = [f"exit @ layer {int(k)}" for k in handle.exit_layers.tolist()]
-                columns.append(
-                    {
-                        "title": f"{spec.label} @ " + (f"t={overlay_threshold:g}" if exits else f"{overlay_ratio:g}"),
-                        "kept": _kept_patches(handle, overlay).cpu().numpy(),
-                        "preds": words(logits),
-                        "notes": notes,
-                    }
-                )
-            finally:
-                handle.remove()
-                if isinstance(method, MLLMOracleMethod):
-                    method.oracle_mask = None
+            shown = (overlay, overlay_ratio, overlay_threshold, words)
+            spec_rows, column = _bench_spec(evaluator, spec, ratios, exit_thresholds, shown)
+            rows += spec_rows
+            columns.append(column)
 
+        bootstrap = Bootstrap(rows[0]["num_samples"], bootstrap_resamples, bootstrap_seed)
+        summary = summarize(rows, bootstrap, targets)
         rows = finalize_rows(rows)
         metadata = {
             "model": str(model_path),
@@ -411,18 +447,15 @@ def run_mllm_bench(
                 "repeats": repeats,
                 "warmup": warmup,
                 "unpruned_time_ms": rows[0]["time_ms"],
-                "pass": "one prefill forward per batch (logits of the last position only)",
-                "statistic": "time: median over repeats; speedup: median over repeats of unpruned / pruned time "
-                "of back-to-back passes",
+                **_TIMING_NOTES,
             },
-            "accuracy": "answer accuracy: argmax over the answer words of the next-token logits after the prompt",
-            "flops_model": "analytic prefill, see tokensift.bench.flops: (vision tower + LLM + scorer) / "
-            "(vision tower + unpruned LLM); 2 FLOPs per multiply-add",
-            "keep_count": "mean visual tokens per sample entering the last LLM layer",
+            **_MEASURE_NOTES,
+            "accuracy_interval": bootstrap.describe(),
+            "flops_ratios": targets,
         }
 
     title = f"{metadata['model_class']} ({model_path.name}) · {count} test questions"
-    files = write_results(out_dir, rows, metadata, title, quiet)
+    files = write_results(out_dir, rows, metadata, title, quiet, summary=summary)
     files["overlays"] = plot_overlays(
         _overlay_images(overlay_samples),
         answers,
@@ -434,7 +467,7 @@ def run_mllm_bench(
         row_titles=questions,
         outline="patches",
     )
-    return {"rows": rows, "metadata": metadata, "files": {k: str(v) for k, v in files.items()}}
+    return {"rows": rows, "metadata": metadata, **summary, "files": {k: str(v) for k, v in files.items()}}
 
 
 def _question_text(prompt: str) -> str:

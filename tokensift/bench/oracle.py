@@ -3,17 +3,19 @@
 Not registered with ``ts.methods()``: it needs each batch's ground-truth ``oracle_mask`` ([B, P] bool,
 row-major over the patch grid), which the benchmark sets on the instance (``oracle_mask``) before every
 forward pass. It is the upper bound a token scorer can reach on a task whose relevant tokens are known.
+
+The "random others" are a per-sample draw (``TokenState.uniform``): a function of (seed, sample index, token),
+so every sample of the test set gets its own and the same at any batch size.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from tokensift.scorers.base import MethodConfig, TokenMethod
-from tokensift.state import TokenState
+from tokensift.state import SampleCounter, TokenState, with_sample_index
 
 
 class OracleMethod(TokenMethod):
@@ -27,6 +29,7 @@ class OracleMethod(TokenMethod):
         super().__init__(config)
         self.seed = seed
         self.oracle_mask: Tensor | None = None
+        self._samples = SampleCounter()  # rows without a sample index: numbered in arrival order
 
     def score(self, state: TokenState) -> Tensor:
         if self.oracle_mask is None:
@@ -36,8 +39,7 @@ class OracleMethod(TokenMethod):
             raise ValueError(f"oracle_mask has {mask.shape[0]} rows; the batch has {state.hidden.shape[0]} images.")
         patch = state.orig_index - state.num_prefix
         on_target = mask.gather(1, patch.clamp(min=0, max=mask.shape[1] - 1)) & (patch >= 0)
-        generator = torch.Generator().manual_seed(self.seed)
-        noise = torch.rand(state.hidden.shape[:2], generator=generator).to(state.hidden.device)
+        noise = with_sample_index(state, self._samples).uniform(self.seed, stream=self.name)  # per sample
         return on_target.float() * 2.0 + noise  # noise < 1: every target patch outranks every other one
 
 
@@ -55,6 +57,7 @@ class MLLMOracleMethod(TokenMethod):
         super().__init__(config)
         self.seed = seed
         self.oracle_mask: Tensor | None = None
+        self._samples = SampleCounter()  # rows without a sample index: numbered in arrival order
 
     def score(self, state: TokenState) -> Tensor:
         if self.oracle_mask is None:
@@ -69,6 +72,5 @@ class MLLMOracleMethod(TokenMethod):
             )
         patch = (visual.long().cumsum(1) - 1).clamp(min=0, max=mask.shape[1] - 1)
         on_target = mask.gather(1, patch) & visual
-        generator = torch.Generator().manual_seed(self.seed)
-        noise = torch.rand(visual.shape, generator=generator).to(state.hidden.device)
+        noise = with_sample_index(state, self._samples).uniform(self.seed, stream=self.name)  # per sample
         return on_target.float() * 2.0 + noise  # noise < 1: every oracle patch outranks every other one

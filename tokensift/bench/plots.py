@@ -40,6 +40,8 @@ def _method_style(method: str, kind: str, index: int) -> dict:
     if method == ORACLE:
         return {"color": "0.35", "linestyle": "--", "marker": "D", "linewidth": 1.5}
     color = plt.get_cmap("tab10")(index % 10)
+    if method.endswith("@best_site"):  # a training-free method at its validation-chosen site (site sweep)
+        return {"color": color, "linestyle": "-.", "marker": "^", "linewidth": 1.5}
     if kind == "learned":
         return {"color": color, "linestyle": "-", "marker": "o", "linewidth": 2.6}
     return {"color": color, "linestyle": "-", "marker": "s", "linewidth": 1.5}
@@ -54,8 +56,17 @@ def _budget_text(row: dict) -> str:
     return f"t={row['threshold']:g}" if row.get("threshold") is not None else f"{row['keep_ratio']:g}"
 
 
-def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> Path:
-    """Accuracy vs analytic FLOPs ratio (left) and vs measured wall-clock speedup (right), one line per method."""
+def plot_pareto(rows: Sequence[dict], path: Path, title: str = "", matched: Sequence[dict] | None = None) -> Path:
+    """Accuracy vs analytic FLOPs ratio (left) and vs measured wall-clock speedup (right), one line per method.
+
+    Rows with ``accuracy_low`` / ``accuracy_high`` get their 95% interval as a vertical bar. ``matched`` (the
+    bench's ``matched_flops`` entries) marks each method's interpolated accuracy at the target FLOPs ratios on
+    the left panel: hollow markers with their interval, over dotted vertical lines at the targets.
+    """
+    matched_by_method: dict[str, list[dict]] = {}
+    for entry in matched or []:
+        if entry.get("accuracy") is not None:
+            matched_by_method.setdefault(entry["method"], []).append(entry)
     unpruned = next((r for r in rows if r["method"] == UNPRUNED), None)
     methods: dict[str, list[dict]] = {}
     for row in rows:
@@ -76,6 +87,21 @@ def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> Path:
             xs, ys, _ = zip(*points, strict=True)
             style = _method_style(name, group[0].get("kind", ""), index)
             ax.plot(xs, ys, label=f"{name} ({group[0].get('kind', '')})", markersize=6, alpha=0.9, **style)
+            _interval_bars(ax, [r for r in group if r.get(field) is not None], field, style["color"])
+            if field == "flops_ratio" and name in matched_by_method:
+                marks = matched_by_method[name]
+                ax.plot(
+                    [e["flops_ratio"] for e in marks],
+                    [e["accuracy"] for e in marks],
+                    linestyle="none",
+                    marker="o",
+                    markersize=9,
+                    markerfacecolor="none",
+                    markeredgecolor=style["color"],
+                    markeredgewidth=1.4,
+                    zorder=4,
+                )
+                _interval_bars(ax, marks, "flops_ratio", style["color"], width=2.4)
             if field == "flops_ratio":
                 for x, y, budget in points:
                     ax.annotate(
@@ -103,11 +129,17 @@ def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> Path:
         ax.set_ylabel("test accuracy")
         ax.grid(True, alpha=0.3)
         if field == "flops_ratio":
+            for target in sorted({e["flops_ratio"] for e in matched or []}):
+                ax.axvline(target, color="0.75", linestyle=":", linewidth=0.9, zorder=0)
             ax.set_xlim(left=0)
-            ax.set_title("accuracy vs compute (labels: keep ratio; t= exit threshold)")
+            ax.set_title(
+                "accuracy vs compute (labels: keep ratio; t= exit threshold)"
+                + ("\nbars: 95% bootstrap interval · hollow: interpolated at equal FLOPs" if matched else "")
+            )
         else:
             ax.set_title("accuracy vs measured speed")
         accuracies = [r["accuracy"] for r in rows]
+        accuracies += [r[k] for r in rows for k in ("accuracy_low", "accuracy_high") if r.get(k) is not None]
         low, high = min(accuracies), max(accuracies)
         pad = max(0.02, 0.08 * (high - low))
         ax.set_ylim(max(0.0, low - pad), min(1.02, high + pad))
@@ -119,6 +151,14 @@ def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> Path:
         fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _interval_bars(ax, points: Sequence[dict], field: str, color, width: float = 1.0) -> None:
+    """Vertical bars from ``accuracy_low`` to ``accuracy_high`` at each point's ``field``."""
+    bars = [(p[field], p["accuracy_low"], p["accuracy_high"]) for p in points if p.get("accuracy_low") is not None]
+    if bars:
+        xs, lows, highs = zip(*bars, strict=True)
+        ax.vlines(xs, lows, highs, colors=[color], linewidth=width, alpha=0.55, zorder=3)
 
 
 def _to_display(image: np.ndarray) -> tuple[np.ndarray, str | None]:

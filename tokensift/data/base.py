@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 
 def check_loader_args(
@@ -27,6 +28,63 @@ def check_loader_args(
     ):
         if not is_integer(value) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class EpochShuffle(RandomSampler):
+    """The train split's order: a permutation that is a function of ``(seed, epoch)`` only.
+
+    Lightning calls ``set_epoch`` before each epoch; ``resume(epoch, skip)`` makes the next pass start ``skip``
+    samples into that epoch's permutation (a mid-epoch resume), without rendering the skipped samples.
+    A ``RandomSampler``, so a distributed run still swaps it for Lightning's ``DistributedSampler``.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int):
+        super().__init__(data_source)
+        self.seed = int(seed)
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def resume(self, epoch: int, skip: int) -> None:
+        self.epoch, self._skip = int(epoch), int(skip)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.data_source), generator=generator)[self._skip :]
+        self._skip = 0
+        yield from order.tolist()
+
+
+class ResumableLoader(DataLoader):
+    """The train loader: Lightning saves its ``state_dict`` (epoch, batches handed out) in every checkpoint and a
+    resumed fit continues the interrupted epoch with the next batch of the same order, not from its start.
+    """
+
+    _taken = 0
+
+    def __iter__(self):
+        sampler = self.sampler
+        self._taken = sampler._skip // self.batch_size if isinstance(sampler, EpochShuffle) else 0
+        for batch in super().__iter__():
+            self._taken += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        epoch = self.sampler.epoch if isinstance(self.sampler, EpochShuffle) else None
+        return {"epoch": epoch, "batches": self._taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        if isinstance(self.sampler, EpochShuffle) and state.get("epoch") is not None:
+            batches = int(state["batches"])
+            self.sampler.resume(state["epoch"], 0 if batches >= len(self) else batches * self.batch_size)
+        elif state.get("batches"):
+            warnings.warn(
+                f"resuming mid-epoch with a {type(self.sampler).__name__} (a distributed run): the interrupted "
+                "epoch's data order is not restored, so the resumed run differs from an uninterrupted one.",
+                stacklevel=2,
+            )
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -73,11 +131,12 @@ class SplitDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, name: str, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{name} is not built; call setup() first")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
+        # every loader has its own generator: iterating one never draws from torch's global generator
+        generator = torch.Generator().manual_seed(self.seed)
+        return (ResumableLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(dataset, self.seed) if shuffle else None,
             generator=generator,
             collate_fn=self._collate(),
             num_workers=self.num_workers,

@@ -276,7 +276,8 @@ class DigitVQA(Dataset):
          "answer_id": int64 scalar,     # the answer's token id (== input_ids[-1])
          "oracle_mask": bool [num_patches],  # patches holding ink of the digits this question needs
          "patch_classes": int64 [num_patches],  # class of the digit inking each patch, -100 elsewhere
-         "question_type": int64 scalar}      # index into QUESTION_TYPES
+         "question_type": int64 scalar,      # index into QUESTION_TYPES
+         "index": int64 scalar}              # the sample's index in the split (per-sample randomness keys on it)
 
     Args:
         split: ``train``, ``val`` or ``test``.
@@ -474,6 +475,7 @@ class DigitVQA(Dataset):
             "oracle_mask": torch.from_numpy(oracle),
             "patch_classes": torch.from_numpy(self.patch_classes(spec)),
             "question_type": torch.tensor(QUESTION_TYPES.index(spec.question_type), dtype=torch.long),
+            "index": torch.tensor(self._check_index(index), dtype=torch.long),
         }
 
     def __repr__(self) -> str:
@@ -494,7 +496,7 @@ class DigitVQACollator:
     token is the answer, as ``generate`` expects. ``"right"`` pads after the answer. Padded positions get
     ``pad_token_id``, attention 0 and label -100. With ``with_answer=False`` each row loses its last token
     (the answer) and the batch has no ``labels``. ``answer_id``, ``oracle_mask``, ``patch_classes``,
-    ``question_type`` and ``pixel_values`` are stacked.
+    ``question_type``, ``pixel_values`` and ``index`` (when the items carry it) are stacked.
     """
 
     pad_token_id: int
@@ -529,6 +531,8 @@ class DigitVQACollator:
             "patch_classes": torch.stack([s["patch_classes"] for s in samples]),
             "question_type": torch.stack([s["question_type"] for s in samples]),
         }
+        if all("index" in s for s in samples):
+            batch["index"] = torch.stack([s["index"] for s in samples])
         if self.with_answer:
             batch["labels"] = labels
         return batch

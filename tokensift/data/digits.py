@@ -287,7 +287,8 @@ class ClutteredDigits(Dataset):
 
         {"pixel_values": float32 [num_channels, canvas_size, canvas_size],  # x / 8 - 1, in [-1, 1]
          "labels": int64 scalar,                                             # target digit class 0..9
-         "oracle_mask": bool [num_patches]}                                  # patches with target ink
+         "oracle_mask": bool [num_patches],                                  # patches with target ink
+         "index": int64 scalar}                                              # the sample's index in the split
 
     Attributes:
         source_indices: sorted int64 array of the global ``load_digits`` indices this split draws from.
@@ -431,6 +432,7 @@ class ClutteredDigits(Dataset):
             "pixel_values": image.unsqueeze(0).repeat(self.num_channels, 1, 1),
             "labels": torch.tensor(int(self._labels[spec.target_source]), dtype=torch.long),
             "oracle_mask": torch.from_numpy(mask.copy()),
+            "index": torch.tensor(self._check_index(index), dtype=torch.long),
         }
 
     def __repr__(self) -> str:

@@ -3,9 +3,21 @@
 from tokensift.export.artifact import (
     Artifact,
     FingerprintMismatch,
+    InvalidArtifact,
     check_fingerprint,
     load_artifact,
     save_artifact,
+    validate_manifest,
 )
+from tokensift.export.zero import UnsafeCheckpoint
 
-__all__ = ["Artifact", "FingerprintMismatch", "check_fingerprint", "load_artifact", "save_artifact"]
+__all__ = [
+    "Artifact",
+    "FingerprintMismatch",
+    "InvalidArtifact",
+    "UnsafeCheckpoint",
+    "check_fingerprint",
+    "load_artifact",
+    "save_artifact",
+    "validate_manifest",
+]

@@ -2,7 +2,8 @@
 
 ``CKPT`` is what ``tokensift fit`` wrote under any strategy: a ``.ckpt`` file (single device, DDP) or a
 DeepSpeed ZeRO checkpoint directory (stage 2 or 3, which Lightning also names ``*.ckpt``). Both give
-the same artifact for the same weights.
+the same artifact for the same weights. Either is read with torch's weights-only unpickler (a ZeRO directory
+through :mod:`tokensift.export.zero`, not DeepSpeed's converter), so a crafted checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 
 from tokensift.backbones import adapt, load_backbone
 from tokensift.backbones.lora import ADAPTER_DIR, is_lora_parameter, save_adapter
-from tokensift.export.artifact import FingerprintMismatch, check_fingerprint, save_artifact
+from tokensift.export.artifact import MANIFEST, FingerprintMismatch, check_fingerprint, save_artifact
+from tokensift.export.zero import load_shard, read_zero_checkpoint
+from tokensift.io import check_replaceable
 from tokensift.scorers.dyvte import check_threshold
 from tokensift.scorers.registry import get_method_class
 
@@ -45,17 +48,22 @@ def export(
             the first threshold it was validated at).
     """
     checkpoint = Path(checkpoint)
+    if not overwrite and Path(out_dir).exists() and not (Path(out_dir).is_dir() and not any(Path(out_dir).iterdir())):
+        raise FileExistsError(f"artifact directory {out_dir} exists; pass overwrite=True (--overwrite) to replace it.")
+    check_replaceable(out_dir, MANIFEST, "tokensift artifact")  # before any work: save_artifact checks again
     if checkpoint.is_dir():
         state, ckpt = _read_zero_checkpoint(checkpoint)
     elif checkpoint.is_file():
-        # weights_only: the restricted unpickler that loads tensors and plain containers, never arbitrary objects
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        state = ckpt["state_dict"]
+        ckpt = load_shard(checkpoint)  # the weights-only unpickler: tensors and plain containers, never objects
+        state = ckpt.get("state_dict")
+        if not isinstance(state, dict):
+            raise ValueError(f"{checkpoint} has no 'state_dict' field: it is not a Lightning checkpoint.")
     else:
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; `tokensift fit` writes them under its logs.")
     meta = ckpt.get("tokensift")
     if meta is None:
         raise ValueError(f"{checkpoint} was not written by `tokensift fit` (it has no 'tokensift' entry).")
+    _check_metadata(meta, checkpoint)
     cls = get_method_class(meta["method"])
     method = cls(cls.config_class.from_dict(meta["config"]))
     method.load_state_dict(_strip(state, METHOD_PREFIX))
@@ -84,6 +92,22 @@ def export(
     return save_artifact(
         method, fingerprint, out_dir, default_budget=budget, extra=extra, overwrite=overwrite, add_files=add_files
     )
+
+
+# the checkpoint's `tokensift` entry (ScorerTrainer / ExitRouterTrainer.artifact_metadata): field -> type
+_METADATA_FIELDS = {"method": str, "config": dict, "fingerprint": dict, "default_budget": dict}
+
+
+def _check_metadata(meta: object, checkpoint: Path) -> None:
+    if not isinstance(meta, dict):
+        raise ValueError(f"{checkpoint}: field 'tokensift' must be a dict, got {type(meta).__name__}.")
+    for field, kind in _METADATA_FIELDS.items():
+        if not isinstance(meta.get(field), kind):
+            what = "is missing" if field not in meta else f"must be a {kind.__name__}, got {type(meta[field]).__name__}"
+            raise ValueError(
+                f"{checkpoint}: field 'tokensift.{field}' {what}; the checkpoint was not written by this tokensift's "
+                "`tokensift fit`."
+            )
 
 
 def _backbone_files(meta: dict, backbone_state: dict[str, torch.Tensor], source: str | None):
@@ -133,30 +157,14 @@ def _backbone_files(meta: dict, backbone_state: dict[str, torch.Tensor], source:
 
 
 def _read_zero_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The fp32 trainable weights and Lightning's client state of a ZeRO stage 2/3 checkpoint directory.
+    """The fp32 trainable weights and Lightning's client state of a ZeRO stage 1/2/3 checkpoint directory.
 
-    DeepSpeed's converter unpickles the optimizer shards: export only ZeRO checkpoints you trust (a ``.ckpt``
-    file, and the client state here, go through the weights-only loader).
+    Every shard goes through the weights-only loader (``tokensift.export.zero``), never DeepSpeed's converter,
+    which unpickles optimizer shards with ``weights_only=False``. Frozen weights were never saved
+    (``exclude_frozen_parameters``): the backbone is rebuilt from its source.
     """
-    latest = directory / "latest"
-    if not latest.is_file():
-        raise ValueError(
-            f"{directory} is a directory but not a DeepSpeed checkpoint (it has no 'latest' file); give a `.ckpt` "
-            "file or the checkpoint directory `tokensift fit --trainer.strategy deepspeed_stage_*` wrote."
-        )
-    try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_files
-    except ImportError as error:
-        raise ImportError(
-            f"{directory} is a DeepSpeed checkpoint; pip install 'tokensift[deepspeed]' to export it."
-        ) from error
-    tag_dir = directory / latest.read_text().strip()
-    # frozen weights were never saved (exclude_frozen_parameters): the backbone is rebuilt from its source
-    state = get_fp32_state_dict_from_zero_checkpoint(str(directory), exclude_frozen_parameters=True)
-    state = {_strip_prefix(k, _LEGACY_WRAPPER_PREFIX): v for k, v in state.items()}
-    # rank 0's model-state file carries Lightning's client state (hyper-parameters, step, tokensift metadata)
-    client = torch.load(get_model_state_files(str(tag_dir))[0], map_location="cpu", weights_only=True)
-    return state, client
+    state, client = read_zero_checkpoint(directory)
+    return {_strip_prefix(k, _LEGACY_WRAPPER_PREFIX): v for k, v in state.items()}, client
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

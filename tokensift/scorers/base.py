@@ -45,6 +45,9 @@ class TokenMethod(nn.Module):
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     needs_attention: ClassVar[bool] = False  # attention probabilities of the site's block
     needs_keys: ClassVar[bool] = False  # head-averaged keys of the site's block
+    # llm.<k>: the last text token's attention computed by layer k itself on its input (PyramidDrop)
+    needs_query_attention: ClassVar[bool] = False
+    needs_final_norm: ClassVar[bool] = False  # llm.<k>: the site's hidden states through the LM's final norm (DART)
     merges: ClassVar[bool] = False  # reduces by merging (no mask-mode equivalent)
     # a training step may leave some parameters without gradient (e.g. one exit router trained per step):
     # DDP then has to search for them (find_unused_parameters), which costs a graph traversal per step
@@ -62,6 +65,14 @@ class TokenMethod(nn.Module):
     def __init__(self, config: MethodConfig | None = None):
         super().__init__()
         self.config = config if config is not None else self.config_class()
+
+    @property
+    def keeps_budget_count(self) -> bool:
+        """True when training keeps exactly the budget's count at every site, as inference does.
+
+        The budget term of the objective (kept fraction vs target) is then constant: the trainer leaves it out.
+        """
+        return True
 
     def default_sites(self, adapter) -> list[str]:
         if getattr(adapter, "is_multimodal", False):
@@ -81,6 +92,7 @@ class TokenMethod(nn.Module):
     def select(self, state: TokenState, num_keep: int) -> Tensor:
         """``[B, num_keep + protected]`` indices of the survivors, ascending (original order kept)."""
         scores = self.score(state).float()
+        check_scores(scores, state.alive & ~state.protected, self.name, state.site)
         return top_k_with_protected(scores, state, num_keep)
 
     def reduce(self, state: TokenState, num_keep: int) -> TokenState:
@@ -91,7 +103,9 @@ class TokenMethod(nn.Module):
 
         Samples differ in layout and visual token count, so the keep set is a mask, not equal-length indices.
         """
-        return top_k_mask(self.score(state).float(), state, num_keep)
+        scores = self.score(state).float()
+        check_scores(scores, state.prunable, self.name, state.site)
+        return top_k_mask(scores, state, num_keep)
 
     def reduce_tokens(self, state: TokenState, num_keep: Tensor) -> tuple[Tensor, Tensor]:
         """Multimodal sites: the keep mask and the hidden states to carry (a merge writes into kept tokens)."""
@@ -105,6 +119,32 @@ class TokenMethod(nn.Module):
         policy = torch.zeros_like(state.hidden[..., 0])
         policy.scatter_(1, index, 1.0)
         return policy if state.policy is None else policy * state.policy
+
+
+def check_scores(scores: Tensor, candidates: Tensor, method: str, site: str) -> None:
+    """Raise unless every candidate token's score is a number: NaN has no rank, so a top-k would keep arbitrary
+    tokens silently. (``-inf`` / ``inf`` rank fine: never / always keep.)"""
+    bad = torch.isnan(scores) & candidates
+    if bool(bad.any()):
+        rows = bad.any(1).nonzero().flatten().tolist()
+        raise FloatingPointError(
+            f"{method} scores at site {site} are NaN for {int(bad.sum())} token(s) of sample(s) {rows[:8]}: they "
+            "cannot be ranked, so no tokens were selected. Check the inputs (NaN / inf pixels or embeddings) and, "
+            "for a learned method, its weights (a scorer trained into NaN)."
+        )
+
+
+def check_site_input(hidden: Tensor, rows: Tensor, method: str, site: str) -> None:
+    """Raise when the hidden states a method is about to score at ``site`` hold NaN / inf (``rows``: ``[B, N]``
+    the tokens that count: live, or valid in a padded multimodal batch). Every method, however it selects,
+    would rank such tokens arbitrarily."""
+    bad = ~torch.isfinite(hidden).all(-1) & rows
+    if bool(bad.any()):
+        samples = bad.any(1).nonzero().flatten().tolist()
+        raise FloatingPointError(
+            f"the hidden states reaching {method} at site {site} are NaN / inf for sample(s) {samples[:8]}: "
+            "tokens cannot be scored. Check the model's inputs (NaN / inf pixel_values) and weights."
+        )
 
 
 def top_k_with_protected(scores: Tensor, state: TokenState, num_keep: int) -> Tensor:

@@ -38,6 +38,7 @@ from tokensift.bench.vqa import mllm_inputs, padded_position_ids
 from tokensift.budget import Budget
 from tokensift.reduce_mllm import MLLMPruningHandle
 from tokensift.scorers.dyvte import DyVTEConfig, DyVTEMethod, check_threshold
+from tokensift.trainer.module import ReliableTraining, _check_optimizer_args
 from tokensift.trainer.schedule import warmup_cosine
 
 CHECKPOINT_KEY = "tokensift"
@@ -89,7 +90,7 @@ def exit_labels(
     return {"exit": exits, "scored": scored, "agreement": agreement, "full_loss": full_loss, "exit_loss": exit_loss}
 
 
-class ExitRouterTrainer(L.LightningModule):
+class ExitRouterTrainer(ReliableTraining, L.LightningModule):
     """Train DyVTE's exit routers on the frozen multimodal LLM ``backbone``.
 
     Args:
@@ -134,8 +135,7 @@ class ExitRouterTrainer(L.LightningModule):
             )
         if isinstance(loss_factor, bool) or not float(loss_factor) > 0.0:
             raise ValueError(f"loss_factor must be > 0 (DyVTE: 1.03), got {loss_factor!r}.")
-        if not 0.0 <= warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction!r}.")
+        _check_optimizer_args(lr, weight_decay, warmup_fraction)
         eval_thresholds = list(eval_thresholds if eval_thresholds is not None else [0.5])
         if not eval_thresholds:
             raise ValueError("eval_thresholds is empty; give at least one exit threshold in [0, 1] (e.g. [0.5]).")
@@ -182,6 +182,7 @@ class ExitRouterTrainer(L.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
+        self._install_reliability()
         strategy = self.trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy):
             strategy.exclude_frozen_parameters = True  # the backbone is rebuilt from `backbone`
@@ -192,7 +193,7 @@ class ExitRouterTrainer(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.method.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self._total_steps()
         schedule = warmup_cosine(optimizer, total, warmup_fraction=self.hparams.warmup_fraction)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -210,6 +211,7 @@ class ExitRouterTrainer(L.LightningModule):
             raise ValueError("batch['labels'] marks no answer token (all -100): the exit label needs the answer.")
         logits = self.method.router_logits(*summary, layer)
         loss = _router_loss(logits, target["exit"], scored, self.method.config.output)
+        self._check_finite_loss(loss)
         predicted = self._predicted_exit(logits)
         batch_size = int(scored.sum())
         self.train_router_acc(predicted[scored], target["exit"][scored])
@@ -262,6 +264,7 @@ class ExitRouterTrainer(L.LightningModule):
         for key in [k for k in state if k.startswith("backbone.")]:
             del state[key]  # frozen and reloadable: keeps checkpoints router-sized
         checkpoint[CHECKPOINT_KEY] = self.artifact_metadata()
+        self._save_reliability_state(checkpoint)
 
     # -- helpers --------------------------------------------------------------------------------
     def artifact_metadata(self) -> dict:

@@ -112,3 +112,13 @@ class D2PrunerMethod(TokenMethod):
             chosen = greedy_independent_sets(order, adjacency, pivots, budget - int(pivots.sum()))
             keep[b, visual[chosen]] = True
         return keep
+
+    def analytic_flops(self, site) -> float:
+        """FLOPs at a site (a ``tokensift.bench.flops.SiteShape``) beyond the captured map of layer K-1 (charged by
+        the bench for ``needs_attention``): the last text token's row averaged over heads, ``H n``, and, when the
+        sample keeps any visual token, the semantic graph's cosine similarities of its ``v`` visual hidden states,
+        ``3 v d + 2 v² d`` (the debiasing line and the spatial graph are O(v) / integer work)."""
+        row = float(site.heads * site.tokens)
+        if min(site.keep, site.prunable) == 0:
+            return row
+        return row + site.cosine_matrix(site.prunable, site.hidden)

@@ -69,3 +69,11 @@ class DivPruneMethod(TokenMethod):
         rows = torch.arange(picks.shape[0], device=picks.device).unsqueeze(1).expand_as(picks)
         keep[rows[wanted], picks[wanted]] = True
         return keep
+
+    def analytic_flops(self, site) -> float:
+        """FLOPs at a site (a ``tokensift.bench.flops.SiteShape``): the cosine similarity matrix of all ``n`` hidden
+        states present (special tokens included, as ``max_min_diverse`` computes it), ``3 n d + 2 n² d``; the
+        greedy max-min sweeps are comparisons."""
+        if site.keep == 0:
+            return 0.0
+        return site.cosine_matrix(site.tokens, site.hidden)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from tokensift.scorers.base import MethodConfig, TokenMethod
 from tokensift.scorers.registry import register
-from tokensift.state import TokenState
+from tokensift.state import SampleCounter, TokenState, with_sample_index
 
 
 @dataclass
@@ -84,6 +84,7 @@ class DynamicViTMethod(TokenMethod):
             )
         width = max(8, int(cfg.hidden_size * cfg.hidden_ratio) // 4 * 4)
         self.predictors = nn.ModuleList(_Predictor(cfg.hidden_size, width, cfg.budget_conditioned) for _ in cfg.sites)
+        self._samples = SampleCounter()  # Gumbel noise for states without a sample index: rows in arrival order
 
     @classmethod
     def for_backbone(cls, adapter, config: DynamicViTConfig | None = None) -> DynamicViTMethod:
@@ -93,6 +94,11 @@ class DynamicViTMethod(TokenMethod):
         if config.sites is None:
             config.sites = adapter.spread_sites(config.num_stages)
         return cls(config)
+
+    @property
+    def keeps_budget_count(self) -> bool:
+        """``topk`` keeps exactly the budget's count in training too; ``threshold`` keeps a variable count."""
+        return self.config.selection == "topk"
 
     def score(self, state: TokenState) -> Tensor:
         stage = self.config.sites.index(state.site)
@@ -105,9 +111,11 @@ class DynamicViTMethod(TokenMethod):
         logits = self.score(state)
         if self.config.selection == "topk":
             logits = logits - _masked_mean(logits, state.prunable)
-        u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+        # per sample, a function of (sample index, draw = the trainer's (seed, step), site, token): the same
+        # however a batch is split over ranks, so 1 process and N processes train alike
+        u = with_sample_index(state, self._samples).uniform(0, stream="dynamicvit.gumbel").clamp(1e-6, 1 - 1e-6)
         noise = u.log() - (-u).log1p()  # logistic = difference of two Gumbels: binary Gumbel-softmax
-        perturbed = logits + noise
+        perturbed = logits + noise.to(logits.dtype)
         if self.config.selection == "topk":
             candidates = perturbed.masked_fill(~state.prunable, float("-inf"))
             ranked = candidates.sort(dim=1, descending=True).values

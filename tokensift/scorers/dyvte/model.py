@@ -205,16 +205,15 @@ class DyVTEMethod(TokenMethod):
         return state.alive & (state.protected | ~exiting.unsqueeze(1))
 
     # -- cost -----------------------------------------------------------------------------------------
-    def analytic_mllm_flops(self, num_text: Tensor, visual_per_layer: Tensor) -> Tensor:
-        """``[B]`` FLOPs of the routers, charged at each router layer a sample reaches still holding visual
-        tokens: the mean text state (``n_text · d`` adds) and one router call (``2 · in · out`` per linear)."""
+    def analytic_flops(self, site) -> float:
+        """FLOPs at a router site (a ``tokensift.bench.flops.SiteShape``), charged when the sample reaches it still
+        holding visual tokens: the mean text state (``n_text · d`` adds) and one router call (``2 · in · out`` per
+        linear)."""
+        if site.prunable == 0:
+            return 0.0
         router = self.routers[0]
         per_call = float(sum(2 * m.in_features * m.out_features for m in router.modules() if isinstance(m, nn.Linear)))
-        calls = torch.zeros(visual_per_layer.shape[0], dtype=torch.float64)
-        for layer in self.config.layers:
-            calls += (visual_per_layer[:, layer - 1] > 0).double()  # the sample still had visual tokens to drop
-        summary = num_text.double() * self.config.hidden_size
-        return calls * (per_call + summary)
+        return per_call + site.protected * site.hidden
 
 
 def check_threshold(value, field: str = "threshold") -> float:

@@ -24,3 +24,7 @@ class L2NormMethod(TokenMethod):
 
     def score(self, state: TokenState) -> Tensor:
         return state.hidden.float().norm(dim=-1)
+
+    def analytic_flops(self, site) -> float:
+        """FLOPs at a site (a ``tokensift.bench.flops.SiteShape``): every token's squared norm, ``2 n d``."""
+        return 2.0 * site.tokens * site.hidden

@@ -1,10 +1,14 @@
 """PyramidDrop: prune visual tokens in stages through the LLM, each stage keeping a fraction of the last.
 
 The LLM is split into stages (four in the paper: three boundaries at 1/4, 1/2 and 3/4 depth); at each
-boundary the visual tokens are ranked by the attention the last instruction token pays them at the layer
-before, and a fixed ratio λ of them survives. With ``keep_ratio=ρ`` over S boundaries the budget's
-geometric schedule keeps ρ^(s/S) after boundary s, i.e. λ = ρ^(1/S) per stage, as PyramidDrop's
-constant per-stage ratio. A per-site ``keep_ratio`` mapping sets each stage explicitly.
+boundary K the visual tokens are ranked by the attention the last instruction token pays them in layer K
+itself: PyramidDrop's ``pdrop_rank_drop`` runs layer K's ``input_layernorm``, ``q_proj`` and ``k_proj``
+(+ RoPE) on the input of layer K and takes the softmax of that one query row, averaged over heads (FastV,
+by contrast, reads layer K-1's attention). The handle computes just that row (``needs_query_attention``),
+so no layer's attention kernel is replaced. A fixed ratio λ of the visual tokens survives each boundary.
+With ``keep_ratio=ρ`` over S boundaries the budget's geometric schedule keeps ρ^(s/S) after boundary s,
+i.e. λ = ρ^(1/S) per stage, as PyramidDrop's constant per-stage ratio. A per-site ``keep_ratio`` mapping
+sets each stage explicitly.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from tokensift.scorers.base import MethodConfig, TokenMethod
-from tokensift.scorers.multimodal import last_text_attention
+from tokensift.scorers.multimodal import require
 from tokensift.scorers.registry import register
 from tokensift.state import TokenState
 
@@ -34,7 +38,7 @@ class PyramidDropConfig(MethodConfig):
 class PyramidDropMethod(TokenMethod):
     name = "pyramiddrop"
     config_class = PyramidDropConfig
-    needs_attention = True
+    needs_query_attention = True
     site_kinds = ("llm",)
     description = "drop visual tokens in stages through the LLM by last-instruction-token attention (PyramidDrop)"
 
@@ -42,4 +46,10 @@ class PyramidDropMethod(TokenMethod):
         return adapter.spread_llm_sites(self.config.num_stages)
 
     def score(self, state: TokenState) -> Tensor:
-        return last_text_attention(state, self.name)
+        return require(state, "query_attention", self.name).float().mean(dim=1)  # [B, N], mean over heads
+
+    def analytic_flops(self, site) -> float:
+        """FLOPs at a site (a ``tokensift.bench.flops.SiteShape``) beyond the handle's last-query row of layer K
+        (charged by the bench for ``needs_query_attention``: input norm, keys, one query, RoPE, one softmax row):
+        the mean over heads, ``H n``."""
+        return float(site.heads * site.tokens)

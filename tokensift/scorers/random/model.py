@@ -9,14 +9,26 @@ from torch import Tensor
 
 from tokensift.scorers.base import MethodConfig, TokenMethod
 from tokensift.scorers.registry import register
-from tokensift.state import TokenState
+from tokensift.state import SampleCounter, TokenState, with_sample_index
 
 
 @dataclass
 class RandomConfig(MethodConfig):
-    """``seed``: draws repeat across forward passes when set (a fair, reproducible baseline)."""
+    """``seed``: each sample's draw is a function of (seed, sample, site), so a run repeats exactly; ``None``
+    draws from torch's global generator instead.
+
+    Samples are told apart by ``TokenState.sample_index`` (the dataset index a handle was given with
+    ``handle.set_samples``, else the handle's running count of rows), never by their row in the batch:
+    every sample of a test set gets its own draw, the same at any batch size.
+    """
 
     seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(
+                f"seed must be a non-negative integer or None (torch's global generator), got {self.seed!r}."
+            )
 
 
 @register
@@ -26,9 +38,11 @@ class RandomMethod(TokenMethod):
     description = "keep a uniformly random subset of tokens"
     site_kinds = ("vit", "pre_llm", "llm")
 
+    def __init__(self, config: RandomConfig | None = None):
+        super().__init__(config)
+        self._samples = SampleCounter()  # for states that come without a sample index (a packed tower's images)
+
     def score(self, state: TokenState) -> Tensor:
-        generator = None
-        if self.config.seed is not None:
-            generator = torch.Generator().manual_seed(self.config.seed)
-        scores = torch.rand(state.hidden.shape[:2], generator=generator)
-        return scores.to(state.hidden.device)
+        if self.config.seed is None:
+            return torch.rand(state.hidden.shape[:2]).to(state.hidden.device)
+        return with_sample_index(state, self._samples).uniform(self.config.seed, stream=self.name)

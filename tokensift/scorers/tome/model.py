@@ -98,3 +98,21 @@ class ToMeMethod(TokenMethod):
         return replace(
             state, hidden=hidden, size=size, protected=protected, orig_index=orig_index, keys=None, attention=None
         )
+
+    def analytic_flops(self, site) -> float:
+        """FLOPs at a site (a ``tokensift.bench.flops.SiteShape``) beyond the captured keys (charged by the bench for
+        ``needs_keys``), per round of :func:`bipartite_merge` on ``n`` tokens merging ``r``: normalising the
+        head-averaged keys (width ``h``) ``3 n h``, the similarity of set A to set B ``2 ⌈n/2⌉ ⌊n/2⌋ h``, and the
+        size-weighted merge of hidden states and keys (weigh ``n``, add ``r``, divide ``n - r`` rows) ``2 n (d + h)``.
+        Rounds as :meth:`reduce` runs them, the protected tokens at the front of the sequence."""
+        n, h, d = site.tokens, site.head_dim, site.hidden
+        remaining = site.prunable - site.keep
+        total = 0.0
+        while remaining > 0:
+            mergeable = (n + 1) // 2 - (site.protected + 1) // 2  # unprotected tokens at even positions (set A)
+            r = min(remaining, mergeable, n // 2)
+            if r <= 0:
+                break
+            total += site.normalize(n, h) + site.matmul((n + 1) // 2, h, n // 2) + 2.0 * n * (d + h)
+            n, remaining = n - r, remaining - r
+        return total

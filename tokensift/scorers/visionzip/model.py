@@ -72,3 +72,17 @@ class VisionZipMethod(TokenMethod):
             hidden[b, anchors] = (sums / sizes).to(hidden.dtype)
             keep[b, anchors] = True
         return keep, hidden
+
+    def analytic_flops(self, site) -> float:
+        """FLOPs at a ``pre_llm`` site (a ``tokensift.bench.flops.SiteShape``) beyond the tower's captured map (charged
+        by the bench for ``needs_tower_attention``): with ``c`` contextual tokens and ``r`` tokens left after the
+        dominant ones, the cosine similarity of the ``r`` tower keys (width ``h_t``; all pairs, of which the anchors'
+        columns are read) ``3 r h_t + 2 r² h_t``, then each group's sum ``r d`` and mean ``min(c, r) d``."""
+        budget = min(site.keep, site.prunable)
+        if budget == 0:
+            return 0.0
+        contextual = min(round(budget * self.config.contextual_fraction), budget - 1)
+        rest = site.prunable - (budget - contextual)
+        if contextual == 0 or rest == 0:
+            return 0.0
+        return site.cosine_matrix(rest, site.tower_head_dim) + (rest + min(contextual, rest)) * site.hidden

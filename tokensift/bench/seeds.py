@@ -1,0 +1,145 @@
+"""One learned method trained with several seeds, reported as one row: mean ± spread over the training runs.
+
+A bench row's bootstrap interval says how sure the accuracy is on *this* test set for *this* trained scorer;
+it says nothing about how much another training run would move it. ``summarize_seeds`` folds the rows of the
+runs of one method (benched side by side, each ``NAME:ARTIFACT``) into one row per budget, with the mean, the
+sample standard deviation and the range over seeds, next to the training-free rows and their intervals, and
+counts at each budget how many seeds beat the best training-free method with a paired interval above zero.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+
+
+def _spread(values: Sequence[float]) -> dict:
+    values = [float(v) for v in values]
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def summarize_seeds(result: Mapping, groups: Mapping[str, Sequence[str]]) -> dict:
+    """Fold ``result`` (what :func:`tokensift.bench.run_bench` returns) over the seeds of each learned method.
+
+    Args:
+        result: ``run_bench``'s return value (``rows``, ``matched_flops``, ``comparisons``).
+        groups: a learned method's display name → the row labels of its seeded runs (``rows[i]["method"]``).
+
+    Returns:
+        ``{"budgets": [...], "matched_flops": [...], "wins": [...]}``: per (method, keep ratio) and per
+        (method, FLOPs target) either a seeded spread (``seeds``) or a single run's interval; ``wins``: per learned
+        method and comparison point, how many seeds are above the best training-free method with a 95% paired
+        interval above zero, and the mean difference.
+    """
+    label_of = {label: name for name, labels in groups.items() for label in labels}
+    missing = sorted({label for labels in groups.values() for label in labels} - {r["method"] for r in result["rows"]})
+    if missing:
+        raise ValueError(f"groups: no bench rows for {missing}; the labels must be rows[i]['method'] of the bench.")
+
+    def fold(entries: Sequence[Mapping], key: str) -> list[dict]:
+        out, seeded = [], {}
+        for entry in entries:
+            name = label_of.get(entry["method"])
+            if name is None:
+                out.append(dict(entry))
+            else:
+                seeded.setdefault((name, entry[key]), []).append(entry)
+        for (name, at), runs in seeded.items():
+            row = {"method": name, "kind": runs[0]["kind"], key: at, "seeds": len(runs)}
+            for field in ("accuracy", "oracle_recall", "flops_ratio", "speedup"):
+                values = [r[field] for r in runs if r.get(field) is not None]
+                if values and field in runs[0]:
+                    row[field] = _spread(values) if field == "accuracy" else statistics.fmean(values)
+            out.append(row)
+        return out
+
+    budgets = fold([r for r in result["rows"] if r.get("keep_ratio") is not None], "keep_ratio")
+    matched = fold([m for m in result.get("matched_flops") or [] if m.get("accuracy") is not None], "flops_ratio")
+    wins = {}
+    for comparison in result.get("comparisons") or []:
+        name = label_of.get(comparison["learned"])
+        if name is None:
+            continue
+        entry = wins.setdefault((name, comparison["at"], comparison["value"]), [])
+        entry.append(comparison)
+    win_rows = [
+        {
+            "method": name,
+            "at": at,
+            "value": value,
+            "seeds": len(runs),
+            "seeds_above": sum(1 for c in runs if c["difference_low"] > 0),
+            "seeds_below": sum(1 for c in runs if c["difference_high"] < 0),
+            "mean_difference": statistics.fmean(c["difference"] for c in runs),
+            "baselines": sorted({c["baseline"] for c in runs}),
+        }
+        for (name, at, value), runs in wins.items()
+    ]
+    return {"budgets": budgets, "matched_flops": matched, "wins": win_rows}
+
+
+def _accuracy_text(entry: Mapping) -> str:
+    accuracy = entry.get("accuracy")
+    if isinstance(accuracy, Mapping):
+        return f"{accuracy['mean']:.3f} ± {accuracy['std']:.3f} ({accuracy['n']} seeds)"
+    if accuracy is None:
+        return "—"
+    low, high = entry.get("accuracy_low"), entry.get("accuracy_high")
+    return f"{accuracy:.3f} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else f"{accuracy:.3f}"
+
+
+def markdown_tables(summary: Mapping) -> str:
+    """The summary as Markdown tables (what README's demo tables are pasted from)."""
+    budgets = summary["budgets"]
+    ratios = sorted({e["keep_ratio"] for e in budgets if e["keep_ratio"] < 1.0}, reverse=True)
+    methods = list(dict.fromkeys(e["method"] for e in budgets))
+    by = {(e["method"], e["keep_ratio"]): e for e in budgets}
+    lines = [
+        "| method | "
+        + " | ".join(f"keep {r:g}" for r in ratios)
+        + " | oracle recall / FLOPs ratio @"
+        + (f"{ratios[len(ratios) // 2]:g}" if ratios else "—")
+        + " |",
+        "|---|" + "---|" * (len(ratios) + 1),
+    ]
+    middle = ratios[len(ratios) // 2] if ratios else None
+    for method in methods:
+        cells = [_accuracy_text(by[(method, r)]) if (method, r) in by else "—" for r in ratios]
+        mid = by.get((method, middle))
+        tail = "—"
+        if mid is not None and mid.get("flops_ratio") is not None:
+            recall = mid.get("oracle_recall")
+            tail = f"{recall:.3f} / {mid['flops_ratio']:.3f}" if recall is not None else f"— / {mid['flops_ratio']:.3f}"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {tail} |")
+    matched = summary["matched_flops"]
+    if matched:
+        targets = sorted({e["flops_ratio"] for e in matched})
+        at = {(e["method"], e["flops_ratio"]): e for e in matched}
+        lines += [
+            "",
+            "| method | " + " | ".join(f"FLOPs {t:g}" for t in targets) + " |",
+            "|---|" + "---|" * len(targets),
+        ]
+        for method in dict.fromkeys(e["method"] for e in matched):
+            lines.append(
+                f"| {method} | "
+                + " | ".join(_accuracy_text(at[(method, t)]) if (method, t) in at else "—" for t in targets)
+                + " |"
+            )
+    wins = summary["wins"]
+    if wins:
+        header = "| learned | at | mean difference vs best training-free | seeds above (95% paired) | seeds below |"
+        lines += ["", header, "|---|---|---|---|---|"]
+        for w in wins:
+            at = "keep" if w["at"] == "keep_ratio" else "FLOPs"
+            lines.append(
+                f"| {w['method']} | {at} {w['value']:g} | {w['mean_difference']:+.3f} | "
+                f"{w['seeds_above']}/{w['seeds']} | {w['seeds_below']}/{w['seeds']} |"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""Method specs of a benchmark run: what ``methods`` names (training-free, ``NAME:ARTIFACT_DIR``, the oracle)
+and the keep ratios, validated before any expensive work."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import tokensift as ts
+from tokensift.bench.oracle import OracleMethod
+from tokensift.export.artifact import MANIFEST, Artifact
+from tokensift.scorers import TokenMethod, build_method
+
+UNPRUNED = "unpruned"
+ORACLE = "oracle"
+
+
+@dataclass
+class MethodSpec:
+    """One ``methods`` entry: a registered training-free name, ``NAME:ARTIFACT_DIR``, or the oracle."""
+
+    label: str  # the row's ``method`` field
+    name: str
+    kind: str  # "learned" | "training-free" | "oracle"
+    entry: str
+    artifact: Artifact | None = None
+
+    def build(self) -> TokenMethod | Artifact:
+        if self.kind == ORACLE:
+            return OracleMethod()
+        if self.artifact is not None:
+            return self.artifact
+        return build_method(self.name)
+
+
+def _registered_names() -> dict[str, str]:
+    return {name: info["kind"] for name, info in ts.methods().items()}
+
+
+def _load_artifact_for(entry: str, name: str | None, path: Path) -> Artifact:
+    if not (path / MANIFEST).is_file():
+        what = "does not exist" if not path.exists() else f"has no {MANIFEST}"
+        raise FileNotFoundError(
+            f"methods: the artifact {str(path)!r} in {entry!r} {what}; export one with "
+            "`tokensift export CKPT OUT_DIR` and pass it as NAME:ARTIFACT_DIR."
+        )
+    artifact = ts.load(path)
+    held = artifact.manifest.get("method")
+    if name is not None and held != name:
+        raise ValueError(
+            f"methods: {entry!r} names {name!r} but {str(path)!r} holds a {held!r} scorer; write {held}:{path}."
+        )
+    return artifact
+
+
+def parse_methods(methods: Sequence[str] | str) -> tuple[list[MethodSpec], bool]:
+    """Validate ``methods`` (loading artifacts now); returns the specs and whether ``oracle`` was named."""
+    if isinstance(methods, str):
+        methods = methods.split(",")
+    entries = [m.strip() for m in methods if m and m.strip()]
+    known = _registered_names()
+    free = sorted(n for n, k in known.items() if k == "training-free")
+    learned = sorted(n for n, k in known.items() if k == "learned")
+    specs: list[MethodSpec] = []
+    oracle_requested = False
+    for entry in entries:
+        if entry in (UNPRUNED, ORACLE):
+            oracle_requested |= entry == ORACLE
+            continue  # always benchmarked (the oracle whenever batches carry an oracle_mask)
+        name, sep, path = entry.partition(":")
+        if sep:
+            name, path = name.strip(), path.strip()
+            if name not in known:
+                raise ValueError(
+                    f"methods: unknown method {name!r} in {entry!r}; learned scorers: {learned} "
+                    "(give NAME:ARTIFACT_DIR)."
+                )
+            if not path:
+                raise ValueError(f"methods: {entry!r} has no artifact path; write {name}:ARTIFACT_DIR.")
+            artifact = _load_artifact_for(entry, name, Path(path))
+            specs.append(MethodSpec(name, name, artifact.method.kind, entry, artifact))
+        elif entry in known:
+            if known[entry] == "learned":
+                raise ValueError(
+                    f"methods: {entry!r} is a learned scorer and needs its trained weights; "
+                    f"write {entry}:ARTIFACT_DIR (an exported artifact directory)."
+                )
+            specs.append(MethodSpec(entry, entry, "training-free", entry))
+        elif (Path(entry) / MANIFEST).is_file():
+            artifact = _load_artifact_for(entry, None, Path(entry))
+            name = artifact.manifest["method"]
+            specs.append(MethodSpec(name, name, artifact.method.kind, entry, artifact))
+        else:
+            raise ValueError(
+                f"methods: unknown method {entry!r}; training-free methods: {free}; learned scorers go as "
+                f"NAME:ARTIFACT_DIR with NAME in {learned} (e.g. dynamicvit:runs/x/artifact)."
+            )
+    if not specs and not oracle_requested:
+        raise ValueError(
+            f"methods: nothing to benchmark; give comma-separated methods, e.g. random,l2norm or "
+            f"dynamicvit:ARTIFACT_DIR (training-free: {free})."
+        )
+    seen: dict[str, int] = {}
+    for spec in specs:
+        seen[spec.label] = seen.get(spec.label, 0) + 1
+    for spec in specs:
+        if seen[spec.label] > 1:
+            spec.label = spec.entry
+    labels = [s.label for s in specs]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ValueError(f"methods: {duplicates} are listed more than once; list each method once.")
+    return specs, oracle_requested
+
+
+def parse_keep_ratios(keep_ratios: Sequence[float] | str, field: str = "keep_ratios") -> list[float]:
+    if isinstance(keep_ratios, str):
+        parts = [p.strip() for p in keep_ratios.split(",") if p.strip()]
+    else:
+        parts = list(keep_ratios)
+    ratios = []
+    for part in parts:
+        try:
+            ratio = float(part)
+        except (TypeError, ValueError):
+            raise ValueError(f"{field}: {part!r} is not a number; give fractions such as 1,0.5,0.25.") from None
+        if not 0.0 < ratio <= 1.0 or math.isnan(ratio):
+            raise ValueError(
+                f"{field}: {ratio!r} is outside (0, 1]; a keep ratio is the fraction of patch tokens kept "
+                "(1 keeps all), e.g. 1,0.5,0.25,0.1."
+            )
+        ratios.append(ratio)
+    if not ratios:
+        raise ValueError(f"{field}: give at least one keep ratio in (0, 1], e.g. 1,0.5,0.25,0.1.")
+    return sorted(set(ratios), reverse=True)
+
+
+__all__ = ["ORACLE", "UNPRUNED", "MethodSpec", "parse_keep_ratios", "parse_methods"]
