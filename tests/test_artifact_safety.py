@@ -225,7 +225,7 @@ def test_zero_shard_with_a_pickle_payload_is_refused_without_running_it(where, t
 def test_ckpt_file_with_a_pickle_payload_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "payload_ran"
     torch.save({"state_dict": {}, "tokensift": Payload(marker)}, tmp_path / "last.ckpt")
-    with pytest.raises(UnsafeCheckpoint, match=r"last\.ckpt holds a pickled object"):
+    with pytest.raises(UnsafeCheckpoint, match=r"last\.ckpt is not a torch checkpoint, or holds a pickled object"):
         export(tmp_path / "last.ckpt", tmp_path / "artifact")
     assert not marker.exists() and not (tmp_path / "artifact").exists()
 

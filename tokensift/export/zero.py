@@ -116,12 +116,17 @@ def load_shard(path: Path) -> dict:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except UnpicklingError as error:
         raise UnsafeCheckpoint(
-            f"{path} holds a pickled object outside the tensors, containers and DeepSpeed records a checkpoint "
-            f"carries, so it was not loaded (nothing in it ran): {_unpickling_detail(error)}. Export only "
-            "checkpoints `tokensift fit` wrote; a file of unknown origin can carry code."
+            f"{path} is not a torch checkpoint, or holds a pickled object outside the tensors, containers and "
+            f"DeepSpeed records a checkpoint carries; it was not loaded (nothing in it ran): "
+            f"{_unpickling_detail(error)}. Export only checkpoints `tokensift fit` wrote; a file of unknown origin "
+            "can carry code."
         ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"{path} is not a readable torch checkpoint shard ({error}); it may be truncated.") from None
+    except (RuntimeError, EOFError, OSError, IndexError, KeyError, TypeError, ValueError) as error:
+        # the weights-only unpickler stops on bytes that are no pickle at all with whatever it tripped on
+        raise ValueError(
+            f"{path} is not a readable torch checkpoint ({type(error).__name__}: {error}); it may be truncated or "
+            "another kind of file. Export a last.ckpt / best.ckpt or a ZeRO checkpoint folder `tokensift fit` wrote."
+        ) from None
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not the dict of a DeepSpeed checkpoint shard.")
     return state
