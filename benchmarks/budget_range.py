@@ -14,7 +14,7 @@ import tempfile
 from rich.console import Console
 from rich.table import Table
 
-from tokensift.cli import TokensiftCLI
+from tokensift.fit_cli import TokensiftCLI
 from tokensift.quickstart import RECIPE
 
 

@@ -294,7 +294,7 @@ def test_fit_refuses_data_it_cannot_train_on(vit_dir, tmp_path, data, text):
 def test_export_of_a_file_that_is_not_a_checkpoint_writes_nothing(tmp_path):
     junk = tmp_path / "notes.ckpt"
     junk.write_text("these are not weights")
-    with pytest.raises(ValueError, match="notes.ckpt is not a.* torch checkpoint"):
+    with pytest.raises(ValueError, match=r"notes\.ckpt is not a.* torch checkpoint"):
         main(["export", str(junk), str(tmp_path / "artifact")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.ckpt"]
 

@@ -15,11 +15,11 @@ from tests.tiny_mllm import build_tiny_mllm
 from tokensift.backbones import adapt
 from tokensift.backbones.loading import load_mllm_backbone
 from tokensift.backbones.pretrain_mllm import pretrain_mllm
+from tokensift.backbones.vqa import answer_accuracy
 from tokensift.bench import FIELDS, bench, run_bench
-from tokensift.bench.flops import mllm_prefill_flops, mllm_vision_flops
-from tokensift.bench.vqa import answer_accuracy
 from tokensift.data import DigitVQADataModule
 from tokensift.export.artifact import save_artifact
+from tokensift.flops import mllm_prefill_flops, mllm_vision_flops
 from tokensift.scorers.dyvte import DyVTEConfig, DyVTEMethod
 
 DATA = dict(batch_size=8, train_samples=64, val_samples=8, test_samples=16, seed=1)

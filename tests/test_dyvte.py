@@ -32,13 +32,13 @@ from transformers import AutoModelForImageTextToText
 
 import tokensift as ts
 from tokensift.backbones import adapt
-from tokensift.bench.flops import (
+from tokensift.cli import TokensiftCLI, main
+from tokensift.flops import (
     decoder_layer_shapes,
     exit_visual_per_layer,
     last_prefill_flops,
     mllm_prefill_flops,
 )
-from tokensift.cli import TokensiftCLI, main
 from tokensift.scorers.base import TokenMethod
 from tokensift.scorers.dyvte import DyVTEConfig, DyVTEMethod
 from tokensift.trainer import ExitRouterTrainer, exit_labels

@@ -9,7 +9,8 @@ from transformers import ViTConfig, ViTForImageClassification
 import tokensift as ts
 from tests.tiny_mllm import build_tiny_mllm
 from tokensift.backbones import adapt
-from tokensift.bench.flops import (
+from tokensift.bench.oracle import OracleMethod
+from tokensift.flops import (
     SiteShape,
     backbone_flops,
     block_flops,
@@ -20,7 +21,6 @@ from tokensift.bench.flops import (
     site_flops,
     tokens_per_layer,
 )
-from tokensift.bench.oracle import OracleMethod
 from tokensift.scorers import build_method
 from tokensift.scorers.dynamicvit import DynamicViTConfig, DynamicViTMethod
 

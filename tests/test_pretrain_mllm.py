@@ -1,4 +1,4 @@
-"""Tests for the tiny-MLLM recipe (tokensift.backbones.pretrain_mllm) and its evaluation (tokensift.bench.vqa)."""
+"""Tests for the tiny-MLLM recipe (tokensift.backbones.pretrain_mllm) and its evaluation (tokensift.backbones.vqa)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tokensift.backbones.pretrain_mllm import (
     pretrain_mllm,
     text_only_baseline,
 )
-from tokensift.bench.vqa import answer_accuracy, mllm_inputs, qwen2_vl_patches
+from tokensift.backbones.vqa import answer_accuracy, mllm_inputs, qwen2_vl_patches
 from tokensift.data.digit_vqa import DigitVQA, DigitVQACollator, DigitVQADataModule
 
 TINY = dict(vision_hidden_size=32, vision_layers=1, text_hidden_size=32, text_layers=1)

@@ -42,6 +42,7 @@ NOISE = (
     "module(s) in eval mode",  # the frozen backbone, by design
     "FLOPs",  # `Total FLOPs: 0` in the model summary
     "not resumable",  # Lightning's mid-epoch resume warning
+    "You have overridden",  # a hook Lightning would run in place of the data module's
 )
 
 

@@ -32,8 +32,8 @@ def fit_and_export(
     """Stages 2 and 3: ``tokensift fit`` of ``recipe`` on the frozen backbone (``backbone_arg``), logging to
     ``save_dir``, with ``data_options`` as data init_args, ``max_epochs`` when given, then ``extra_args``; export
     its last checkpoint to ``artifact``. An existing ``artifact`` is reused."""
-    from tokensift.cli import TokensiftCLI
     from tokensift.export.checkpoint import export
+    from tokensift.fit_cli import TokensiftCLI
 
     if (artifact / "tokensift.json").is_file():
         console.print(f"[green]reusing {label}[/] {artifact}")

@@ -291,7 +291,7 @@ class MLLMPruningHandle:
     def visual_tokens_per_layer(self) -> Tensor | None:
         """``[B, num_layers]``: visual tokens entering each decoder layer, per sample, in the last prefill.
 
-        What the analytic FLOPs count (``tokensift.bench.flops.mllm_prefill_flops``); ``None`` before any
+        What the analytic FLOPs count (``tokensift.flops.mllm_prefill_flops``); ``None`` before any
         prefill with visual tokens.
         """
         if self.last_num_visual is None:

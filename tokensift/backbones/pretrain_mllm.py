@@ -33,7 +33,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from tokensift.bench.vqa import answer_accuracy, mllm_inputs
+from tokensift.backbones.vqa import answer_accuracy, mllm_inputs
 from tokensift.data.digit_vqa import IGNORE_INDEX, DigitVQA, DigitVQADataModule, build_image_processor
 from tokensift.io import atomic_directory, check_replaceable
 from tokensift.trainer.schedule import warmup_cosine
@@ -172,7 +172,7 @@ def build_mllm(
 
 def build_image_processor_for(family: str, data: DigitVQADataModule):
     """The image processor that turns a raw canvas ([C, H, W], grey levels 0..16) into this family's
-    ``pixel_values`` exactly as :class:`DigitVQA` and :func:`~tokensift.bench.vqa.mllm_inputs` build them:
+    ``pixel_values`` exactly as :class:`DigitVQA` and :func:`~tokensift.backbones.vqa.mllm_inputs` build them:
     normalised images for LLaVA, Qwen2-VL's flattened patches (and ``image_grid_thw``) for Qwen2-VL."""
     _check_family(family)
     image_processor = build_image_processor(data.num_channels)

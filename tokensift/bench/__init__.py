@@ -21,7 +21,6 @@ equal FLOPs (:mod:`tokensift.bench.stats`); ``--sweep_sites true`` runs the trai
 
 from __future__ import annotations
 
-from tokensift.bench.flops import backbone_flops, pruned_flops, scorer_flops, tokens_per_layer
 from tokensift.bench.oracle import OracleMethod
 from tokensift.bench.results import COMPARISON_FIELDS, MATCHED_FIELDS, SWEEP_FIELDS
 from tokensift.bench.runner import FIELDS, parse_keep_ratios, parse_methods, resolve_datamodule, run_bench
@@ -33,6 +32,7 @@ from tokensift.bench.stats import (
     interpolate_at,
     paired_difference,
 )
+from tokensift.flops import backbone_flops, pruned_flops, scorer_flops, tokens_per_layer
 
 
 def bench(

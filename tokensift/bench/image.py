@@ -2,7 +2,7 @@
 
 Per row: accuracy with its bootstrap interval, retention (accuracy / unpruned accuracy), oracle recall (fraction
 of the target's patches whose original index survives the last site), analytic FLOPs ratio
-(``tokensift.bench.flops``), wall-clock speedup and peak-memory ratio (:mod:`tokensift.bench.measure`), both
+(``tokensift.flops``), wall-clock speedup and peak-memory ratio (:mod:`tokensift.bench.measure`), both
 measured against the unpruned model in the same run. With ``sweep_sites`` the training-free methods also run at
 every swept site (:mod:`tokensift.bench.sweep`), scored on the validation and the test split, and once more,
 fully measured, at the site validation picked.
@@ -23,7 +23,6 @@ import tokensift as ts
 from tokensift.backbones import adapt, load_backbone
 from tokensift.backbones.vision import VisionAdapter
 from tokensift.bench.data import as_batch, oracle_on_model_grid
-from tokensift.bench.flops import pruned_flops
 from tokensift.bench.measure import environment_metadata, measure_speed_and_memory
 from tokensift.bench.oracle import OracleMethod
 from tokensift.bench.results import MATCHED_FLOPS_NOTE, finalize_rows, print_report, summarize, write_results
@@ -32,6 +31,7 @@ from tokensift.bench.specs import ORACLE, UNPRUNED, MethodSpec
 from tokensift.bench.stats import Bootstrap
 from tokensift.bench.sweep import best_site_label, choose_best_sites, resolve_sweep_sites
 from tokensift.export.artifact import Artifact, FingerprintMismatch
+from tokensift.flops import pruned_flops
 from tokensift.reduce import PruningHandle
 
 
@@ -272,7 +272,7 @@ def _run_metadata(rows, timing, repeats, warmup, bootstrap, flops_ratios, sweep_
             "statistic": "time: median over repeats; speedup: median over repeats of unpruned / pruned time "
             "of back-to-back passes",
         },
-        "flops_model": "analytic, see tokensift.bench.flops (2 FLOPs per multiply-add; embedding and head once)",
+        "flops_model": "analytic, see tokensift.flops (2 FLOPs per multiply-add; embedding and head once)",
         "accuracy_interval": bootstrap.describe(),
         "flops_ratios": flops_ratios,
         "matched_flops": MATCHED_FLOPS_NOTE,

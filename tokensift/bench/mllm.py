@@ -6,11 +6,11 @@ Pareto plot, timing, memory and interval code are the shared modules' (:mod:`~to
 
 - ``accuracy``: answer accuracy on the test split (torchmetrics): the prompt (left-padded, ending in
   ``answer :``) goes through the model once and the prediction is the argmax of the next-token logits over
-  the answer words (:mod:`tokensift.bench.vqa` does the same and checks ``generate`` agrees).
+  the answer words (:mod:`tokensift.backbones.vqa` does the same and checks ``generate`` agrees).
 - ``oracle_recall``: the fraction of the question's oracle patches whose visual token is still in the
   sequence after the method's last site (``handle.kept_orig_index``).
 - ``flops_ratio``: analytic prefill FLOPs, ``(vision tower + LLM + scorer) / (vision tower + unpruned LLM)``
-  (:func:`~tokensift.bench.flops.mllm_vision_flops`, :func:`~tokensift.bench.flops.mllm_prefill_flops`).
+  (:func:`~tokensift.flops.mllm_vision_flops`, :func:`~tokensift.flops.mllm_prefill_flops`).
 - ``speedup`` and ``mem_ratio``: one prefill forward of the timing batches, pruned vs unpruned, measured as
   the image bench does (back-to-back pairs; activation peak).
 - exit methods (``dyvte``) take a decision ``threshold`` per row instead of a keep ratio (by default the
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 import tokensift as ts
 from tokensift.backbones import adapt
 from tokensift.backbones.loading import load_mllm_backbone
-from tokensift.bench.flops import mllm_prefill_flops, mllm_vision_flops
+from tokensift.backbones.vqa import SUPPORTED_MODEL_TYPES, mllm_inputs
 from tokensift.bench.measure import environment_metadata, measure_speed_and_memory
 from tokensift.bench.oracle import MLLMOracleMethod
 from tokensift.bench.results import MATCHED_FLOPS_NOTE, finalize_rows, summarize, write_results
@@ -49,8 +49,8 @@ from tokensift.bench.stats import (
     check_bootstrap,
     parse_flops_ratios,
 )
-from tokensift.bench.vqa import SUPPORTED_MODEL_TYPES, mllm_inputs
 from tokensift.export.artifact import Artifact, FingerprintMismatch
+from tokensift.flops import mllm_prefill_flops, mllm_vision_flops
 from tokensift.scorers import TokenMethod
 
 MLLM_SITE_KINDS = ("pre_llm", "llm")
@@ -283,7 +283,7 @@ _TIMING_NOTES = {
 }
 _MEASURE_NOTES = {
     "accuracy": "answer accuracy: argmax over the answer words of the next-token logits after the prompt",
-    "flops_model": "analytic prefill, see tokensift.bench.flops: (vision tower + LLM + scorer) / "
+    "flops_model": "analytic prefill, see tokensift.flops: (vision tower + LLM + scorer) / "
     "(vision tower + unpruned LLM); 2 FLOPs per multiply-add",
     "keep_count": "mean visual tokens per sample entering the last LLM layer",
     "matched_flops": MATCHED_FLOPS_NOTE,

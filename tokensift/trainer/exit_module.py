@@ -14,7 +14,7 @@ Batches carry the model's inputs and ``labels`` ([B, L], -100 everywhere but the
 inside as for a causal LM: ``labels[:, t]`` is predicted at position ``t - 1``). A LLaVA batch, digit
 VQA's (:mod:`tokensift.data.digit_vqa`) included, passes as is, with padding-aware ``position_ids`` added
 when it has none; a Qwen2-VL batch passes as is when it holds ``image_grid_thw``, and a digit-VQA one
-(images ``[B, C, H, W]``) becomes patches and grids through :func:`tokensift.bench.vqa.mllm_inputs`.
+(images ``[B, C, H, W]``) becomes patches and grids through :func:`tokensift.backbones.vqa.mllm_inputs`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from torchmetrics.classification import BinaryAccuracy
 
 from tokensift.backbones import MLLMAdapter, adapt
 from tokensift.backbones.loading import load_mllm_backbone
-from tokensift.bench.flops import last_prefill_flops
-from tokensift.bench.vqa import mllm_inputs, padded_position_ids
+from tokensift.backbones.vqa import mllm_inputs, padded_position_ids
 from tokensift.budget import Budget
+from tokensift.flops import last_prefill_flops
 from tokensift.reduce_mllm import MLLMPruningHandle
 from tokensift.scorers.dyvte import DyVTEConfig, DyVTEMethod, check_threshold
 from tokensift.trainer.module import ReliableTraining, _check_optimizer_args

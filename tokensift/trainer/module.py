@@ -448,6 +448,7 @@ class ScorerTrainer(ReliableTraining, L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self._check_batch(batch)
         pixel_values, labels = batch["pixel_values"], batch["labels"]
         with torch.no_grad():
             self.handle.enabled = False
@@ -485,8 +486,11 @@ class ScorerTrainer(ReliableTraining, L.LightningModule):
         self.log("train/keep_target", keep_ratio, batch_size=batch_size)
         return terms["loss"]
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Every batch (fit, validate, test): a dict with ``pixel_values`` this backbone takes, and ``labels``."""
+    def _check_batch(self, batch: Any) -> None:
+        """Every batch (fit, validate, test): a dict with ``pixel_values`` this backbone takes, and ``labels``.
+
+        Called from the steps rather than as ``on_before_batch_transfer``, which Lightning warns about on every
+        fit that passes a data module."""
         missing = [key for key in ("pixel_values", "labels") if not isinstance(batch, dict) or key not in batch]
         if missing:
             got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
@@ -501,7 +505,6 @@ class ScorerTrainer(ReliableTraining, L.LightningModule):
                 f"batch {error} The data module's images do not fit the backbone {self.hparams.backbone!r}: "
                 "make them that size and channel count (e.g. --data.init_args.canvas_size / num_channels)."
             ) from error
-        return batch
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, self.val_acc, "val")
@@ -531,6 +534,7 @@ class ScorerTrainer(ReliableTraining, L.LightningModule):
         }
 
     def _evaluate(self, batch: dict, metrics: nn.ModuleDict, stage: str) -> None:
+        self._check_batch(batch)
         pixel_values, labels = batch["pixel_values"], batch["labels"]
         self.handle.enabled = False
         metrics[_key("full")].update(self.adapter.logits(pixel_values), labels)

@@ -37,7 +37,7 @@ class ClsAttentionMethod(TokenMethod):
         return (attention * queries).sum(dim=1) / queries.sum(dim=1).clamp_min(1.0)
 
     def analytic_flops(self, site) -> float:
-        """FLOPs at a site (a ``tokensift.bench.flops.SiteShape``) beyond the captured map (charged by the bench for
+        """FLOPs at a site (a ``tokensift.flops.SiteShape``) beyond the captured map (charged by the bench for
         ``needs_attention``): its head average, ``H n²``, and the [CLS] row (or the mean over queries) taken as a
         weighted sum over the queries, ``2 n²``."""
         n = site.tokens

@@ -114,7 +114,7 @@ class D2PrunerMethod(TokenMethod):
         return keep
 
     def analytic_flops(self, site) -> float:
-        """FLOPs at a site (a ``tokensift.bench.flops.SiteShape``) beyond the captured map of layer K-1 (charged by
+        """FLOPs at a site (a ``tokensift.flops.SiteShape``) beyond the captured map of layer K-1 (charged by
         the bench for ``needs_attention``): the last text token's row averaged over heads, ``H n``, and, when the
         sample keeps any visual token, the semantic graph's cosine similarities of its ``v`` visual hidden states,
         ``3 v d + 2 v² d`` (the debiasing line and the spatial graph are O(v) / integer work)."""

@@ -90,7 +90,7 @@ class DARTMethod(TokenMethod):
         return keep
 
     def analytic_flops(self, site) -> float:
-        """FLOPs at a site (a ``tokensift.bench.flops.SiteShape``; the keys come from layer K-1's ``k_proj``, which
+        """FLOPs at a site (a ``tokensift.flops.SiteShape``; the keys come from layer K-1's ``k_proj``, which
         the model computes anyway, and the LM's final norm is charged by the bench for ``needs_final_norm``): the
         keys' L1 norms ``2 n w_kv``; when the sample keeps a visual token, its ``n`` normed states normalised
         ``3 n d`` and each pivot's cosine similarity to the visual tokens not yet kept ``2 · free · d``, pivots

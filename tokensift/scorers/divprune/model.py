@@ -71,7 +71,7 @@ class DivPruneMethod(TokenMethod):
         return keep
 
     def analytic_flops(self, site) -> float:
-        """FLOPs at a site (a ``tokensift.bench.flops.SiteShape``): the cosine similarity matrix of all ``n`` hidden
+        """FLOPs at a site (a ``tokensift.flops.SiteShape``): the cosine similarity matrix of all ``n`` hidden
         states present (special tokens included, as ``max_min_diverse`` computes it), ``3 n d + 2 n² d``; the
         greedy max-min sweeps are comparisons."""
         if site.keep == 0:

@@ -206,7 +206,7 @@ class DyVTEMethod(TokenMethod):
 
     # -- cost -----------------------------------------------------------------------------------------
     def analytic_flops(self, site) -> float:
-        """FLOPs at a router site (a ``tokensift.bench.flops.SiteShape``), charged when the sample reaches it still
+        """FLOPs at a router site (a ``tokensift.flops.SiteShape``), charged when the sample reaches it still
         holding visual tokens: the mean text state (``n_text · d`` adds) and one router call (``2 · in · out`` per
         linear)."""
         if site.prunable == 0:

@@ -40,6 +40,6 @@ class FastVMethod(TokenMethod):
         return last_text_attention(state, self.name)
 
     def analytic_flops(self, site) -> float:
-        """FLOPs at a site (a ``tokensift.bench.flops.SiteShape``) beyond the captured map of layer K-1 (charged by
+        """FLOPs at a site (a ``tokensift.flops.SiteShape``) beyond the captured map of layer K-1 (charged by
         the bench for ``needs_attention``): the last text token's row averaged over heads, ``H n``."""
         return float(site.heads * site.tokens)

@@ -26,5 +26,5 @@ class L2NormMethod(TokenMethod):
         return state.hidden.float().norm(dim=-1)
 
     def analytic_flops(self, site) -> float:
-        """FLOPs at a site (a ``tokensift.bench.flops.SiteShape``): every token's squared norm, ``2 n d``."""
+        """FLOPs at a site (a ``tokensift.flops.SiteShape``): every token's squared norm, ``2 n d``."""
         return 2.0 * site.tokens * site.hidden

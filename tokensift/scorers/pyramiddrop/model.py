@@ -49,7 +49,7 @@ class PyramidDropMethod(TokenMethod):
         return require(state, "query_attention", self.name).float().mean(dim=1)  # [B, N], mean over heads
 
     def analytic_flops(self, site) -> float:
-        """FLOPs at a site (a ``tokensift.bench.flops.SiteShape``) beyond the handle's last-query row of layer K
+        """FLOPs at a site (a ``tokensift.flops.SiteShape``) beyond the handle's last-query row of layer K
         (charged by the bench for ``needs_query_attention``: input norm, keys, one query, RoPE, one softmax row):
         the mean over heads, ``H n``."""
         return float(site.heads * site.tokens)

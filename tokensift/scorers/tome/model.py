@@ -100,7 +100,7 @@ class ToMeMethod(TokenMethod):
         )
 
     def analytic_flops(self, site) -> float:
-        """FLOPs at a site (a ``tokensift.bench.flops.SiteShape``) beyond the captured keys (charged by the bench for
+        """FLOPs at a site (a ``tokensift.flops.SiteShape``) beyond the captured keys (charged by the bench for
         ``needs_keys``), per round of :func:`bipartite_merge` on ``n`` tokens merging ``r``: normalising the
         head-averaged keys (width ``h``) ``3 n h``, the similarity of set A to set B ``2 ⌈n/2⌉ ⌊n/2⌋ h``, and the
         size-weighted merge of hidden states and keys (weigh ``n``, add ``r``, divide ``n - r`` rows) ``2 n (d + h)``.

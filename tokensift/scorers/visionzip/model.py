@@ -74,7 +74,7 @@ class VisionZipMethod(TokenMethod):
         return keep, hidden
 
     def analytic_flops(self, site) -> float:
-        """FLOPs at a ``pre_llm`` site (a ``tokensift.bench.flops.SiteShape``) beyond the tower's captured map (charged
+        """FLOPs at a ``pre_llm`` site (a ``tokensift.flops.SiteShape``) beyond the tower's captured map (charged
         by the bench for ``needs_tower_attention``): with ``c`` contextual tokens and ``r`` tokens left after the
         dominant ones, the cosine similarity of the ``r`` tower keys (width ``h_t``; all pairs, of which the anchors'
         columns are read) ``3 r h_t + 2 r² h_t``, then each group's sum ``r d`` and mean ``min(c, r) d``."""
