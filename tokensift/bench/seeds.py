@@ -47,12 +47,12 @@ def summarize_seeds(result: Mapping, groups: Mapping[str, Sequence[str]]) -> dic
         for entry in entries:
             name = label_of.get(entry["method"])
             if name is None:
-                out.append(dict(entry))
-            else:
-                seeded.setdefault((name, entry[key]), []).append(entry)
+                out.append(dict(entry) | {key: round(entry[key], 6)})
+            else:  # targets parsed from text (0.7 vs 0.7000000000000001) are one column
+                seeded.setdefault((name, round(entry[key], 6)), []).append(entry)
         for (name, at), runs in seeded.items():
             row = {"method": name, "kind": runs[0]["kind"], key: at, "seeds": len(runs)}
-            for field in ("accuracy", "oracle_recall", "flops_ratio", "speedup"):
+            for field in {"accuracy", "oracle_recall", "flops_ratio", "speedup"} - {key}:
                 values = [r[field] for r in runs if r.get(field) is not None]
                 if values and field in runs[0]:
                     row[field] = _spread(values) if field == "accuracy" else statistics.fmean(values)
@@ -66,7 +66,7 @@ def summarize_seeds(result: Mapping, groups: Mapping[str, Sequence[str]]) -> dic
         name = label_of.get(comparison["learned"])
         if name is None:
             continue
-        entry = wins.setdefault((name, comparison["at"], comparison["value"]), [])
+        entry = wins.setdefault((name, comparison["at"], round(comparison["value"], 6)), [])
         entry.append(comparison)
     win_rows = [
         {
@@ -110,8 +110,11 @@ def markdown_tables(summary: Mapping) -> str:
     ]
     middle = ratios[len(ratios) // 2] if ratios else None
     for method in methods:
-        cells = [_accuracy_text(by[(method, r)]) if (method, r) in by else "—" for r in ratios]
-        mid = by.get((method, middle))
+        if (method, 1.0) in by and not any((method, r) in by for r in ratios):  # the unpruned model: every budget
+            cells = [_accuracy_text(by[(method, 1.0)])] * len(ratios)
+        else:
+            cells = [_accuracy_text(by[(method, r)]) if (method, r) in by else "—" for r in ratios]
+        mid = by.get((method, middle), by.get((method, 1.0)))
         tail = "—"
         if mid is not None and mid.get("flops_ratio") is not None:
             recall = mid.get("oracle_recall")
@@ -134,12 +137,14 @@ def markdown_tables(summary: Mapping) -> str:
             )
     wins = summary["wins"]
     if wins:
-        header = "| learned | at | mean difference vs best training-free | seeds above (95% paired) | seeds below |"
-        lines += ["", header, "|---|---|---|---|---|"]
+        header = (
+            "| learned | at | best training-free there | mean difference | seeds above (95% paired) | seeds below |"
+        )
+        lines += ["", header, "|---|---|---|---|---|---|"]
         for w in wins:
             at = "keep" if w["at"] == "keep_ratio" else "FLOPs"
             lines.append(
-                f"| {w['method']} | {at} {w['value']:g} | {w['mean_difference']:+.3f} | "
+                f"| {w['method']} | {at} {w['value']:g} | {', '.join(w['baselines'])} | {w['mean_difference']:+.3f} | "
                 f"{w['seeds_above']}/{w['seeds']} | {w['seeds_below']}/{w['seeds']} |"
             )
     return "\n".join(lines)
