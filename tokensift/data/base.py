@@ -6,6 +6,7 @@ import warnings
 from collections.abc import Callable
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
@@ -28,6 +29,31 @@ def check_loader_args(
     ):
         if not is_integer(value) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class SeededSplitDataset(Dataset):
+    """A split whose sample ``index`` is a pure function of ``(seed, split, index)``: subclasses set ``num_samples``,
+    ``split``, ``split_id`` and ``seed`` and draw each sample from :meth:`rng`."""
+
+    num_samples: int
+    split: str
+    split_id: int
+    seed: int
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _check_index(self, index: int) -> int:
+        index = int(index)
+        if index < 0:
+            index += self.num_samples
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.split} split of size {self.num_samples}")
+        return index
+
+    def rng(self, index: int) -> np.random.Generator:
+        """The generator sample ``index`` is drawn from: ``default_rng([seed, split_id, index])``."""
+        return np.random.default_rng([self.seed, self.split_id, self._check_index(index)])
 
 
 class EpochShuffle(RandomSampler):

@@ -50,9 +50,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from tokensift.data.base import SplitDataModule, check_loader_args
+from tokensift.data.base import SeededSplitDataset, SplitDataModule, check_loader_args
 from tokensift.data.digits import (
     MAX_VALUE,
     NUM_CLASSES,
@@ -264,7 +263,7 @@ def _validate(
         )
 
 
-class DigitVQA(Dataset):
+class DigitVQA(SeededSplitDataset):
     """One split of the digit-VQA task, generated on the fly and deterministic from ``seed``.
 
     See the module docstring for the generation rules. Items are dicts::
@@ -365,21 +364,6 @@ class DigitVQA(Dataset):
                 f"split_fractions {self.split_fractions} leave the {split} split fewer than max_digits "
                 f"({self.max_digits}) source images of class(es) {scarce}; raise the split's fraction"
             )
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def _check_index(self, index: int) -> int:
-        index = int(index)
-        if index < 0:
-            index += self.num_samples
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.split} split of size {self.num_samples}")
-        return index
-
-    def rng(self, index: int) -> np.random.Generator:
-        """The generator sample ``index`` is drawn from: ``default_rng([seed, split_id, index])``."""
-        return np.random.default_rng([self.seed, self.split_id, self._check_index(index)])
 
     def sample_spec(self, index: int) -> VQASpec:
         """Draw the (cheap) description of sample ``index``: question, digits, positions, answer."""

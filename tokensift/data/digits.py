@@ -46,9 +46,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from tokensift.data.base import SplitDataModule, check_loader_args
+from tokensift.data.base import SeededSplitDataset, SplitDataModule, check_loader_args
 
 __all__ = [
     "SPLITS",
@@ -280,7 +279,7 @@ class SampleSpec:
     clutter: tuple[ClutterSpec, ...]
 
 
-class ClutteredDigits(Dataset):
+class ClutteredDigits(SeededSplitDataset):
     """One split of the cluttered-digits task, generated on the fly and deterministic from ``seed``.
 
     See the module docstring for the generation rules. Items are dicts::
@@ -350,21 +349,6 @@ class ClutteredDigits(Dataset):
         self.source_indices: np.ndarray = split_sources(self.seed, self.split_fractions)[split]
         self._images = images  # global arrays (read-only); indexed with global source indices
         self._labels = labels
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def _check_index(self, index: int) -> int:
-        index = int(index)
-        if index < 0:
-            index += self.num_samples
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.split} split of size {self.num_samples}")
-        return index
-
-    def rng(self, index: int) -> np.random.Generator:
-        """The generator sample ``index`` is drawn from: ``default_rng([seed, split_id, index])``."""
-        return np.random.default_rng([self.seed, self.split_id, self._check_index(index)])
 
     def sample_spec(self, index: int) -> SampleSpec:
         """Draw the (cheap) description of sample ``index``: sources, crop windows and positions."""

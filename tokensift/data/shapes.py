@@ -53,9 +53,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from tokensift.data.base import SplitDataModule, check_loader_args
+from tokensift.data.base import SeededSplitDataset, SplitDataModule, check_loader_args
 from tokensift.data.digits import SPLITS, is_int, patch_mask
 
 __all__ = [
@@ -277,7 +276,7 @@ def validate_config(
             )
 
 
-class TexturedShapes(Dataset):
+class TexturedShapes(SeededSplitDataset):
     """One split of the textured-shapes task, generated on the fly and deterministic from ``seed``.
 
     See the module docstring for the rules. Items are dicts::
@@ -350,21 +349,6 @@ class TexturedShapes(Dataset):
         self._photos = load_photos()
         self._grid = tile_grid(self.tile_size)
         self.tiles: np.ndarray = split_tiles(self.seed, self.split_fractions, self.tile_size)[split]
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def _check_index(self, index: int) -> int:
-        index = int(index)
-        if index < 0:
-            index += self.num_samples
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.split} split of size {self.num_samples}")
-        return index
-
-    def rng(self, index: int) -> np.random.Generator:
-        """The generator sample ``index`` is drawn from: ``default_rng([seed, split_id, index])``."""
-        return np.random.default_rng([self.seed, self.split_id, self._check_index(index)])
 
     def _fill(self, rng: np.random.Generator, size: int, avoid: int | None) -> FillSpec:
         choices = self.tiles if avoid is None else self.tiles[self.tiles != avoid]
