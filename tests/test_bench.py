@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -455,3 +456,16 @@ def test_sweep_refuses_data_without_a_validation_split(run, tmp_path):
 
     with pytest.raises(ValueError, match=r"sweep_sites: TestOnly gives no validation split .*never on the test split"):
         run_bench(str(run.backbone), TestOnly(), ["random"], [1.0, 0.5], tmp_path, sweep_sites=True, quiet=True)
+
+
+def test_several_artifacts_of_one_method_are_named_by_their_folder(run, tmp_path):
+    from tokensift.bench.specs import parse_methods
+
+    for folder in ("seed0", "seed1", "other/seed1"):
+        shutil.copytree(run.artifact, tmp_path / folder)
+    specs, _ = parse_methods([f"dynamicvit:{tmp_path / 'seed0'}", f"dynamicvit:{tmp_path / 'seed1'}", "random"])
+    assert [s.label for s in specs] == ["dynamicvit:seed0", "dynamicvit:seed1", "random"]
+    # two folders of one name: the whole entry tells them apart
+    entries = [f"dynamicvit:{tmp_path / 'seed1'}", f"dynamicvit:{tmp_path / 'other' / 'seed1'}"]
+    specs, _ = parse_methods(entries)
+    assert [s.label for s in specs] == entries

@@ -106,7 +106,12 @@ def parse_methods(methods: Sequence[str] | str) -> tuple[list[MethodSpec], bool]
     for spec in specs:
         seen[spec.label] = seen.get(spec.label, 0) + 1
     for spec in specs:
-        if seen[spec.label] > 1:
+        if seen[spec.label] > 1 and spec.artifact is not None:
+            # several artifacts of one method (e.g. seeds): name each row by its artifact folder
+            spec.label = f"{spec.label}:{Path(spec.artifact.path).name}"
+    tails = [s.label for s in specs]
+    for spec in specs:
+        if tails.count(spec.label) > 1:  # folders of the same name in different places
             spec.label = spec.entry
     labels = [s.label for s in specs]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
