@@ -157,7 +157,7 @@ class PruningHandle:
             self._run = None
             return None
         pixel_values = kwargs.get("pixel_values", args[0] if args else None)
-        _check_pixel_values(pixel_values, self.adapter.config, bool(kwargs.get("interpolate_pos_encoding")))
+        self.adapter.check_pixel_values(pixel_values, bool(kwargs.get("interpolate_pos_encoding")))
         self._run = _Run(grid=self.adapter.grid_for(pixel_values))
         self._run.sample_index, self._run.draw = self._next_samples or (None, ())
         self._next_samples = None
@@ -292,23 +292,3 @@ def _attention_mask(args: tuple, kwargs: dict) -> Tensor | None:
 
 
 __all__ = ["Mode", "PruningHandle", "SiteRecord"]
-
-
-def _check_pixel_values(pixel_values, config, interpolate: bool) -> None:
-    """A ValueError naming ``pixel_values`` when it is not ``[batch, channels, height, width]`` of the model's
-    channel count and (unless ``interpolate_pos_encoding=True``) its image size."""
-    channels, size = getattr(config, "num_channels", None), getattr(config, "image_size", None)
-    expected = f"[batch, {channels}, {size}, {size}]"
-    if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4:
-        shape = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
-        raise ValueError(f"pixel_values must be a tensor {expected} for this model, got {shape}.")
-    if channels is not None and pixel_values.shape[1] != channels:
-        raise ValueError(
-            f"pixel_values has {pixel_values.shape[1]} channels (shape {tuple(pixel_values.shape)}); this model "
-            f"takes {channels}: {expected}."
-        )
-    if size is not None and not interpolate and tuple(pixel_values.shape[-2:]) != (size, size):
-        raise ValueError(
-            f"pixel_values is {pixel_values.shape[-2]}x{pixel_values.shape[-1]} px; this model takes {size}x{size}: "
-            f"{expected} (resize the images, or pass interpolate_pos_encoding=True where the model supports it)."
-        )

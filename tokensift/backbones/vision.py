@@ -149,6 +149,26 @@ class VisionAdapter:
         side = int(self.config.image_size) // self.patch_size
         return side, side
 
+    def check_pixel_values(self, pixel_values, interpolate: bool = False) -> None:
+        """A ValueError naming ``pixel_values`` when it is not ``[batch, channels, height, width]`` of the model's
+        channel count and (unless ``interpolate_pos_encoding=True``) its image size."""
+        channels, size = getattr(self.config, "num_channels", None), getattr(self.config, "image_size", None)
+        expected = f"[batch, {channels}, {size}, {size}]"
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be a tensor {expected} for this model, got {shape}.")
+        if channels is not None and pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} channels (shape {tuple(pixel_values.shape)}); this model "
+                f"takes {channels}: {expected}."
+            )
+        if size is not None and not interpolate and tuple(pixel_values.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"pixel_values is {pixel_values.shape[-2]}x{pixel_values.shape[-1]} px; this model takes "
+                f"{size}x{size}: {expected} (resize the images, or pass interpolate_pos_encoding=True where the "
+                "model supports it)."
+            )
+
     def num_patches(self) -> int:
         rows, cols = self.default_grid()
         return rows * cols

@@ -98,13 +98,16 @@ def _apply(
 
 
 def _check_image_size(adapter: VisionAdapter, pixel_values: Tensor, model_path: Path) -> None:
-    expected = int(getattr(adapter.config, "image_size", 0) or 0)
-    height, width = pixel_values.shape[-2:]
-    if expected and (height != expected or width != expected):
+    try:
+        adapter.check_pixel_values(pixel_values)
+    except ValueError as error:
+        height, width = pixel_values.shape[-2:]
+        size = adapter.config.image_size
         raise ValueError(
-            f"data: test images are {height}x{width} pixels but the model in {model_path} expects "
-            f"{expected}x{expected}; set the data module's image size (e.g. init_args.canvas_size: {expected})."
-        )
+            f"data: test images are {height}x{width} pixels, {pixel_values.shape[1]} channels, which the model in "
+            f"{model_path} does not take ({error}); set the data module's image size and channels (e.g. "
+            f"init_args.canvas_size: {size})."
+        ) from None
 
 
 def _load_split(loader, split: str, adapter, model_path: Path, device, max_batches: int | None):

@@ -29,7 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tokensift.backbones import adapt, load_backbone
 from tokensift.backbones.lora import add_lora, is_lora_parameter, lora_modules
 from tokensift.budget import Budget
-from tokensift.reduce import PruningHandle, _check_pixel_values
+from tokensift.reduce import PruningHandle
 from tokensift.scorers import TokenMethod, get_method_class
 from tokensift.trainer.losses import LossWeights, scorer_objective
 from tokensift.trainer.schedule import warmup_cosine
@@ -499,7 +499,7 @@ class ScorerTrainer(ReliableTraining, L.LightningModule):
                 f"batch has no {missing} (got {got}). Make its dataset return those keys."
             )
         try:
-            _check_pixel_values(batch["pixel_values"], self.adapter.config, False)
+            self.adapter.check_pixel_values(batch["pixel_values"])
         except ValueError as error:
             raise ValueError(
                 f"batch {error} The data module's images do not fit the backbone {self.hparams.backbone!r}: "
