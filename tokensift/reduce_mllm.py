@@ -25,6 +25,7 @@ is chosen once, in the prefill, and decoding continues on that choice:
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -603,10 +604,10 @@ class MLLMPruningHandle:
         if self.method.needs_query_attention:
             state.query_attention = self._last_query_attention(site.index, state, rotary)
         if state.keys is not None and rotary is not None:  # layer k-1's keys as its attention uses them (DART)
-            head_dim = self.adapter.attention_modules[site.index - 1].head_dim
-            keys = state.keys.view(*state.keys.shape[:2], -1, head_dim).transpose(1, 2)
+            attention = self.adapter.attention_modules[site.index - 1]
+            keys = state.keys.view(*state.keys.shape[:2], -1, attention.head_dim).transpose(1, 2)
             cos, sin = (t.expand(keys.shape[0], -1, -1) for t in rotary)
-            state.keys = _rotate(keys, cos, sin).transpose(1, 2).flatten(2)
+            state.keys = _rotate(attention, keys, cos, sin).transpose(1, 2).flatten(2)
         if self.method.needs_final_norm:
             state.normed_hidden = self.adapter.language_model.norm(hidden)
         keep, new_hidden = self._select(state, run.counts[site.name])
@@ -643,8 +644,8 @@ class MLLMPruningHandle:
         if hasattr(attention, "q_norm"):  # models with per-head q / k norms (Qwen3) apply them before RoPE
             query, keys = attention.q_norm(query), attention.k_norm(keys)
         cos, sin = (t.expand(batch, -1, -1) for t in rotary)
-        query = _rotate(query, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1))
-        keys = _rotate(keys, cos, sin)
+        query = _rotate(attention, query, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1))
+        keys = _rotate(attention, keys, cos, sin)
         keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)  # grouped-query attention
         scaling = getattr(attention, "scaling", head_dim**-0.5)
         logits = (query.float() @ keys.float().transpose(-1, -2)).squeeze(2) * scaling  # [B, H, N]
@@ -716,11 +717,14 @@ class MLLMPruningHandle:
 # -- layout arithmetic ----------------------------------------------------------------------------------
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding of ``x`` ``[B, H, L, d]`` by the model's ``cos`` / ``sin`` ``[B, L, d]`` (rotate-half form)."""
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+def _rotate(attention: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x`` ``[B, H, L, d]`` rotated by ``cos`` / ``sin`` ``[B, L, d]`` exactly as ``attention``'s own modeling file
+    rotates its queries and keys (its ``apply_rotary_pos_emb``; Llama's where the file has none)."""
+    from transformers.models.llama import modeling_llama
+
+    apply = getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
+    rotated, _ = (apply or modeling_llama.apply_rotary_pos_emb)(x, x, cos.to(x.dtype), sin.to(x.dtype))
+    return rotated
 
 
 def _cache_length(cache) -> int:
