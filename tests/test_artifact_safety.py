@@ -549,3 +549,16 @@ def test_atomic_directory_replaces_only_its_own_output(tmp_path):
         (tmp / "weights.bin").write_text("no marker")
     assert (out / "tokensift_backbone.json").read_text() == '{"new": 1}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone"]
+
+
+def test_atomic_file_keeps_the_old_file_until_the_new_one_is_complete(tmp_path):
+    from tokensift.io import atomic_file, write_text_atomic
+
+    target = write_text_atomic(tmp_path / "results.csv", "old\n")
+    with pytest.raises(RuntimeError, match="crash"), atomic_file(target) as tmp:
+        tmp.write_text("half of the ne")
+        raise RuntimeError("crash while writing")
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]  # no temporary left behind
+    write_text_atomic(target, "new\n")
+    assert target.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]

@@ -89,3 +89,27 @@ def _apply_umask(path: Path) -> None:
     umask = next((int(line.split()[1], 8) for line in status.splitlines() if line.startswith("Umask:")), None)
     if umask is not None:
         os.chmod(path, 0o777 & ~umask)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of the file ``path`` to write; on success it is renamed over ``path`` (readers see
+    the old file or the new one, never half of one), on error it vanishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """``path.write_text(text)`` through :func:`atomic_file`."""
+    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        handle.write(text)
+    return Path(path)

@@ -94,6 +94,7 @@ def quickstart(
     from tokensift.bench import run_bench
     from tokensift.bench.seeds import markdown_tables, summarize_seeds
     from tokensift.data import ClutteredDigitsDataModule
+    from tokensift.io import write_text_atomic
 
     console = Console()
     out = Path(out)
@@ -144,8 +145,8 @@ def quickstart(
     learned = [row["method"] for row in result["rows"] if row["kind"] == "learned"]
     summary = summarize_seeds(result, {"dynamicvit (learned)": list(dict.fromkeys(learned))})
     tables = markdown_tables(summary)
-    (out / "bench" / "summary.md").write_text(tables + "\n")
-    (out / "bench" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "bench" / "summary.md", tables + "\n")
+    write_text_atomic(out / "bench" / "summary.json", json.dumps(summary, indent=2) + "\n")
     console.rule(
         f"summary: dynamicvit over {len(seeds)} scorer seeds (mean ± sd), the rest with 95% bootstrap intervals"
     )

@@ -12,9 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import statistics
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from tokensift.bench.stats import (
     difference_of_replicates,
     percentile_interval,
 )
+from tokensift.io import write_text_atomic
 
 FIELDS = (
     "method",
@@ -82,18 +81,6 @@ SWEEP_FIELDS = (
     "flops_ratio",
     "best",
 )
-
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _csv_text(rows: Sequence[Mapping], fields: Sequence[str] = FIELDS) -> str:
@@ -234,13 +221,13 @@ def write_results(
     if site_sweep is not None:
         payload["site_sweep"] = list(site_sweep)
     files = {
-        "json": _atomic_write_text(out_dir / "results.json", json.dumps(payload, indent=2) + "\n"),
-        "csv": _atomic_write_text(out_dir / "results.csv", _csv_text(rows)),
+        "json": write_text_atomic(out_dir / "results.json", json.dumps(payload, indent=2) + "\n"),
+        "csv": write_text_atomic(out_dir / "results.csv", _csv_text(rows)),
     }
     if matched:
-        files["matched_flops"] = _atomic_write_text(out_dir / "matched_flops.csv", _csv_text(matched, MATCHED_FIELDS))
+        files["matched_flops"] = write_text_atomic(out_dir / "matched_flops.csv", _csv_text(matched, MATCHED_FIELDS))
     if site_sweep is not None:
-        files["site_sweep"] = _atomic_write_text(out_dir / "site_sweep.csv", _csv_text(site_sweep, SWEEP_FIELDS))
+        files["site_sweep"] = write_text_atomic(out_dir / "site_sweep.csv", _csv_text(site_sweep, SWEEP_FIELDS))
     files["pareto"] = plot_pareto(rows, out_dir / "pareto.png", title=title, matched=matched)
     if not quiet:
         print_report(rows, summary, site_sweep, title=f"tokensift bench · {title}")
