@@ -22,7 +22,6 @@ for what a text-conditioned selection could reach at each budget.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from tokensift.bench.measure import environment_metadata, measure_speed_and_memo
 from tokensift.bench.oracle import MLLMOracleMethod
 from tokensift.bench.results import MATCHED_FLOPS_NOTE, finalize_rows, summarize, write_results
 from tokensift.bench.settings import bench_settings, torch_threads
-from tokensift.bench.specs import ORACLE, UNPRUNED, MethodSpec, parse_keep_ratios, parse_methods
+from tokensift.bench.specs import ORACLE, UNPRUNED, MethodSpec, parse_fractions, parse_keep_ratios, parse_methods
 from tokensift.bench.stats import (
     DEFAULT_FLOPS_RATIOS,
     DEFAULT_RESAMPLES,
@@ -59,24 +58,16 @@ _DATA_ATTRIBUTES = ("answer_token_ids", "image_token_id", "num_patches", "grid_s
 
 def parse_thresholds(thresholds: Sequence[float] | str, field: str = "thresholds") -> list[float]:
     """Exit thresholds in [0, 1] (1 never exits), distinct, highest first."""
-    parts = [p.strip() for p in thresholds.split(",") if p.strip()] if isinstance(thresholds, str) else thresholds
-    values = []
-    for part in parts:
-        try:
-            value = float(part)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{field}: {part!r} is not a number; give exit probabilities such as 1,0.5,0.25."
-            ) from None
-        if math.isnan(value) or not 0.0 <= value <= 1.0:
-            raise ValueError(
-                f"{field}: {value!r} is outside [0, 1]; a threshold is the exit probability at which a sample's "
-                "visual tokens leave (1 never exits, 0 exits at the first router), e.g. 1,0.5,0.25,0.1."
-            )
-        values.append(value)
+    meaning = (
+        "a threshold is the exit probability at which a sample's visual tokens leave (1 never exits, 0 exits at "
+        "the first router)"
+    )
+    values = parse_fractions(
+        thresholds, field, meaning=meaning, example="1,0.5,0.25,0.1", noun="exit probabilities", include_zero=True
+    )
     if not values:
         raise ValueError(f"{field}: give at least one threshold in [0, 1], e.g. 1,0.5,0.25,0.1.")
-    return sorted(set(values), reverse=True)
+    return values
 
 
 def _method_of(built: TokenMethod | Artifact) -> TokenMethod:

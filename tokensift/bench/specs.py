@@ -120,26 +120,39 @@ def parse_methods(methods: Sequence[str] | str) -> tuple[list[MethodSpec], bool]
     return specs, oracle_requested
 
 
-def parse_keep_ratios(keep_ratios: Sequence[float] | str, field: str = "keep_ratios") -> list[float]:
-    if isinstance(keep_ratios, str):
-        parts = [p.strip() for p in keep_ratios.split(",") if p.strip()]
-    else:
-        parts = list(keep_ratios)
-    ratios = []
+def parse_fractions(
+    values: Sequence[float] | str,
+    field: str,
+    *,
+    meaning: str,
+    example: str,
+    noun: str = "fractions",
+    include_zero: bool = False,
+    descending: bool = True,
+) -> list[float]:
+    """Comma-separated (or listed) numbers in (0, 1] (``include_zero``: [0, 1]), distinct and sorted, or a ValueError
+    naming ``field``, the value, what such a number means and an ``example``."""
+    parts = [p.strip() for p in values.split(",") if p.strip()] if isinstance(values, str) else list(values)
+    interval = "[0, 1]" if include_zero else "(0, 1]"
+    out = []
     for part in parts:
         try:
-            ratio = float(part)
+            value = float(part)
         except (TypeError, ValueError):
-            raise ValueError(f"{field}: {part!r} is not a number; give fractions such as 1,0.5,0.25.") from None
-        if not 0.0 < ratio <= 1.0 or math.isnan(ratio):
-            raise ValueError(
-                f"{field}: {ratio!r} is outside (0, 1]; a keep ratio is the fraction of patch tokens kept "
-                "(1 keeps all), e.g. 1,0.5,0.25,0.1."
-            )
-        ratios.append(ratio)
+            raise ValueError(f"{field}: {part!r} is not a number; give {noun} such as {example}.") from None
+        if math.isnan(value) or not (value >= 0.0 if include_zero else value > 0.0) or value > 1.0:
+            raise ValueError(f"{field}: {value!r} is outside {interval}; {meaning}, e.g. {example}.")
+        out.append(value)
+    return sorted(set(out), reverse=descending)
+
+
+def parse_keep_ratios(keep_ratios: Sequence[float] | str, field: str = "keep_ratios") -> list[float]:
+    """Keep ratios in (0, 1], distinct, highest first; at least one."""
+    meaning = "a keep ratio is the fraction of patch tokens kept (1 keeps all)"
+    ratios = parse_fractions(keep_ratios, field, meaning=meaning, example="1,0.5,0.25,0.1")
     if not ratios:
         raise ValueError(f"{field}: give at least one keep ratio in (0, 1], e.g. 1,0.5,0.25,0.1.")
-    return sorted(set(ratios), reverse=True)
+    return ratios
 
 
-__all__ = ["ORACLE", "UNPRUNED", "MethodSpec", "parse_keep_ratios", "parse_methods"]
+__all__ = ["ORACLE", "UNPRUNED", "MethodSpec", "parse_fractions", "parse_keep_ratios", "parse_methods"]

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tokensift.bench.specs import parse_fractions
+
 DEFAULT_RESAMPLES = 1000
 DEFAULT_SEED = 0
 DEFAULT_LEVEL = 0.95
@@ -197,20 +199,8 @@ def parse_flops_ratios(flops_ratios: Sequence[float] | str | None) -> list[float
     """Target FLOPs ratios for the equal-cost table, each in (0, 1], ascending; ``None`` or empty: none."""
     if flops_ratios is None:
         return []
-    parts = [p.strip() for p in flops_ratios.split(",") if p.strip()] if isinstance(flops_ratios, str) else flops_ratios
-    values = []
-    for part in parts:
-        try:
-            value = float(part)
-        except (TypeError, ValueError):
-            raise ValueError(f"flops_ratios: {part!r} is not a number; give fractions such as 0.4,0.5,0.6.") from None
-        if not 0.0 < value <= 1.0 or np.isnan(value):
-            raise ValueError(
-                f"flops_ratios: {value!r} is outside (0, 1]; a FLOPs ratio is the pruned model's analytic FLOPs "
-                "over the unpruned model's, e.g. 0.4,0.5,0.6."
-            )
-        values.append(value)
-    return sorted(set(values))
+    meaning = "a FLOPs ratio is the pruned model's analytic FLOPs over the unpruned model's"
+    return parse_fractions(flops_ratios, "flops_ratios", meaning=meaning, example="0.4,0.5,0.6", descending=False)
 
 
 __all__ = [
