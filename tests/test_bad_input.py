@@ -116,7 +116,7 @@ def test_forward_refuses_images_the_model_does_not_take(tiny_model, pixels, text
 
 
 @pytest.mark.parametrize("method", ["l2norm", "tome", "divprune", "cls_attention", "random"])
-def test_nan_pixels_never_select_tokens_silently(method):
+def test_nan_pixels_never_keep_tokens_silently(method):
     model = build_tiny("vit")
     pixels = make_pixel_values()
     pixels[1, 0, 3, 3] = math.nan

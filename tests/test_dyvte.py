@@ -96,7 +96,7 @@ class DropVisualAt(TokenMethod):
     name = "drop_visual_at"
     site_kinds = ("llm",)
 
-    def select_tokens(self, state, num_keep):
+    def select(self, state, num_keep):
         return state.alive & state.protected
 
 
@@ -247,6 +247,15 @@ def test_training_moves_the_router_and_lowers_its_loss(trained):
     assert logged(trainer, "val/agreement_t0_5")[-1] == 1.0
     assert logged(trainer, "val/exit_layer_t0_5")[-1] == NUM_LAYERS
     assert not module.backbone.training and not any(p.requires_grad for p in module.backbone.parameters())
+
+
+def test_test_stage_reports_what_validation_reports(trained):
+    """`tokensift test` on the routers: the validation metrics, under test/, on the same batch and weights."""
+    module, batch = trained["module"], trained["batch"]
+    tester = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (results,) = tester.test(module, torch.utils.data.DataLoader([batch], batch_size=None), verbose=False)
+    for name in ("acc", "exit_label_rate", "answer_acc_full", "agreement_t0_5", "exit_layer_t0_5", "flops_ratio_t0_5"):
+        assert results[f"test/{name}"] == pytest.approx(logged(trained["trainer"], f"val/{name}")[-1]), name
 
 
 def test_export_load_apply_round_trip(trained, saved_mllms, tmp_path):

@@ -16,6 +16,7 @@ from tiny_mllm import MLLM_FAMILIES, build_tiny_mllm, image_token_id, make_batch
 
 import tokensift as ts
 from tokensift.backbones import adapt
+from tokensift.compact import compact_state
 from tokensift.reduce import SiteRecord
 from tokensift.scorers.cls_attention import ClsAttentionMethod
 from tokensift.scorers.d2pruner import D2PrunerConfig, D2PrunerMethod
@@ -65,6 +66,22 @@ def unit(degrees: float) -> list[float]:
     return [math.cos(math.radians(degrees)), math.sin(math.radians(degrees))]
 
 
+def select(method, state: TokenState, num_keep: int) -> list[list[int]]:
+    """The positions ``method`` keeps in each sample, every sample keeping ``num_keep`` prunable tokens."""
+    keep = method.select(state, torch.full((state.hidden.shape[0],), num_keep))
+    return kept(keep)
+
+
+def reduce(method, state: TokenState, num_keep: int) -> TokenState:
+    """``state`` compacted by ``method``'s decision, as a vision tower's handle compacts it."""
+    decision = method.reduce(state, torch.full((state.hidden.shape[0],), num_keep))
+    return compact_state(state, decision, method.name)
+
+
+def kept(mask: torch.Tensor) -> list[list[int]]:
+    return [row.nonzero().squeeze(1).tolist() for row in mask]
+
+
 # -- l2norm -----------------------------------------------------------------------------------------------
 
 # norms:        [CLS]=0     3         1         5         sqrt 2
@@ -77,15 +94,15 @@ def test_l2norm_keeps_largest_norms_and_cls():
     state = make_state([L2_SAMPLE_0, L2_SAMPLE_1])
     method = L2NormMethod()
     torch.testing.assert_close(method.score(state)[0], torch.tensor([0.0, 3.0, 1.0, 5.0, math.sqrt(2)]))
-    assert method.select(state, 2).tolist() == [[0, 1, 3], [0, 2, 4]]
-    assert method.select(state, 3).tolist() == [[0, 1, 3, 4], [0, 2, 3, 4]]
-    assert method.select(state, 1).tolist() == [[0, 3], [0, 2]]
+    assert select(method, state, 2) == [[0, 1, 3], [0, 2, 4]]
+    assert select(method, state, 3) == [[0, 1, 3, 4], [0, 2, 3, 4]]
+    assert select(method, state, 1) == [[0, 3], [0, 2]]
 
 
 def test_l2norm_reduce_gathers_every_field():
     orig = [[0, 3, 7, 9, 12], [0, 2, 4, 6, 8]]  # an earlier site already dropped tokens
     size = [[1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 1.0, 1.0, 1.0, 1.0]]
-    reduced = L2NormMethod().reduce(make_state([L2_SAMPLE_0, L2_SAMPLE_1], orig_index=orig, size=size), 2)
+    reduced = reduce(L2NormMethod(), make_state([L2_SAMPLE_0, L2_SAMPLE_1], orig_index=orig, size=size), 2)
     assert reduced.orig_index.tolist() == [[0, 3, 9], [0, 4, 8]]
     assert reduced.size.tolist() == [[1.0, 2.0, 4.0], [1.0, 1.0, 1.0]]
     assert reduced.hidden[0].tolist() == [[0.0, 0.0], [3.0, 0.0], [3.0, 4.0]]
@@ -94,10 +111,18 @@ def test_l2norm_reduce_gathers_every_field():
 
 def test_l2norm_mask_policy_respects_earlier_drops():
     method = L2NormMethod()
-    assert method.keep_policy(make_state([L2_SAMPLE_0]), 2).tolist() == [[1.0, 1.0, 0.0, 1.0, 0.0]]
+    assert method.keep_policy(make_state([L2_SAMPLE_0]), torch.tensor([2])).tolist() == [[1.0, 1.0, 0.0, 1.0, 0.0]]
     # token 3 (the largest norm) was dropped at an earlier site: it stays dropped, 4 takes its place
     state = make_state([L2_SAMPLE_0], policy=[[1.0, 1.0, 1.0, 0.0, 1.0]])
-    assert method.keep_policy(state, 2).tolist() == [[1.0, 1.0, 0.0, 0.0, 1.0]]
+    assert method.keep_policy(state, torch.tensor([2])).tolist() == [[1.0, 1.0, 0.0, 0.0, 1.0]]
+
+
+def test_a_vision_tower_refuses_decisions_keeping_different_counts():
+    state = make_state([L2_SAMPLE_0, L2_SAMPLE_1])
+    decision = L2NormMethod().reduce(state, torch.tensor([2, 3]))
+    assert kept(decision.keep) == [[0, 1, 3], [0, 2, 3, 4]]  # the method itself takes per-sample counts
+    with pytest.raises(ValueError, match=r"l2norm at vit\.1 kept \[3, 4\] tokens per sample"):
+        compact_state(state, decision, "l2norm at vit.1")
 
 
 # -- random -----------------------------------------------------------------------------------------------
@@ -109,22 +134,22 @@ def _random_state(num_patches: int = 10, batch: int = 1) -> TokenState:
 
 def test_random_seeded_repeats_and_seeds_differ():
     state = _random_state(16, batch=2)
-    a = RandomMethod(RandomConfig(seed=7)).select(state, 4)
-    b = RandomMethod(RandomConfig(seed=7)).select(state, 4)
-    c = RandomMethod(RandomConfig(seed=8)).select(state, 4)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
-    assert (a[:, 0] == 0).all() and (a.diff(dim=1) > 0).all()
-    assert not torch.equal(a[0], a[1]), "samples of a batch draw independently"
+    a = select(RandomMethod(RandomConfig(seed=7)), state, 4)
+    b = select(RandomMethod(RandomConfig(seed=7)), state, 4)
+    c = select(RandomMethod(RandomConfig(seed=8)), state, 4)
+    assert a == b
+    assert a != c
+    assert all(row[0] == 0 and len(row) == 5 for row in a)
+    assert a[0] != a[1], "samples of a batch draw independently"
 
 
 def test_random_unseeded_follows_torch_global_seed():
     state = _random_state(16)
     method = RandomMethod(RandomConfig(seed=None))
     torch.manual_seed(3)
-    a = method.select(state, 4)
+    a = select(method, state, 4)
     torch.manual_seed(3)
-    assert torch.equal(method.select(state, 4), a)
+    assert select(method, state, 4) == a
 
 
 def test_random_is_uniform_over_seeds():
@@ -132,8 +157,7 @@ def test_random_is_uniform_over_seeds():
     state = _random_state(num_patches)
     counts = torch.zeros(num_patches + 1)
     for seed in range(draws):
-        kept = RandomMethod(RandomConfig(seed=seed)).select(state, keep)[0]
-        counts[kept] += 1
+        counts[select(RandomMethod(RandomConfig(seed=seed)), state, keep)[0]] += 1
     assert counts[0] == draws  # [CLS] always
     frequency = counts[1:] / draws
     # each patch is kept with probability k/n = 0.3; the standard error over 2000 draws is ~0.01
@@ -156,14 +180,14 @@ def test_cls_attention_uses_head_averaged_cls_row():
     method = ClsAttentionMethod()
     # mean over heads of the [CLS] row: [0.1, 0.2, 0.3, 0.3, 0.1]; head 0 alone would pick 1 and 3
     torch.testing.assert_close(method.score(state), torch.tensor([[0.1, 0.2, 0.3, 0.3, 0.1]]))
-    assert method.select(state, 2).tolist() == [[0, 2, 3]]
-    assert method.select(state, 3).tolist() == [[0, 1, 2, 3]]
+    assert select(method, state, 2) == [[0, 2, 3]]
+    assert select(method, state, 3) == [[0, 1, 2, 3]]
 
 
 def test_cls_attention_finds_cls_after_earlier_pruning():
     # the [CLS] token keeps orig index 0; patches carry their original indices
     state = make_state(torch.zeros(1, 5, 2), attention=_cls_attention_tensor(), orig_index=[[0, 2, 5, 6, 11]])
-    assert ClsAttentionMethod().reduce(state, 2).orig_index.tolist() == [[0, 5, 6]]
+    assert reduce(ClsAttentionMethod(), state, 2).orig_index.tolist() == [[0, 5, 6]]
 
 
 # no [CLS] (SigLIP): the score is the attention each key receives, averaged over the (live) queries
@@ -180,9 +204,9 @@ def test_cls_attention_without_cls_uses_attention_received():
     method = ClsAttentionMethod()
     # column means: (0.7+0.1+0.25+0.1)/4, (0.1+0.1+0+0)/4, (0.1+0.7+0.1+0.7)/4, (0.1+0.1+0.65+0.2)/4
     torch.testing.assert_close(method.score(state), torch.tensor([[0.2875, 0.05, 0.4, 0.2625]]))
-    assert method.select(state, 1).tolist() == [[2]]  # query 0's row alone would pick token 0
-    assert method.select(state, 2).tolist() == [[0, 2]]
-    assert method.select(state, 3).tolist() == [[0, 2, 3]]
+    assert select(method, state, 1) == [[2]]  # query 0's row alone would pick token 0
+    assert select(method, state, 2) == [[0, 2]]
+    assert select(method, state, 3) == [[0, 2, 3]]
 
 
 def test_cls_attention_without_cls_ignores_dropped_queries():
@@ -193,7 +217,7 @@ def test_cls_attention_without_cls_ignores_dropped_queries():
     method = ClsAttentionMethod()
     # means over queries 0, 1, 3: (0.7+0.1+0.1)/3, (0.1+0.1+0)/3, (0.1+0.7+0.7)/3, (0.1+0.1+0.2)/3
     torch.testing.assert_close(method.score(state), torch.tensor([[0.3, 0.2 / 3, 0.5, 0.4 / 3]]))
-    assert method.keep_policy(state, 2).tolist() == [[1.0, 0.0, 0.0, 1.0]]
+    assert method.keep_policy(state, torch.tensor([2])).tolist() == [[1.0, 0.0, 0.0, 1.0]]
 
 
 # -- tome -------------------------------------------------------------------------------------------------
@@ -258,7 +282,9 @@ def test_tome_reduce_runs_two_rounds():
     state = make_state(hidden, keys=keys)
     # remove 6 of 8 patches: round 1 merges all 4 A patches (2->1, 4->3, 6->5, 8->7), leaving
     # [CLS, 1, 3, 5, 7]; round 2 has A = {[CLS], 3, 7}, B = {1, 5}: 3->1 and 7->5
-    reduced = ToMeMethod().reduce(state, 2)
+    decision = ToMeMethod().reduce(state, torch.tensor([2]))
+    assert kept(decision.keep) == [[0, 1, 5]]  # the survivors stay at their B anchors' positions
+    reduced = compact_state(state, decision, "tome")
     assert reduced.orig_index.tolist() == [[0, 1, 5]]
     assert reduced.size.tolist() == [[1.0, 4.0, 4.0]]
     assert reduced.protected.tolist() == [[True, False, False]]
@@ -267,10 +293,24 @@ def test_tome_reduce_runs_two_rounds():
     assert reduced.keys is None and reduced.attention is None
 
 
+def test_tome_decision_is_over_the_states_current_positions():
+    # an earlier site left original tokens 0, 2, 3, 5, 7: the decision names positions, the survivors keep theirs
+    keys = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0]]])
+    hidden = torch.arange(5 * 2, dtype=torch.float32).view(1, 5, 2)
+    state = make_state(hidden, keys=keys, orig_index=[[0, 2, 3, 5, 7]], size=[[1.0, 2.0, 1.0, 3.0, 1.0]])
+    # A = {[CLS], 3 (pos 2), 7 (pos 4)}, B = {2 (pos 1), 5 (pos 3)}: pos 2 ~ pos 3 (cos 1) merges
+    decision = ToMeMethod().reduce(state, torch.tensor([3]))
+    assert kept(decision.keep) == [[0, 1, 3, 4]]
+    assert decision.size[decision.keep].tolist() == [1.0, 2.0, 4.0, 1.0]
+    torch.testing.assert_close(decision.hidden[0, 3], (hidden[0, 2] + 3 * hidden[0, 3]) / 4)
+    reduced = compact_state(state, decision, "tome")
+    assert reduced.orig_index.tolist() == [[0, 2, 5, 7]]
+
+
 def test_tome_has_no_mask_form():
     state = make_state(torch.zeros(1, 5, 2), keys=torch.zeros(1, 5, 2))
     with pytest.raises(ValueError, match="gather"):
-        ToMeMethod().keep_policy(state, 2)
+        ToMeMethod().keep_policy(state, torch.tensor([2]))
 
 
 # -- divprune ---------------------------------------------------------------------------------------------
@@ -301,8 +341,16 @@ def test_max_min_diverse_ignores_non_candidates():
 def test_divprune_select_keeps_cls_and_diverse_patches():
     cls = unit(150.0)  # protected: kept, and no part of the diversity search
     state = make_state([[cls, *[unit(a) for a in DIV_ANGLES]]])
-    assert DivPruneMethod().select(state, 3).tolist() == [[0, 1, 3, 5]]
-    assert DivPruneMethod().select(state, 1).tolist() == [[0, 3]]
+    assert select(DivPruneMethod(), state, 3) == [[0, 1, 3, 5]]
+    assert select(DivPruneMethod(), state, 1) == [[0, 3]]
+
+
+def test_divprune_per_sample_counts_take_each_samples_first_greedy_picks():
+    cls = unit(150.0)
+    features = [cls, *[unit(a) for a in DIV_ANGLES]]
+    state = make_state([features, features])
+    # the greedy order is 2, 4, 0, 1 over the patches (positions 3, 5, 1, 2): sample 0 keeps 3, sample 1 keeps 1
+    assert kept(DivPruneMethod().select(state, torch.tensor([3, 1]))) == [[0, 1, 3, 5], [0, 3]]
 
 
 # -- multimodal LLM sites: a sample's visual tokens, then its text (protected) -----------------------------
@@ -330,10 +378,6 @@ def llm_state(hidden, num_text: int, site: str = "llm.2", **fields) -> TokenStat
     )
 
 
-def kept(mask: torch.Tensor) -> list[list[int]]:
-    return [row.nonzero().squeeze(1).tolist() for row in mask]
-
-
 # -- fastv ------------------------------------------------------------------------------------------------
 
 
@@ -345,9 +389,9 @@ def test_fastv_ranks_by_the_last_text_tokens_row_averaged_over_heads():
     attention[0, 1, 5] = torch.tensor([0.0, 0.02, 0.44, 0.3, 0.14, 0.1])  # head 1
     state = llm_state(torch.zeros(1, 6, 2), num_text=2, attention=attention)
     # mean over heads of row 5: [0, 0.26, 0.27, 0.3, ...]; head 0 alone would pick 1 and 3, row 0 token 0
-    keep = FastVMethod().select_tokens(state, torch.tensor([2]))
+    keep = FastVMethod().select(state, torch.tensor([2]))
     assert kept(keep) == [[2, 3, 4, 5]]
-    keep = FastVMethod().select_tokens(state, torch.tensor([1]))
+    keep = FastVMethod().select(state, torch.tensor([1]))
     assert kept(keep) == [[3, 4, 5]]  # the text is always kept
 
 
@@ -361,8 +405,8 @@ def test_pyramiddrop_ranks_by_the_query_row_of_layer_k_itself_averaged_over_head
     layer_before[..., 3] = 1.0  # FastV's signal would keep token 3
     state = llm_state(torch.zeros(1, 5, 2), num_text=1, query_attention=query_attention, attention=layer_before)
     # head means: [0.2, 0.25, 0.25, 0.1]: keep 2 -> tokens 1 and 2
-    assert kept(PyramidDropMethod().select_tokens(state, torch.tensor([2]))) == [[1, 2, 4]]
-    assert kept(PyramidDropMethod().select_tokens(state, torch.tensor([3]))) == [[0, 1, 2, 4]]
+    assert kept(PyramidDropMethod().select(state, torch.tensor([2]))) == [[1, 2, 4]]
+    assert kept(PyramidDropMethod().select(state, torch.tensor([3]))) == [[0, 1, 2, 4]]
 
 
 class _Probe:
@@ -372,9 +416,9 @@ class _Probe:
         probe = self
 
         class Probed(cls):
-            def select_tokens(self, state, num_keep):
+            def select(self, state, num_keep):
                 probe.state = state
-                return super().select_tokens(state, num_keep)
+                return super().select(state, num_keep)
 
         self.method = Probed()
         self.state = None
@@ -456,10 +500,10 @@ def test_dart_measures_similarity_after_the_final_norm():
     # pivot 1 = (1, 1); budget 2 = the pivot + 1 token least like it. raw: cos(0)=0.71, cos(2)=0.71, cos(3)=0.83
     # -> a tie between 0 and 2 (0 first); normed: 0=(1,0) cos 0.10, 2=(0,10) cos 0.995, 3=(1,2) cos 0.95 -> token 0
     state = llm_state(hidden, num_text=1, keys=keys, normed_hidden=normed)
-    assert kept(method.select_tokens(state, torch.tensor([2]))) == [[0, 1, 4]]
+    assert kept(method.select(state, torch.tensor([2]))) == [[0, 1, 4]]
     # with the weight on the first channel the least similar is token 2 instead
     state = llm_state(hidden, num_text=1, keys=keys, normed_hidden=hidden * torch.tensor([10.0, 1.0]))
-    assert kept(method.select_tokens(state, torch.tensor([2]))) == [[1, 2, 4]]
+    assert kept(method.select(state, torch.tensor([2]))) == [[1, 2, 4]]
 
 
 def test_dart_pivots_claim_equal_shares_in_sequence_order():
@@ -469,7 +513,7 @@ def test_dart_pivots_claim_equal_shares_in_sequence_order():
     )
     keys = torch.tensor([[[1.0], [1.0], [1.0], [9.0], [1.0], [1.0], [1.0], [3.0]]])
     state = llm_state(hidden, num_text=2, keys=keys, normed_hidden=hidden)
-    keep = DARTMethod(DARTConfig(image_pivots=1, text_pivots=1)).select_tokens(state, torch.tensor([5]))
+    keep = DARTMethod(DARTConfig(image_pivots=1, text_pivots=1)).select(state, torch.tensor([5]))
     # pivot 3 (0.9, 0.1) first: least similar free tokens 2 (cos -0.99) and 4 (-0.11); then pivot 7 (1, -1):
     # among 0, 1, 5: cos 0.71, -0.71, 0 -> 1 and 5
     assert kept(keep) == [[1, 2, 3, 4, 5, 6, 7]]
@@ -518,10 +562,10 @@ def test_d2pruner_debiased_pivots_then_an_independent_set_on_the_grid():
     method = D2PrunerMethod(D2PrunerConfig(pivot_fraction=0.5, spatial_radius=1, similarity_threshold=0.9))
     # debiased order 1, 4, 0, 5, 2, 3 (raw attention would rank 4, 5, 1, ...); budget 3: round(1.5) = 2 pivots,
     # 1 and 4, which block their neighbours 0, 2, 3, 5; the next round takes the best left, 0
-    assert kept(method.select_tokens(state, torch.tensor([3]))) == [[0, 1, 4, 6]]
+    assert kept(method.select(state, torch.tensor([3]))) == [[0, 1, 4, 6]]
     # no pivots: the independent set walks the order: 1 (blocks 0, 2), 4 (blocks 3, 5), then a second round: 0
     method = D2PrunerMethod(D2PrunerConfig(pivot_fraction=0.0, spatial_radius=1, similarity_threshold=0.9))
-    assert kept(method.select_tokens(state, torch.tensor([2]))) == [[1, 4, 6]]
+    assert kept(method.select(state, torch.tensor([2]))) == [[1, 4, 6]]
 
 
 # -- visionzip --------------------------------------------------------------------------------------------
@@ -534,7 +578,8 @@ def test_visionzip_dominant_by_tower_attention_contextual_mean_includes_the_anch
     keys = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.9, 0.0], [1.0, -0.1], [0.0, 1.0], [0.0, 0.0]]])
     state = llm_state(hidden, num_text=1, site="pre_llm", tower_attention=importance, tower_keys=keys)
     method = VisionZipMethod(VisionZipMethod.config_class(contextual_fraction=1 / 3))
-    keep, merged = method.reduce_tokens(state, torch.tensor([3]))
+    decision = method.reduce(state, torch.tensor([3]))
+    keep, merged = decision.keep, decision.hidden
     # budget 3: round(3 / 3) = 1 contextual, 2 dominant (2, 5); the rest [0, 1, 3, 4]: anchor every 4th -> 0;
     # 1, 3, 4 all join it: its group mean (0 + 3 + 9 + 12) / 4 = 6 (VisionZip: 0 + (3 + 9 + 12) / 3 = 8)
     assert kept(keep) == [[0, 2, 5, 6]]
@@ -592,6 +637,19 @@ def test_dynamicvit_budget_term_only_for_threshold_selection(tiny_vit, pixel_val
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameters())
 
 
+def test_dynamicvit_gumbel_topk_keeps_each_samples_own_count():
+    config = DynamicViTConfig(hidden_size=8, sites=["vit.1"], budget_conditioned=False)
+    method = DynamicViTMethod(config).train()
+    torch.manual_seed(0)
+    state = make_state(torch.randn(3, 9, 8))
+    state.sample_index = torch.arange(3)  # the same noise in both calls
+    policy = method.keep_policy(state, torch.tensor([2, 5, 8]))
+    assert policy[:, 0].tolist() == [1.0, 1.0, 1.0]  # [CLS]
+    assert policy[:, 1:].sum(1).tolist() == [2.0, 5.0, 8.0]
+    same = method.keep_policy(state, torch.tensor([5, 5, 5]))
+    assert torch.equal(same[1], policy[1]), "a sample's decision depends on its own count only"
+
+
 # -- dyvte ------------------------------------------------------------------------------------------------
 
 
@@ -612,8 +670,8 @@ def test_dyvte_exits_a_sample_when_its_exit_logit_reaches_the_threshold_log_odds
     torch.testing.assert_close(method.score(state), torch.tensor([3.0 * 0.99865 - 1.0, -1.0]), atol=1e-4, rtol=0)
     everything = torch.tensor([4, 4])
     method.threshold = 0.5  # log-odds 0: sample 0 exits (only its text stays), sample 1 keeps all
-    assert kept(method.select_tokens(state, everything)) == [[2, 3], [0, 1, 2, 3]]
+    assert kept(method.select(state, everything)) == [[2, 3], [0, 1, 2, 3]]
     method.threshold = 0.9  # log-odds 2.197 > 1.996: nobody exits
-    assert kept(method.select_tokens(state, everything)) == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    assert kept(method.select(state, everything)) == [[0, 1, 2, 3], [0, 1, 2, 3]]
     method.threshold = 0.25  # log-odds -1.099 < -1: both exit
-    assert kept(method.select_tokens(state, everything)) == [[2, 3], [2, 3]]
+    assert kept(method.select(state, everything)) == [[2, 3], [2, 3]]

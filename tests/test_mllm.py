@@ -126,7 +126,7 @@ class Spy(TokenMethod):
         super().__init__()
         self.states: list[TokenState] = []
 
-    def select_tokens(self, state, num_keep):
+    def select(self, state, num_keep):
         self.states.append(state)
         return state.alive.clone()
 
@@ -327,7 +327,7 @@ class PinnedKeep(TokenMethod):
         super().__init__()
         self.kept = kept
 
-    def select_tokens(self, state, num_keep):
+    def select(self, state, num_keep):
         kept = self.kept[state.site]
         member = (state.orig_index.unsqueeze(-1) == kept.unsqueeze(1)).any(-1) & (state.orig_index >= 0)
         return (member & state.alive) | state.protected
@@ -389,7 +389,7 @@ class ExitSamples(TokenMethod):
         self.exit_layer = exit_layer
         self.summaries = {}
 
-    def select_tokens(self, state, num_keep):
+    def select(self, state, num_keep):
         self.summaries[state.site] = (state.text_mean, state.text_last)
         exiting = torch.tensor([layer == state.layer for layer in self.exit_layer], device=state.hidden.device)
         return state.alive & ~(exiting.unsqueeze(1) & ~state.protected)
@@ -599,7 +599,8 @@ def test_visionzip_keeps_dominant_tokens_and_averages_groups_into_anchors():
     keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [-1.0, 0.0], [0.0, 1.0], [-1.0, 0.1], [0.0, 0.0]]])
     state = _state(hidden, protected, tower_attention=importance, tower_keys=keys)
     method = VisionZipMethod(VisionZipMethod.config_class(contextual_fraction=0.5))
-    keep, merged = method.reduce_tokens(state, torch.tensor([4]))
+    decision = method.reduce(state, torch.tensor([4]))
+    keep, merged = decision.keep, decision.hidden
     # 2 dominant (4, 1) + 2 contextual anchors among the rest [0, 2, 3, 5]: every 2nd, i.e. 0 and 3
     assert keep[0].nonzero().squeeze(1).tolist() == [0, 1, 3, 4, 6]
     assert merged[0, 0, 0].item() == pytest.approx((0 + 2) / 2)  # 2 joins anchor 0
@@ -616,7 +617,7 @@ def test_dart_keeps_image_pivots_and_the_tokens_least_like_the_pivots():
     protected = torch.tensor([[False] * 6 + [True, True]])
     state = _state(hidden, protected, keys=keys, site="llm.2")
     state.normed_hidden = hidden  # the similarity space (the LM's final norm of hidden; a unit weight here)
-    keep = DARTMethod(DARTConfig(image_pivots=1, text_pivots=1)).select_tokens(state, torch.tensor([3]))
+    keep = DARTMethod(DARTConfig(image_pivots=1, text_pivots=1)).select(state, torch.tensor([3]))
     # pivot 2 is kept; each pivot then claims one token: the least like token 2 (0, 1) is 4 (cos -0.1),
     # the least like token 7 (1, 0) among the rest is 3 (cos 0.71)
     assert keep[0].nonzero().squeeze(1).tolist() == [2, 3, 4, 6, 7]
@@ -657,14 +658,16 @@ def test_d2pruner_independent_sets_skip_neighbours_then_take_another_round():
         (dict(method="divprune", keep_ratio=0.5, sites=["llm.0"]), "llm.0"),
         (dict(method="divprune", keep_ratio=0.5, sites=["vit.0", "llm.2"]), "vit"),
         (dict(method="divprune", keep_ratio=0.5, sites=["llm.2", "llm.2"]), "distinct"),
-        (dict(method="divprune", keep_ratio=0.5, mode="mask"), "gather"),
+        (dict(method="divprune", keep_ratio=0.5, mode="train"), "gather"),
+        (dict(method="random", keep_ratio=0.5, sites=["vit.0"], mode="mask"), "packed"),
         (dict(method="divprune", keep_ratio={"llm.1": 0.5}, sites=["llm.2"]), "keep_ratio"),
         (dict(method="tome", keep_ratio=0.5, sites=["pre_llm"]), "tome"),
         (dict(method="fastv", keep_ratio=0), "keep_ratio"),
     ],
 )
 def test_bad_inputs_raise_value_error_naming_the_field(saved_mllms, kwargs, needle):
-    model, batch = load(saved_mllms, "llava"), make_batch("llava")
+    family = "qwen2_vl" if needle == "packed" else "llava"
+    model, batch = load(saved_mllms, family), make_batch(family)
     reference, hooks = logits(model, batch.inputs()), hook_count(model)
     with pytest.raises(ValueError) as info:
         ts.apply(model, **kwargs)

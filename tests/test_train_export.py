@@ -6,16 +6,21 @@ import csv
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from torchmetrics.classification import MulticlassAccuracy
 from transformers import ViTConfig, ViTForImageClassification
 
 import tokensift as ts
 from tokensift.backbones import load_backbone
+from tokensift.budget import Budget
 from tokensift.cli import TokensiftCLI, main
+from tokensift.data import ClutteredDigitsDataModule
 from tokensift.export import FingerprintMismatch, save_artifact
+from tokensift.reduce import PruningHandle
 from tokensift.scorers.dynamicvit import DynamicViTMethod
-from tokensift.trainer import ScorerTrainer
+from tokensift.trainer import FrozenBackboneTrainer, ScorerTrainer
 
 TINY_VIT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, patch_size=4)
 
@@ -79,6 +84,8 @@ def test_fit_loss_goes_down(trained):
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first, (first, last)
     assert logged(trained["cli"], "val/acc_keep0_5"), "validation accuracy at the budget is logged"
+    # `threshold` keeps a variable count (method.keeps_budget_count is false): the objective has a budget term
+    assert len(logged(trained["cli"], "train/budget")) == len(losses)
 
 
 def test_backbone_is_frozen_bit_identical(trained):
@@ -214,3 +221,54 @@ def test_topk_selection_keeps_exactly_the_budget_while_training(tmp_path):
         assert torch.equal(kept, torch.full_like(kept, counts[record.site]))
     logits.sum().backward()
     assert all(p.grad is not None for p in method.parameters())
+
+
+class TaskOnlyTrainer(FrozenBackboneTrainer):
+    """The hook contract of FrozenBackboneTrainer on its own: a pruned-model cross-entropy, nothing else."""
+
+    def __init__(self, backbone: str, lr: float = 1e-3):
+        super().__init__(backbone, "dynamicvit", keep_ratio_range=(0.5, 0.5), lr=lr)
+        self.save_hyperparameters()
+        self.accuracy = MulticlassAccuracy(10, average="micro")
+
+    def build_handle(self):
+        return PruningHandle(self.adapter, self.method, Budget(keep_ratio=0.5), mode="mask")
+
+    def training_loss(self, batch):
+        self.prepare_pruned_pass(batch)
+        return {"loss": torch.nn.functional.cross_entropy(self.logits(self.model_inputs(batch)), batch["labels"])}
+
+    def validation_metrics(self, batch, stage):
+        with self.teacher():
+            self.accuracy.update(self.logits(self.model_inputs(batch)), batch["labels"])
+
+    def log_validation_metrics(self, stage):
+        self.log(f"{stage}/acc", self.accuracy.compute(), sync_dist=True)
+        self.accuracy.reset()
+
+    def default_budget(self):
+        return {"keep_ratio": 0.5}
+
+
+def test_a_subclass_writes_only_the_hooks(tmp_path):
+    backbone = save_vit(tmp_path / "backbone")
+    data = ClutteredDigitsDataModule(
+        canvas_size=32, clutter_size=(2, 3), num_clutter=3, train_samples=32, val_samples=16, batch_size=16
+    )
+    module = TaskOnlyTrainer(str(backbone), lr=3e-3)
+    initial = {k: v.clone() for k, v in module.method.state_dict().items()}
+    trainer = L.Trainer(
+        max_epochs=1, logger=L.pytorch.loggers.CSVLogger(tmp_path / "runs"), enable_progress_bar=False,
+        enable_model_summary=False, log_every_n_steps=1, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, data)
+    assert any(not torch.equal(v, module.method.state_dict()[k]) for k, v in initial.items()), "the scorer trained"
+    assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["scorer"]
+    saved = torch.load(Path(trainer.checkpoint_callback.best_model_path), weights_only=True)
+    assert saved["state_dict"] and all(k.startswith("method.") for k in saved["state_dict"]), "backbone left out"
+    assert saved["tokensift"]["default_budget"] == {"keep_ratio": 0.5}
+    assert saved["tokensift"]["trained_keep_ratio_range"] == [0.5, 0.5] and "tokensift_rng" in saved
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["train/keep_target"]) for r in rows if r.get("train/keep_target")] == [0.5, 0.5]
+    assert any(r.get("val/acc") for r in rows)

@@ -8,10 +8,15 @@ its attention function):
 - ``policy`` ``[B, N]``: DynamicViT's policy attention. Keys with policy 0 are invisible to
   every query except themselves, renormalised with the policy so the gradient reaches a straight-through
   hard decision (an additive ``log p`` bias would be ``-inf`` with an infinite gradient there).
+- ``policy_bias`` ``[B, N]``: a keep policy as an additive ``log p`` bias on each key (``policy_bias`` builds it;
+  ``p = 0`` blocked), every query's own key left unbiased, merged with the model's mask into one float mask that
+  the base kernel (SDPA included) takes: what multimodal LLMs see in mask (training) mode for soft policies and
+  for hard ones without a gradient (then exactly what gather mode computes). A straight-through hard policy goes
+  to ``policy`` instead (``needs_policy_attention``), whose renormalised softmax keeps a gradient at ``p = 0``.
 - ``key_bias`` ``[B, N]``: added to every query's logits for that key (ToMe's ``log size``).
 - ``capture`` (a dict): store this layer's attention probabilities and head-averaged keys, so a
   method that scores with attention pays for them at that one layer only; the layer's output still
-  comes from the base kernel.
+  comes from the base kernel. With ``capture_values`` (True) also the values, per key/value head (FlowCut).
 
 Without any of them (and, with ``capture``, for the layer's output), the call goes to exactly the function the
 model would have called: the registered kernel (SDPA, flash, ...) or, for ``eager``, the ``eager_attention_forward``
@@ -105,6 +110,37 @@ def policy_attention(
     return out.transpose(1, 2).contiguous(), probs
 
 
+def policy_bias(policy: Tensor) -> Tensor:
+    """``[B, N]`` float32 additive key bias ``log p`` of a keep policy (1 kept, 0 dropped, soft in between): a
+    dropped key is blocked as the model's own masks block (the dtype's minimum, never ``-inf``), so a hard 0/1
+    policy computes exactly what gather mode computes. A soft policy's gradient is exact; at ``p = 0`` there is
+    none (see ``needs_policy_attention``)."""
+    blocked = torch.finfo(torch.float32).min
+    policy = policy.float()
+    return torch.where(policy > 0, policy.clamp_min(1e-30).log(), torch.full_like(policy, blocked))
+
+
+def needs_policy_attention(policy: Tensor) -> bool:
+    """A straight-through hard policy (zeros that carry a gradient) needs DynamicViT's policy attention: a ``log p``
+    bias would block the dropped keys with no gradient towards keeping them. Soft or gradient-free policies take
+    the bias, in whatever kernel the model uses."""
+    return policy.requires_grad and bool((policy == 0).any())
+
+
+def masked_with_policy(attention_mask: Tensor | None, query: Tensor, key: Tensor, bias: Tensor, causal: bool) -> Tensor:
+    """The model's mask (bool, additive or none) plus a per-key ``bias`` ``[B, Nk]``, as one additive mask in the
+    query's dtype; each query's own key (lower-right aligned diagonal) gets no bias, so a dropped token still
+    attends to itself and no row is blocked by the policy alone."""
+    base = additive_mask(attention_mask, query, key, causal)
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    if bias.shape[-1] != k_len:
+        raise ValueError(f"policy_bias covers {bias.shape[-1]} keys but the attention call has {k_len}")
+    rows = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+    own = rows == torch.arange(k_len, device=query.device)[None, :]
+    keyed = bias.float()[:, None, None, :].masked_fill(own, 0.0)
+    return (keyed if base is None else base + keyed).to(query.dtype)
+
+
 def _eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' standard ``eager_attention_forward``, op for op (logits in the input dtype, softmax in float32):
     the fallback for an attention module whose modeling file's own eager function cannot be found."""
@@ -153,12 +189,20 @@ def _make(base: str):
     def tokensift_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         call = getattr(module, CALL_ATTRIBUTE, None) or {}
         policy, capture, key_bias = call.get("policy"), call.get("capture"), call.get("key_bias")
+        if call.get("policy_bias") is not None:
+            causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+            attention_mask = masked_with_policy(attention_mask, query, key, call["policy_bias"], causal)
         if key_bias is not None:
             bias = key_bias.to(query.dtype)[:, None, None, :]
             attention_mask = bias if attention_mask is None else attention_mask + bias
         if capture is not None:
             capture["keys"] = key.float().mean(dim=1)  # [B, N, Dk]
+            if call.get("capture_values"):
+                capture["values"] = value.float()  # [B, Hkv, N, Dh], per key/value head
         if policy is not None:
+            causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+            key, value = _repeat_kv(key, module), _repeat_kv(value, module)
+            attention_mask = additive_mask(attention_mask, query, key, causal)
             out, probs = policy_attention(query, key, value, attention_mask, policy, scaling)
             if capture is not None:
                 capture["attention"] = probs.detach()

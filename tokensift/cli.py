@@ -10,7 +10,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tokensift.fit_cli import TokensiftCLI
 
-TOOL_COMMANDS = ("export", "bench", "quickstart", "quickstart-vqa")
+TOOL_COMMANDS = ("export", "bench", "quickstart", "quickstart-vqa", "pretrain-mllm")
 
 
 def _underscore_flag(arg: str) -> str:
@@ -25,12 +25,19 @@ def main(argv: list[str] | None = None) -> None:
     given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOL_COMMANDS:
+        from tokensift.backbones.pretrain_mllm import pretrain_mllm_command
         from tokensift.bench import bench
         from tokensift.export.checkpoint import export
         from tokensift.quickstart import quickstart
         from tokensift.quickstart_vqa import quickstart_vqa
 
-        commands = {"export": export, "bench": bench, "quickstart": quickstart, "quickstart-vqa": quickstart_vqa}
+        commands = {
+            "export": export,
+            "bench": bench,
+            "quickstart": quickstart,
+            "quickstart-vqa": quickstart_vqa,
+            "pretrain-mllm": pretrain_mllm_command,
+        }
         # `export CKPT OUT_DIR` reads as a sentence; bench and quickstart take --flags only
         positional = argv[0] == "export"
         args = [_underscore_flag(arg) for arg in argv[1:]]

@@ -20,7 +20,7 @@ DEFAULT_CALLBACKS = [
         "init_args": {"monitor": "val/acc", "mode": "max", "filename": "best"},
     },
     # last.ckpt at each epoch end, on SIGTERM, and every `checkpoint_every_n_steps` steps when set
-    {"class_path": "tokensift.trainer.module.LastCheckpoint"},
+    {"class_path": "tokensift.trainer.reliability.LastCheckpoint"},
 ]
 DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
 
@@ -165,7 +165,7 @@ def _set_checkpoint_every_n_steps(config) -> None:
     last = [c for c in config.trainer.callbacks or [] if str(c.get("class_path", "")).endswith(".LastCheckpoint")]
     if not last:
         raise ValueError(
-            "checkpoint_every_n_steps sets tokensift.trainer.module.LastCheckpoint's every_n_train_steps, and "
+            "checkpoint_every_n_steps sets tokensift.trainer.reliability.LastCheckpoint's every_n_train_steps, and "
             "trainer.callbacks has none: add one, or set every_n_train_steps on your own ModelCheckpoint."
         )
     for callback in last:

@@ -30,7 +30,8 @@ sample (multimodal LLM), described by a :class:`SiteShape` (``n`` tokens present
      the attention map of the read layer (the site block; the decoder layer ``k-1`` for ``llm.<k>``) on the
      side, every row: ``QKᵀ`` ``2 n² H h``, then per score a scale, the mask add (decoders only: the causal
      mask) and a softmax (max, subtract, exp, sum, divide: 5), i.e. ``(6 + causal) · H n²``; and the
-     head-averaged keys the capture stores, ``n · H_kv h``.
+     head-averaged keys the capture stores, ``n · H_kv h``. ``needs_values`` (``vit.<i>``) goes through the same
+     capture (the map and keys as above); the values themselves are the ones the block computed: 0.
    - ``needs_keys`` at an ``llm.<k>`` site: a hook on ``k_proj`` keeps the output it computed anyway: 0.
    - ``needs_query_attention`` (``llm.<k>``, PyramidDrop): the last text token's attention row in layer ``k``
      itself, computed by the handle: the layer's input RMSNorm on the ``n`` tokens ``4 n d``, their keys
@@ -156,8 +157,9 @@ def capture_flops(method: nn.Module, site: SiteShape) -> float:
     kind = site.site.split(".")[0]
     n = site.tokens
     reads_map = bool(getattr(method, "needs_attention", False)) and kind in ("vit", "llm")
-    # a vit.<i> capture of keys goes through the attention wrapper, which computes the map whenever it captures
-    reads_map = reads_map or (kind == "vit" and bool(getattr(method, "needs_keys", False)))
+    # a vit.<i> capture of keys or values goes through the attention wrapper, which computes the map when it captures
+    captures = bool(getattr(method, "needs_keys", False)) or bool(getattr(method, "needs_values", False))
+    reads_map = reads_map or (kind == "vit" and captures)
     total = 0.0
     if reads_map:
         total += site.attention_map(n, n, site.heads, site.head_dim, site.causal) + n * site.kv_width
@@ -276,19 +278,24 @@ def scorer_flops(
     site_counts: Mapping[str, int],
     num_patches: int | None = None,
 ) -> float:
-    """The method's own cost, summed over the sites where it runs (see the module docstring)."""
+    """The method's own cost, summed over the sites where it runs (see the module docstring); a method that
+    ``observes_every_block`` also pays it at every other block before its last site while more patches are alive
+    than the last site keeps (the handle captures and calls ``observe`` there)."""
     if method is None or not site_counts:
         return 0.0
     patches = adapter.num_patches() if num_patches is None else num_patches
     tokens = tokens_per_layer(adapter, site_counts, patches)
+    by_layer = {adapter.layer_of(site): int(count) for site, count in site_counts.items()}
+    observes, final = bool(getattr(method, "observes_every_block", False)), min(by_layer.values())
     total, alive = 0.0, patches
-    for site in sorted(site_counts, key=adapter.layer_of):
-        count = int(site_counts[site])
-        if count >= alive:  # the hooks skip a site with nothing to remove
-            continue
-        n = tokens[adapter.layer_of(site)]  # a block's output has as many tokens as its input
-        total += site_flops(method, vit_site_shape(adapter, site, n, alive, count))
-        alive = count
+    for index in range(max(by_layer) + 1):
+        n = tokens[index]  # a block's output has as many tokens as its input
+        count = by_layer.get(index)
+        if count is not None and count < alive:  # the hooks skip a site with nothing to remove
+            total += site_flops(method, vit_site_shape(adapter, f"vit.{index}", n, alive, count))
+            alive = count
+        elif observes and alive > final:
+            total += site_flops(method, vit_site_shape(adapter, f"vit.{index}", n, alive, alive))
     return total
 
 

@@ -1,11 +1,19 @@
-"""The one reduction mechanism: hooks on an unmodified backbone that run a method at its sites.
+"""The hook driver of vision towers (ViT / CLIP / SigLIP): hooks on an unmodified backbone that run a method at
+its sites.
 
-- gather mode (inference): after a site's block the method picks survivors and the sequence *shrinks*
-  (``gather`` in ascending original order); every later block runs on fewer tokens.
+- gather mode (inference): after a site's block the method decides what stays (a ``KeepDecision``, every sample
+  keeping the budget's count) and the sequence *shrinks* (``tokensift.compact.compact_state``: gathered in
+  ascending original order, merged values included); every later block runs on fewer tokens.
 - mask mode (training): the sequence keeps its length; the method's keep policy enters every later
   block's attention (``tokensift.attention``), and the head's pooling sees only kept tokens.
 
 Both modes share the per-forward bookkeeping (original indices, merge sizes, policy) kept in ``_Run``.
+
+What a method reads besides the hidden states, by the capabilities it declares (``TokenMethod``): the site block's
+attention and head-averaged keys (``needs_attention`` / ``needs_keys``) and its values per head (``needs_values``),
+captured by the attention wrapper; each token's pixel patch of the forward's ``pixel_values`` (``needs_pixels``);
+and, for ``observes_every_block``, a call of ``method.observe(state)`` after every other block from the first while
+the last site still has tokens to remove, with that block's captures (FlowCut's flow, accumulated at every block).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from torch import Tensor, nn
 from tokensift import attention as attn
 from tokensift.backbones.vision import VisionAdapter
 from tokensift.budget import Budget
+from tokensift.compact import check_decision, compact_state
 from tokensift.scorers.base import TokenMethod, check_site_input
 from tokensift.state import SampleCounter, TokenState, checked_samples
 
@@ -54,6 +63,9 @@ class _Run:
     counts: dict[str, int] = field(default_factory=dict)
     merged: bool = False  # some token stands for several: later blocks need ToMe's size bias
     capture: dict | None = None
+    observing: bool = False  # the block now running is one the method observes (observes_every_block)
+    pixel_values: Tensor | None = None  # the forward's input, kept for a method that needs_pixels
+    patch_pixels: Tensor | None = None  # [B, N0, C, p·p] each original token's pixel patch ([CLS] zero), made once
     records: list[SiteRecord] = field(default_factory=list)
     sample_index: Tensor | None = None  # [B] what set_samples named, else the handle's running count
     draw: tuple[int, ...] = ()
@@ -85,6 +97,8 @@ class PruningHandle:
             raise ValueError(f"sites must be distinct, got {self.sites}")
         self.sites = [self._site_layers[i] for i in sorted(self._site_layers)]
         budget.counts(self.sites, adapter.num_patches())  # a per-site budget must name these sites: fail before hooking
+        if method.observes_every_block and not callable(getattr(method, "observe", None)):
+            raise TypeError(f"{method.name} sets observes_every_block but has no observe(state) method")
         if attn.base_name(adapter.config._attn_implementation) != adapter.config._attn_implementation:
             raise ValueError("this model already has a tokensift method applied; remove() its handle first.")
         self._run: _Run | None = None
@@ -92,10 +106,11 @@ class PruningHandle:
         self._original_attn = adapter.config._attn_implementation
         adapter.tower.set_attn_implementation(attn.wrapped_name(self._original_attn))
         self._hooks = [adapter.tower.register_forward_pre_hook(self._start, with_kwargs=True)]
+        last_site = max(self._site_layers)
         for index, layer in enumerate(adapter.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._before_layer(index), with_kwargs=True))
-            if index in self._site_layers:
-                self._hooks.append(layer.register_forward_hook(self._after_site(index)))
+            if index in self._site_layers or (method.observes_every_block and index < last_site):
+                self._hooks.append(layer.register_forward_hook(self._after_layer(index)))
         self._hooks.append(adapter.final_token_module.register_forward_hook(self._pool_kept_only))
         self.model = adapter.model
         self._on_remove: list[Callable[[], object]] = []
@@ -159,6 +174,8 @@ class PruningHandle:
         pixel_values = kwargs.get("pixel_values", args[0] if args else None)
         self.adapter.check_pixel_values(pixel_values, bool(kwargs.get("interpolate_pos_encoding")))
         self._run = _Run(grid=self.adapter.grid_for(pixel_values))
+        if self.method.needs_pixels:
+            self._run.pixel_values = pixel_values
         self._run.sample_index, self._run.draw = self._next_samples or (None, ())
         self._next_samples = None
         self.last_records = self._run.records
@@ -198,9 +215,14 @@ class PruningHandle:
                 if run.merged:
                     call["key_bias"] = run.size.log()  # ToMe's proportional attention
                 site = self._site_layers.get(index)
-                wants_capture = self.method.needs_attention or self.method.needs_keys
-                if site is not None and wants_capture and self._site_is_active(run, site):
+                method = self.method
+                wants_capture = method.needs_attention or method.needs_keys or method.needs_values
+                runs_site = site is not None and self._site_is_active(run, site)
+                run.observing = not runs_site and self._observes(run, index)
+                if (runs_site and wants_capture) or run.observing:
                     run.capture = call["capture"] = {}
+                    if method.needs_values:
+                        call["capture_values"] = True
             setattr(attention_module, attn.CALL_ATTRIBUTE, call or None)
 
         return hook
@@ -209,46 +231,72 @@ class PruningHandle:
         alive = _alive_prunable(run)
         return run.counts[site] < alive or (self.mode == "mask" and self.method.kind == "learned")
 
-    def _after_site(self, index: int):
-        site = self._site_layers[index]
+    def _observes(self, run: _Run, index: int) -> bool:
+        """Block ``index`` is one the method observes: it asks for every block, and some site after this block still
+        has tokens to remove (FlowCut scores every block while more tokens remain than its target)."""
+        if not self.method.observes_every_block or index >= max(self._site_layers):
+            return False
+        return _alive_prunable(run) > min(run.counts.values())
+
+    def _state(self, run: _Run, hidden: Tensor, index: int, site: str, capture: dict, target: float | None):
+        """The ``TokenState`` of block ``index``'s output ``hidden`` with what the method asked the handle for."""
+        patch_pixels = None
+        if self.method.needs_pixels:
+            if run.patch_pixels is None:
+                run.patch_pixels = _patch_pixels(run, self.adapter.patch_size, hidden.dtype)
+            by_token = run.orig_index[..., None, None].expand(-1, -1, *run.patch_pixels.shape[2:])
+            patch_pixels = run.patch_pixels.gather(1, by_token)
+        rows = hidden.shape[0]
+        return TokenState(
+            hidden=hidden,
+            protected=run.protected,
+            orig_index=run.orig_index,
+            size=run.size,
+            grid=run.grid,
+            num_prefix=run.num_prefix,
+            site=site,
+            layer=index,
+            policy=run.policy,
+            attention=capture.get("attention"),
+            keys=capture.get("keys"),
+            values=capture.get("values"),
+            patch_pixels=patch_pixels,
+            keep_target=None if target is None else torch.full((rows,), target, device=hidden.device),
+            sample_index=run.sample_index,
+            draw=run.draw,
+        )
+
+    def _after_layer(self, index: int):
+        site = self._site_layers.get(index)
 
         def hook(module: nn.Module, args: tuple, output):
             run = self._run
             if run is None:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            count = run.counts[site]
-            target = count / run.num_prunable
-            if not self._site_is_active(run, site):
-                run.capture = None
-                return None
             capture = run.capture or {}
             run.capture = None
-            state = TokenState(
-                hidden=hidden,
-                protected=run.protected,
-                orig_index=run.orig_index,
-                size=run.size,
-                grid=run.grid,
-                num_prefix=run.num_prefix,
-                site=site,
-                layer=index,
-                policy=run.policy,
-                attention=capture.get("attention"),
-                keys=capture.get("keys"),
-                keep_target=torch.full((hidden.shape[0],), target, device=hidden.device),
-                sample_index=run.sample_index,
-                draw=run.draw,
-            )
+            if run.observing:  # a block the method observes (a site with nothing to remove included)
+                run.observing = False
+                self.method.observe(self._state(run, hidden, index, f"vit.{index}", capture, None))
+                return None
+            if site is None or not self._site_is_active(run, site):
+                return None
+            count = run.counts[site]
+            target = count / run.num_prunable
+            state = self._state(run, hidden, index, site, capture, target)
             check_site_input(state.hidden, state.alive, self.method.name, site)
+            num_keep = torch.full((hidden.shape[0],), count, dtype=torch.long, device=hidden.device)
             if self.mode == "mask":
-                run.policy = self.method.keep_policy(state, count)
+                run.policy = self.method.keep_policy(state, num_keep)
                 kept = (run.policy * (~run.protected).float()).sum(1)
                 exact = self.method.keeps_budget_count
                 record = SiteRecord(site, None, run.policy, kept / run.num_prunable, target, None, run.protected, exact)
                 run.records.append(record)
                 return None
-            reduced = self.method.reduce(state, count)
+            decision = self.method.reduce(state, num_keep)
+            check_decision(decision, state, self.method.name)
+            reduced = compact_state(state, decision, f"{self.method.name} at site {site}")
             run.protected, run.orig_index, run.size = reduced.protected, reduced.orig_index, reduced.size
             run.merged = run.merged or self.method.merges
             kept = (~reduced.protected).sum(1).float()
@@ -274,6 +322,19 @@ class PruningHandle:
         keep_special = run.protected.unsqueeze(-1)
         filled = torch.where(keep_special, hidden, filled)
         return (filled, *output[1:]) if isinstance(output, tuple) else filled
+
+
+def _patch_pixels(run: _Run, patch: int, dtype: torch.dtype) -> Tensor:
+    """``[B, N0, C, p·p]`` each original token's ``p × p`` pixel patch of the forward's ``pixel_values`` (row-major
+    over the patch grid as the patch embedding reads them; each channel's patch row by row), in ``dtype`` (the
+    tower's); zero for the special tokens before the patches."""
+    pixels = run.pixel_values.to(dtype)
+    b, c = pixels.shape[:2]
+    rows, cols = run.grid
+    patches = pixels[:, :, : rows * patch, : cols * patch].unfold(2, patch, patch).unfold(3, patch, patch)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b, rows * cols, c, patch * patch)
+    prefix = patches.new_zeros(b, run.num_prefix, c, patch * patch)
+    return torch.cat([prefix, patches], dim=1).to(run.orig_index.device)
 
 
 def _alive_prunable(run: _Run) -> int:

@@ -36,6 +36,7 @@ from transformers.masking_utils import create_causal_mask
 from tokensift import attention as attn
 from tokensift.backbones.mllm import TEXT, MLLMAdapter, Site, TowerCall
 from tokensift.budget import Budget
+from tokensift.compact import check_decision, gather_last, gather_tokens, identity_index, padded_layout
 from tokensift.reduce import PruningHandle
 from tokensift.reduce_packed import PackedTowerHandle
 from tokensift.scorers.base import TokenMethod, check_site_input
@@ -49,11 +50,13 @@ class MLLMSiteRecord:
     """What happened at one site in the last prefill."""
 
     site: str
-    kept_orig_index: Tensor  # [B, K] index in the unpruned LLM input of each slot after the site; -1 padding
-    kept_visual: Tensor  # [B] visual tokens left after the site
+    # gather mode: [B, K] index in the unpruned LLM input of each slot after the site, -1 padding; mask mode: None
+    kept_orig_index: Tensor | None
+    kept_visual: Tensor  # [B] visual tokens left after the site (mask mode: the policy's sum, differentiable)
     num_visual: Tensor  # [B] visual tokens in the unpruned input
     target: Tensor  # [B] visual tokens the budget asked for
     hidden: Tensor | None = None  # [B, K, D] the slots' hidden states right after the site
+    policy: Tensor | None = None  # mask mode: [B, L] cumulative keep policy over the LLM input (text 1)
 
     @property
     def keep_fraction(self) -> Tensor:
@@ -97,6 +100,13 @@ class _Run:
     sample_index: Tensor | None = None  # [B] each row's sample (set_samples, else the running count; beams share)
     draw: tuple[int, ...] = ()
     position: Tensor | None = None  # [B, L] each token's position in its sample's own sequence (padding not counted)
+    # mask mode: (first decoder layer, [B, L] key bias) of each policy in force, in depth order
+    policies: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
+
+    def policy_at(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """Mask mode: the (policy, its attention bias) decoder layer ``layer`` sees, if any site acted before it."""
+        found = [(policy, bias) for start, policy, bias in self.policies if start <= layer]
+        return found[-1] if found else None
 
     def layout_of(self, layer: int) -> int:
         return max(i for i, layout in enumerate(self.layouts) if layout.start_layer <= layer)
@@ -125,12 +135,11 @@ class MLLMPruningHandle:
         sites: list[str] | None = None,
         mode: str = "gather",
     ):
-        if mode != "gather":
-            raise ValueError(
-                f"mode={mode!r}: multimodal LLMs are pruned in gather mode (inference) only; training-mode masks "
-                "are for vision backbones."
-            )
-        self.adapter, self.method, self.budget, self.mode = adapter, method, budget, mode
+        if mode not in ("gather", "mask"):
+            raise ValueError(f"mode must be 'gather' (inference) or 'mask' (training), got {mode!r}")
+        if mode == "mask" and method.merges:
+            raise ValueError(f"{method.name} merges tokens and only runs in gather mode")
+        self.adapter, self.method, self.budget, self._mode = adapter, method, budget, mode
         self.model = adapter.model
         self.family = adapter.family
         names = list(sites or method.config.sites or method.default_sites(adapter))
@@ -153,6 +162,11 @@ class MLLMPruningHandle:
                     f"({', '.join(s for s in adapter.sites() if adapter.parse_site(s).kind in method.site_kinds)})."
                 )
         kinds = {site.kind for site in parsed}
+        if mode == "mask" and "vit" in kinds and adapter.family.packed_tower:
+            raise ValueError(
+                "mask (training) mode at vit.<i> sites of a packed vision tower (Qwen2-VL) is not supported; train "
+                "at pre_llm / llm.<k> there, or at vit.<i> of a LLaVA-style tower."
+            )
         if "vit" in kinds and len(kinds) > 1:
             raise ValueError("give either vit.<i> sites or pre_llm / llm.<k> sites, not both in one handle.")
         self.sites = [site.name for site in parsed]
@@ -206,7 +220,9 @@ class MLLMPruningHandle:
                 on_kept=self._keep_tower_tokens,
             )
         elif parsed[0].kind == "vit":
-            self._vision_handle = PruningHandle(adapter.vision_adapter, self.method, self.budget, sites=self.sites)
+            self._vision_handle = PruningHandle(
+                adapter.vision_adapter, self.method, self.budget, sites=self.sites, mode=self.mode
+            )
             projector = self.family.projector(self.model)
             self._hooks.append(projector.register_forward_hook(self._expand_pruned_features))
         if self.method.needs_tower_attention:
@@ -217,7 +233,7 @@ class MLLMPruningHandle:
         self._hooks.append(lm.register_forward_pre_hook(self._on_lm_call, with_kwargs=True))
         self._hooks.append(lm.register_forward_hook(self._after_lm, with_kwargs=True))
         llm_sites = [s for s in parsed if s.kind == "llm"]
-        if llm_sites and self.method.needs_attention:
+        if (llm_sites and self.method.needs_attention) or self.mode == "mask":  # mask mode: every policy_bias
             self._wrap_attention(lm)
         for index, layer in enumerate(adapter.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._before_layer(index), with_kwargs=True))
@@ -234,6 +250,25 @@ class MLLMPruningHandle:
         module.set_attn_implementation(attn.wrapped_name(original))
 
     # -- public ---------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """``gather`` (inference: dropped tokens leave the sequence) or ``mask`` (training: a key bias per policy)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in ("gather", "mask"):
+            raise ValueError(f"mode must be 'gather' (inference) or 'mask' (training), got {value!r}")
+        if value == "mask" and self.method.merges:
+            raise ValueError(f"{self.method.name} merges tokens and only runs in gather mode")
+        if value == "mask" and isinstance(self._vision_handle, PackedTowerHandle):
+            raise ValueError(
+                "mask (training) mode at vit.<i> sites of a packed vision tower (Qwen2-VL) is not supported"
+            )
+        self._mode = value
+        if isinstance(self._vision_handle, PruningHandle):
+            self._vision_handle.mode = value
+
     @property
     def enabled(self) -> bool:
         """Off: the next prefills run unpruned (a teacher pass); a decode already running keeps its layout."""
@@ -367,6 +402,9 @@ class MLLMPruningHandle:
         from the LLM's input right after (``_on_lm_call``), so the zeros written here are never seen.
         """
         handle = self._vision_handle
+        if self.mode == "mask":
+            self._record_tower_policy(output)
+            return None
         kept = handle.kept_orig_index if handle is not None and handle.enabled else None
         if kept is None or not self.enabled:
             return None
@@ -379,6 +417,21 @@ class MLLMPruningHandle:
         keep.scatter_(1, feature_index, True)
         self._keep_tower_tokens(keep.reshape(-1))
         return expanded
+
+    def _record_tower_policy(self, output: Tensor) -> None:
+        """vit sites, mask mode: the tower's cumulative keep policy per projected feature, for the LLM's keys."""
+        handle = self._vision_handle
+        records = [r for r in handle.last_records if r.policy is not None] if handle is not None else []
+        if not records or not self.enabled or not self._tower_calls:
+            return
+        policy = records[-1].policy
+        full = self.family.features_per_image(self.model)
+        if output.shape[1] != full or policy.shape[1] - full not in (0, 1):
+            raise ValueError(
+                f"mask mode at vit sites: the tower's policy covers {policy.shape[1]} tokens but the projector gives "
+                f"{output.shape[1]} features per image; this LLaVA layout is not supported in mask mode."
+            )
+        self._tower_calls[-1].policy = policy[:, policy.shape[1] - full :].reshape(-1)  # [CLS] dropped by the model
 
     def _keep_tower_tokens(self, keep: Tensor) -> None:
         """vit sites: which LLM tokens of the current tower call survived the tower."""
@@ -432,12 +485,14 @@ class MLLMPruningHandle:
         llm_sites = [s for s in self._parsed if s.kind != "vit"]
         counts = _per_sample_counts(self.budget, [s.name for s in llm_sites], num_visual)
         active, previous = [], num_visual
+        trains = self.mode == "mask" and self.method.kind == "learned"  # a learned policy acts at every budget
         for site in llm_sites:
-            if self.method.decides_exits or bool((counts[site.name] < previous).any()):
+            if self.method.decides_exits or trains or bool((counts[site.name] < previous).any()):
                 active.append(site)
             previous = torch.minimum(previous, counts[site.name])
+        tower_policy = self._tower_policy(inputs, calls, kinds[::repeat]) if self.mode == "mask" else None
         forced = self._tower_keep(inputs, calls, kinds[::repeat])
-        if not active and forced is None:
+        if not active and forced is None and tower_policy is None:
             self.last_records = []
             return None
         layout = _Layout(0, torch.arange(length, device=kinds.device).expand(batch, -1), valid)
@@ -451,6 +506,9 @@ class MLLMPruningHandle:
                 for t in self.family.tower_token_scores(self.model, calls, kinds[::repeat], inputs)
             )
         pre_llm = next((s for s in active if s.kind == "pre_llm"), None)
+        if self.mode == "mask":
+            self._start_masked_prefill(run, embeds, tower_policy, repeat, pre_llm, layout)
+            return None
         if forced is None and pre_llm is None:
             return None
         if forced is not None:
@@ -464,7 +522,7 @@ class MLLMPruningHandle:
             target, site_name = counts[pre_llm.name], pre_llm.name
         new_layout, source = _relayout(layout, keep, start_layer=0)
         run.layouts = [new_layout]
-        gathered = _gather_tokens(new_embeds, source)
+        gathered = gather_tokens(new_embeds, source)
         self._record(run, site_name, new_layout, target, gathered)
         position_ids = kwargs.get("position_ids")
         if position_ids is None:  # what the LM would use: positions counted from 0 over the whole input
@@ -473,8 +531,52 @@ class MLLMPruningHandle:
                 position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         kwargs["inputs_embeds"] = gathered
         kwargs["attention_mask"] = new_layout.slot_valid.long()
-        kwargs["position_ids"] = _gather_last(position_ids, new_layout.slot_orig, batch)
+        kwargs["position_ids"] = gather_last(position_ids, new_layout.slot_orig, batch)
         return (), kwargs
+
+    def _start_masked_prefill(self, run: _Run, embeds: Tensor, tower_policy, repeat: int, pre_llm, layout) -> None:
+        """Mask (training) mode: nothing is gathered; each site's keep policy becomes a key bias for the decoder
+        layers from that site on (``_masked_layer``), so the sequence, positions and masks stay the model's own."""
+        if tower_policy is not None:
+            policy = tower_policy.repeat_interleave(repeat, dim=0).to(embeds.device)
+            self._add_policy(run, self.sites[-1], 0, policy)
+        if pre_llm is not None:
+            state = self._state(run, pre_llm, embeds, layout)
+            self._add_policy(run, pre_llm.name, 0, self._masked_policy(run, pre_llm, state))
+
+    def _tower_policy(self, inputs: dict, calls: list[TowerCall], kinds: Tensor) -> Tensor | None:
+        """vit sites, mask mode: ``[B, L]`` float, the tower's keep policy on each visual token (text 1)."""
+        if not any(call.policy is not None for call in calls):
+            return None
+        policy = torch.ones(kinds.shape, device=kinds.device)
+        call_kinds = self.family.call_kinds(self.model, inputs, calls, kinds)
+        for kind in set(call_kinds):
+            parts = [
+                call.policy if call.policy is not None else torch.ones(call.tokens)
+                for call, call_kind in zip(calls, call_kinds, strict=True)
+                if call_kind == kind
+            ]
+            policy = policy.masked_scatter(kinds == kind, torch.cat([p.to(kinds.device).float() for p in parts]))
+        return policy
+
+    def _masked_policy(self, run: _Run, site: Site, state: TokenState) -> Tensor:
+        """Mask mode: the method's keep policy at ``site``, ``[B, L]``, cumulative, text and padding 1."""
+        previous = run.policy_at(site.index if site.kind == "llm" else 0)
+        state.policy = None if previous is None else previous[0]
+        check_site_input(state.hidden, state.valid, self.method.name, state.site)
+        policy = self.method.keep_policy(state, run.counts[site.name])
+        if policy.shape != state.valid.shape:
+            raise ValueError(
+                f"{self.method.name}.keep_policy returned {tuple(policy.shape)}, expected {tuple(state.valid.shape)}"
+            )
+        return torch.where(state.protected | ~state.valid, torch.ones_like(policy), policy)
+
+    def _add_policy(self, run: _Run, site: str, start_layer: int, policy: Tensor) -> None:
+        run.policies.append((start_layer, policy, attn.policy_bias(policy)))
+        visual = (run.kinds != TEXT) & run.layouts[0].slot_valid
+        kept = (policy * visual).sum(1)
+        record = MLLMSiteRecord(site, None, kept, run.num_visual, run.counts.get(site, kept), None, policy)
+        run.records.append(record)
 
     def _sample_rows(self, samples: tuple, batch: int, repeat: int, device) -> tuple[Tensor, tuple[int, ...]]:
         """``[B]`` sample index of each row: what ``set_samples`` named, else the running count; a sample's
@@ -507,6 +609,11 @@ class MLLMPruningHandle:
         return keep
 
     def _continue_decoding(self, run: _Run, kwargs: dict):
+        if self.mode == "mask":
+            raise ValueError(
+                "decoding with a KV cache in mask (training) mode: the policy holds for one forward pass; use gather "
+                "mode (the default) for generate(), or pass use_cache=False."
+            )
         run.prefill, run.masks = False, {}
         embeds = kwargs["inputs_embeds"]
         steps = embeds.shape[1]
@@ -538,10 +645,12 @@ class MLLMPruningHandle:
         run.capture, run.keys, run.masks = None, None, {}
         if run.cache is None:  # the LLM made its cache itself: decoding continues on that one
             run.cache = getattr(output, "past_key_values", None)
+        if self.mode == "mask":  # the sequence kept its length: the output is already aligned with the input
+            return None
         for layout in run.layouts:
             layout.rotary, layout.position_ids = None, None  # prefill-only; decoding computes its own
         last = run.layouts[-1]
-        if last.slot_orig.shape[1] == run.length and bool((last.slot_orig == _identity(last.slot_orig)).all()):
+        if last.slot_orig.shape[1] == run.length and bool((last.slot_orig == identity_index(last.slot_orig)).all()):
             # nothing was dropped (an exit method that let every sample keep its tokens): the output is already the
             # unpruned model's, padding slots included, which the scatter below would zero
             return None
@@ -564,6 +673,9 @@ class MLLMPruningHandle:
             if run is None:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
+            if self.mode == "mask":
+                self._masked_layer(run, index, hidden, kwargs, attention_module)
+                return None
             if run.prefill:
                 site = next((s for s in run.active if s.kind == "llm" and s.index == index), None)
                 if site is not None:
@@ -597,8 +709,30 @@ class MLLMPruningHandle:
 
         return hook
 
-    def _prune_in_llm(self, run: _Run, site: Site, hidden: Tensor, kwargs: dict) -> Tensor:
-        current = run.layouts[-1]
+    def _masked_layer(self, run: _Run, index: int, hidden: Tensor, kwargs: dict, attention_module: nn.Module) -> None:
+        """Mask mode, before decoder layer ``index``: a site here adds its policy; the layer's attention gets the
+        bias of the policy in force (and, before a site that reads attention, captures it)."""
+        if not run.prefill:
+            return
+        site = next((s for s in run.active if s.kind == "llm" and s.index == index), None)
+        if site is not None:
+            state = self._llm_site_state(run, site, hidden, kwargs, run.layouts[0])
+            self._add_policy(run, site.name, index, self._masked_policy(run, site, state))
+            run.capture, run.keys = None, None
+        call = {}
+        found = run.policy_at(index)
+        if found is not None:
+            policy, bias = found
+            if attn.needs_policy_attention(policy):  # straight-through zeros: the renormalised policy softmax
+                call["policy"] = policy
+            else:
+                call["policy_bias"] = bias
+        if any(s.kind == "llm" and s.index == index + 1 for s in run.active) and self.method.needs_attention:
+            run.capture = call["capture"] = {}
+        setattr(attention_module, attn.CALL_ATTRIBUTE, call or None)
+
+    def _llm_site_state(self, run: _Run, site: Site, hidden: Tensor, kwargs: dict, current: _Layout) -> TokenState:
+        """The state a method sees at ``llm.<k>``, with what it asked for computed on the current layout."""
         state = self._state(run, site, hidden, current)
         rotary = kwargs.get("position_embeddings") if current.start_layer == 0 else current.rotary
         if self.method.needs_query_attention:
@@ -610,18 +744,23 @@ class MLLMPruningHandle:
             state.keys = _rotate(attention, keys, cos, sin).transpose(1, 2).flatten(2)
         if self.method.needs_final_norm:
             state.normed_hidden = self.adapter.language_model.norm(hidden)
+        return state
+
+    def _prune_in_llm(self, run: _Run, site: Site, hidden: Tensor, kwargs: dict) -> Tensor:
+        current = run.layouts[-1]
+        state = self._llm_site_state(run, site, hidden, kwargs, current)
         keep, new_hidden = self._select(state, run.counts[site.name])
         run.capture, run.keys = None, None
         layout, source = _relayout(current, keep, start_layer=site.index)
         if layout is current:
             return hidden
         rotary = kwargs.get("position_embeddings")
-        layout.rotary = tuple(_gather_tokens(t.expand(run.batch, -1, -1), layout.slot_orig) for t in rotary)
+        layout.rotary = tuple(gather_tokens(t.expand(run.batch, -1, -1), layout.slot_orig) for t in rotary)
         position_ids = kwargs.get("position_ids")
         if isinstance(position_ids, Tensor) and position_ids.shape[-1] == run.length:
-            layout.position_ids = _gather_last(position_ids, layout.slot_orig, run.batch)
+            layout.position_ids = gather_last(position_ids, layout.slot_orig, run.batch)
         run.layouts.append(layout)
-        gathered = _gather_tokens(new_hidden, source)
+        gathered = gather_tokens(new_hidden, source)
         self._record(run, site.name, layout, run.counts[site.name], gathered)
         return gathered
 
@@ -690,7 +829,7 @@ class MLLMPruningHandle:
             image_id=run.image_id.gather(1, index).masked_fill(~valid | (kind == TEXT), -1),
             coords=run.coords.gather(1, index.unsqueeze(-1).expand(-1, -1, 3)),
             tower_attention=None if run.tower_scores is None else run.tower_scores.gather(1, index),
-            tower_keys=None if run.tower_keys is None else _gather_tokens(run.tower_keys, index),
+            tower_keys=None if run.tower_keys is None else gather_tokens(run.tower_keys, index),
             text_mean=(hidden * text_weights).sum(1) / text_weights.sum(1).clamp(min=1),
             text_last=hidden[torch.arange(hidden.shape[0], device=hidden.device), last_text],
             sample_index=run.sample_index,
@@ -700,13 +839,10 @@ class MLLMPruningHandle:
 
     def _select(self, state: TokenState, num_keep: Tensor) -> tuple[Tensor, Tensor]:
         check_site_input(state.hidden, state.valid, self.method.name, state.site)
-        keep, hidden = self.method.reduce_tokens(state, num_keep)
-        if keep.shape != state.valid.shape or keep.dtype != torch.bool:
-            raise ValueError(
-                f"{self.method.name} returned a keep mask of {keep.dtype} {tuple(keep.shape)}, "
-                f"expected bool {tuple(state.valid.shape)}"
-            )
-        return (keep & state.valid) | state.protected, hidden
+        decision = self.method.reduce(state, num_keep)
+        check_decision(decision, state, self.method.name)
+        hidden = state.hidden if decision.hidden is None else decision.hidden
+        return (decision.keep & state.valid) | state.protected, hidden
 
     def _record(self, run: _Run, site: str, layout: _Layout, target: Tensor, hidden: Tensor) -> None:
         kinds = run.kinds.gather(1, layout.slot_orig.clamp(min=0))
@@ -766,41 +902,12 @@ def _per_sample_counts(budget: Budget, sites: list[str], num_visual: Tensor) -> 
 
 
 def _relayout(layout: _Layout, keep: Tensor, start_layer: int) -> tuple[_Layout, Tensor]:
-    """The layout of the kept slots, each sample right-aligned in ascending order, with its source slots.
-
-    Returns the layout itself (and an identity source) when ``keep`` drops nothing.
-    """
-    if bool((keep == layout.slot_valid).all()):
-        return layout, torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
-    batch, slots = keep.shape
-    positions = torch.arange(slots, device=keep.device).expand(batch, -1)
-    kept_first = torch.where(keep, positions, positions + slots).argsort(dim=1)  # kept slots first, in order
-    count = keep.sum(1)
-    width = int(count.max())
-    # right-align: the last slot of every sample is its last kept token, padding goes to the left
-    offset = torch.arange(width, device=keep.device).unsqueeze(0) - (width - count).unsqueeze(1)
-    valid = offset >= 0
-    source = kept_first.gather(1, offset.clamp(min=0))
-    slot_orig = layout.slot_orig.gather(1, source).masked_fill(~valid, -1)
-    return _Layout(start_layer, slot_orig, valid), source
-
-
-def _gather_tokens(values: Tensor, index: Tensor) -> Tensor:
-    """``values[b, index[b, j]]`` for ``[B, N, D]`` values; padding slots (index -1) read token 0."""
-    index = index.clamp(min=0)
-    return values.gather(1, index.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
-
-
-def _identity(slot_orig: Tensor) -> Tensor:
-    """The slot indices of the unpruned input's own layout (every slot, padding included, is its own token)."""
-    return torch.arange(slot_orig.shape[1], device=slot_orig.device).expand_as(slot_orig)
-
-
-def _gather_last(values: Tensor, index: Tensor, batch: int) -> Tensor:
-    """Gather position ids ``[..., B | 1, L]`` (1-D or M-RoPE) along their last axis."""
-    index = index.clamp(min=0)
-    values = values.expand(*values.shape[:-2], batch, values.shape[-1])
-    return values.gather(-1, index.expand(*values.shape[:-2], *index.shape))
+    """The layout of the kept slots (``tokensift.compact.padded_layout``) with its source slots; the layout itself
+    (and an identity source) when ``keep`` drops nothing."""
+    slot_orig, slot_valid, source = padded_layout(layout.slot_orig, layout.slot_valid, keep)
+    if slot_orig is layout.slot_orig:
+        return layout, source
+    return _Layout(start_layer, slot_orig, slot_valid), source
 
 
 __all__ = ["MLLMPruningHandle", "MLLMSiteRecord"]

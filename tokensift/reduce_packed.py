@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from tokensift.backbones.mllm import IMAGE, VIDEO
 from tokensift.budget import Budget
+from tokensift.compact import check_decision, packed_cu_seqlens
 from tokensift.scorers.base import TokenMethod, check_site_input
 from tokensift.state import SampleCounter, TokenState, checked_samples
 
@@ -167,13 +168,14 @@ class PackedTowerHandle:
             return None  # this budget drops nothing here
         state, slot = self._state(run, site, layer, hidden, groups, image, num_keep / original.clamp(min=1))
         check_site_input(state.hidden, state.valid, self.method.name, site)
-        keep = self.method.select_tokens(state, num_keep) & state.valid
+        decision = self.method.reduce(state, num_keep)
+        check_decision(decision, state, self.method.name)
+        if decision.hidden is not None or decision.size is not None:
+            raise ValueError(f"{self.method.name} merged tokens at {site}, which a packed vision tower does not take.")
+        keep = decision.keep & state.valid
         keep_patch = keep[image, slot].repeat_interleave(g)
         run.patch_index = patch_index[keep_patch]
-        frame = run.group_frame[run.patch_index // g]
-        lengths = torch.bincount(frame, minlength=run.num_frames)
-        boundaries = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
-        run.cu_seqlens = boundaries.unique_consecutive().to(torch.int32)  # a frame left empty is no chunk
+        run.cu_seqlens = packed_cu_seqlens(run.group_frame[run.patch_index // g], run.num_frames)
         return hidden[keep_patch]
 
     def _state(

@@ -30,6 +30,12 @@ class TokenState:
     attention: Tensor | None = None  # [B, H, N, N] attention probabilities of the site's block (llm.<k>: of layer k-1)
     # [B, N, Dk] keys of the site's block averaged over heads; llm.<k>: layer k-1's keys (all kv heads, with RoPE)
     keys: Tensor | None = None
+    # [B, Hkv, N, Dh] vit.<i>, on request (``needs_values``): the site block's values, per key/value head, as the
+    # attention call received them (FlowCut's value norms and per-head value similarity)
+    values: Tensor | None = None
+    # [B, N, C, p·p] vit.<i>, on request (``needs_pixels``): each token's pixel patch of the tower's input (rows of
+    # the patch in order, in the hidden states' dtype); 0 for [CLS] / registers (VFlowOpt's patch entropy)
+    patch_pixels: Tensor | None = None
     keep_target: Tensor | None = None  # [B] cumulative keep fraction this site aims for
     # -- multimodal LLM sites (pre_llm, llm.<k>); None on a vision tower ---------------------------------
     valid: Tensor | None = None  # bool: False for padding slots (samples of a batch keep different counts)
@@ -74,6 +80,7 @@ class TokenState:
             "size": self.size.gather(1, index),
             "attention": None,
             "keys": None,
+            "values": None,
             "query_attention": None,
             "normed_hidden": None,
         }
@@ -82,10 +89,11 @@ class TokenState:
         for name in ("valid", "kind", "image_id", "tower_attention", "token_key"):
             if getattr(self, name) is not None:
                 fields[name] = getattr(self, name).gather(1, index)
-        for name in ("coords", "tower_keys"):
+        for name in ("coords", "tower_keys", "patch_pixels"):
             value = getattr(self, name)
             if value is not None:
-                fields[name] = value.gather(1, index.unsqueeze(-1).expand(-1, -1, value.shape[-1]))
+                by_token = index.view(*index.shape, *[1] * (value.dim() - 2)).expand(-1, -1, *value.shape[2:])
+                fields[name] = value.gather(1, by_token)
         return replace(self, **fields)
 
     def uniform(self, seed: int, stream: str = "") -> Tensor:

@@ -54,6 +54,7 @@ class TowerCall:
     attention: list[Tensor]  # one [1 | n, H, Nq, Nk] tensor per attention call of the scored block
     keys: list[Tensor]  # head-averaged keys, one tensor per attention call
     kept: Tensor | None = None  # vit.<i> sites: [tokens] bool, which of this call's LLM tokens the tower kept
+    policy: Tensor | None = None  # vit.<i> sites in mask mode: [tokens] float, the tower's keep policy per LLM token
 
 
 class MLLMFamily:

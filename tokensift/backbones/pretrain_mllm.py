@@ -1,10 +1,14 @@
-"""Train a tiny multimodal LM from scratch on digit VQA and ``save_pretrained`` it: an MLLM that has learned
-something, for token pruners to be measured on with real accuracy numbers.
+"""Train a tiny multimodal LM from scratch on a VQA task (digit VQA, shape VQA or any data module of the VQA
+batch contract) and ``save_pretrained`` it: an MLLM that has learned something, for token pruners to be
+measured on with real accuracy numbers.
 
 No vision-language weights ship offline. This recipe builds a LLaVA (CLIP vision tower -> MLP projector
 -> Llama LM) or a Qwen2-VL (its own vision tower with 2x2 patch merging -> Qwen2 LM) from config, with
-the word-level vocabulary of :mod:`tokensift.data.digit_vqa`, and trains every weight end to end on the
-task's answer token plus a word-embedding alignment of the image tokens (see :class:`MLLMPretrainer`).
+the data module's word-level vocabulary, and trains every weight end to end on the task's answer tokens
+plus, when the data module names targets for it, a word-embedding alignment of the image tokens (see
+:class:`MLLMPretrainer`). Any data module whose batches follow the VQA batch contract
+(:mod:`tokensift.data.contract`) and that exposes the model-building attributes works:
+:class:`~tokensift.data.DigitVQADataModule`, :class:`~tokensift.data.ShapeVQADataModule`.
 The saved directory loads with ``from_pretrained(local_files_only=True)`` (:func:`load_mllm`) and holds
 the tokenizer and image processor that rebuild the model's inputs from a raw canvas and a question (for
 LLaVA also a ``LlavaProcessor``), plus ``tokensift_mllm.json``: the test accuracy by forward and by
@@ -15,6 +19,10 @@ Usage::
 
     out, accuracy = pretrain_mllm("runs/mllm", DigitVQADataModule(), family="llava")
     model, tokenizer, image_processor, report = load_mllm(out)
+
+or from the command line, with the data module named by class path (and init args)::
+
+    tokensift pretrain-mllm --out runs/shape_llava --data tokensift.data.ShapeVQADataModule
 
 Measured at the defaults by ``make demo-vqa`` (LLaVA: CLIP d64 x 2 layers, Llama d64 x 3 layers, 218k
 parameters; one pass over 65,536 questions, 2,048 steps of batch 32; seed 0; one thread): test accuracy 68.75 %
@@ -29,12 +37,15 @@ import os
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 
-from tokensift.backbones.vqa import answer_accuracy, mllm_inputs
-from tokensift.data.digit_vqa import IGNORE_INDEX, DigitVQA, DigitVQADataModule, build_image_processor
+from tokensift.backbones.vqa import answer_accuracy, answer_ids_of, answers_correct, mllm_inputs, teacher_forced_answers
+from tokensift.data.contract import answer_tokens, check_vqa_batch
+from tokensift.data.resolve import resolve_datamodule
+from tokensift.data.vqa import FAMILIES, IGNORE_INDEX, IMAGE_TOKEN, QWEN2_VL_MERGE, QWEN2_VL_TEMPORAL, check_family
 from tokensift.io import atomic_directory, check_replaceable
 from tokensift.trainer.schedule import warmup_cosine
 
@@ -46,22 +57,40 @@ __all__ = [
     "build_mllm",
     "load_mllm",
     "pretrain_mllm",
+    "pretrain_mllm_command",
     "text_only_baseline",
 ]
 
 REPORT = "tokensift_mllm.json"  # what the recipe measured, beside the weights
-FAMILIES = ("llava", "qwen2_vl")
-QWEN2_VL_MERGE = 2  # Qwen2-VL merges 2x2 vision patches into one LM token
+MODEL_DATA_ATTRIBUTES = (
+    "tokenizer",
+    "image_token_id",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "num_patches",
+    "num_image_tokens",
+)
+"""What :func:`build_mllm` reads off a data module to shape the model (the batches follow the VQA contract)."""
 
 
 def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
+    check_family(family)
+
+
+def _check_model_data(data: Any) -> None:
+    missing = [name for name in MODEL_DATA_ATTRIBUTES if not hasattr(data, name)]
+    if missing:
+        raise ValueError(
+            f"data: {type(data).__name__} lacks {missing}, which shape the model (vocabulary, image token, canvas, "
+            "patches); give a VQA data module such as tokensift.data.DigitVQADataModule or ShapeVQADataModule "
+            "(the VQA batch contract: tokensift.data.contract)"
+        )
 
 
 def build_mllm(
     family: str,
-    data: DigitVQADataModule,
+    data: Any,
     *,
     vision_hidden_size: int = 64,
     vision_layers: int = 2,
@@ -79,6 +108,7 @@ def build_mllm(
     hidden sizes; the LM ties its input and output embeddings.
     """
     _check_family(family)
+    _check_model_data(data)
     for name, value in (
         ("vision_hidden_size", vision_hidden_size),
         ("text_hidden_size", text_hidden_size),
@@ -150,7 +180,7 @@ def build_mllm(
             in_channels=data.num_channels,
             patch_size=data.patch_size // QWEN2_VL_MERGE,
             spatial_merge_size=QWEN2_VL_MERGE,
-            temporal_patch_size=2,
+            temporal_patch_size=QWEN2_VL_TEMPORAL,
         )
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section}
         config = Qwen2VLConfig(
@@ -170,12 +200,15 @@ def build_mllm(
     return model
 
 
-def build_image_processor_for(family: str, data: DigitVQADataModule):
-    """The image processor that turns a raw canvas ([C, H, W], grey levels 0..16) into this family's
-    ``pixel_values`` exactly as :class:`DigitVQA` and :func:`~tokensift.backbones.vqa.mllm_inputs` build them:
-    normalised images for LLaVA, Qwen2-VL's flattened patches (and ``image_grid_thw``) for Qwen2-VL."""
+def build_image_processor_for(family: str, data: Any):
+    """The image processor that turns a raw canvas ([C, H, W], e.g. digit VQA's grey levels 0..16) into this
+    family's ``pixel_values`` exactly as the data module and :func:`~tokensift.backbones.vqa.mllm_inputs` build
+    them: normalised images for LLaVA (the data module's ``image_processor()``), Qwen2-VL's flattened patches
+    (and ``image_grid_thw``) for Qwen2-VL. ``None`` when the data module has no ``image_processor``."""
     _check_family(family)
-    image_processor = build_image_processor(data.num_channels)
+    if not callable(getattr(data, "image_processor", None)):
+        return None
+    image_processor = data.image_processor()
     if family == "llava":
         return image_processor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -191,17 +224,20 @@ def build_image_processor_for(family: str, data: DigitVQADataModule):
         do_convert_rgb=False,
         patch_size=data.patch_size // QWEN2_VL_MERGE,
         merge_size=QWEN2_VL_MERGE,
-        temporal_patch_size=2,
+        temporal_patch_size=QWEN2_VL_TEMPORAL,
         size={"shortest_edge": pixels, "longest_edge": pixels},
     )
 
 
-def _save_input_pipeline(family: str, data: DigitVQADataModule, out: Path) -> None:
+def _save_input_pipeline(family: str, data: Any, out: Path) -> None:
     """Write the tokenizer and image processor; for LLaVA also a ``LlavaProcessor`` (``AutoProcessor``
     then rebuilds the prompt with its image tokens). ``Qwen2VLProcessor`` cannot be built without
-    torchvision (it insists on a video processor), so Qwen2-VL gets the two parts only."""
+    torchvision (it insists on a video processor), so Qwen2-VL gets the two parts only. A data module without
+    ``image_processor()`` gets the tokenizer only."""
     image_processor = build_image_processor_for(family, data)
     data.tokenizer.save_pretrained(out)
+    if image_processor is None:
+        return
     image_processor.save_pretrained(out)
     if family == "llava":
         from transformers import LlavaProcessor
@@ -218,8 +254,9 @@ def _save_input_pipeline(family: str, data: DigitVQADataModule, out: Path) -> No
 def load_mllm(path: str | os.PathLike):
     """Load a directory written by :func:`pretrain_mllm`.
 
-    Returns ``(model in eval mode, tokenizer, image processor, report)``; the report's ``data`` entry
-    rebuilds the data module the model was trained and tested on (``DigitVQADataModule(**report["data"])``).
+    Returns ``(model in eval mode, tokenizer, image processor or None, report)``; the report's ``data`` entry
+    rebuilds the data module the model was trained and tested on (its class path ``report["data_class"]``,
+    e.g. ``DigitVQADataModule(**report["data"])``).
     """
     from transformers import (
         AutoConfig,
@@ -238,50 +275,72 @@ def load_mllm(path: str | os.PathLike):
         raise ValueError(f"{path} holds a {model_type!r} model; expected one of {sorted(classes)}")
     model = classes[model_type].from_pretrained(path, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    has_processor = (path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file()
+    image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True) if has_processor else None
     return model, tokenizer, image_processor, json.loads((path / REPORT).read_text())
 
 
-def text_only_baseline(train: DigitVQA, test: DigitVQA) -> float:
+def _question_answers(split: Any):
+    """``(question, answer, question type)`` per sample: the split's cheap ``question_answer(i)`` when it has
+    one, else read off each rendered item (the prompt's tokens with each run of image tokens as one marker)."""
+    if callable(getattr(split, "question_answer", None)):
+        yield from (split.question_answer(i) for i in range(len(split)))
+        return
+    image_token = split.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    for i in range(len(split)):
+        item = split[i]
+        ids, labels = item["input_ids"].tolist(), item["labels"]
+        start = int((labels != IGNORE_INDEX).nonzero()[0])
+        prompt = [t for k, t in enumerate(ids[:start]) if t != image_token or k == 0 or ids[k - 1] != image_token]
+        kind = item.get("question_type")
+        yield (
+            tuple(prompt),
+            tuple(labels[start:][labels[start:] != IGNORE_INDEX].tolist()),
+            (None if kind is None else int(kind)),
+        )
+
+
+def text_only_baseline(train: Any, test: Any) -> float:
     """Accuracy on ``test`` of the best image-blind answerer learnable from ``train``: the most frequent
     training answer to each exact question text (falling back to the question type's most frequent)."""
-    by_question: dict[str, Counter] = defaultdict(Counter)
-    by_type: dict[str, Counter] = defaultdict(Counter)
-    for i in range(len(train)):
-        spec = train.sample_spec(i)
-        by_question[train.question(spec)][spec.answer] += 1
-        by_type[spec.question_type][spec.answer] += 1
+    by_question: dict[Any, Counter] = defaultdict(Counter)
+    by_type: dict[Any, Counter] = defaultdict(Counter)
+    for question, answer, kind in _question_answers(train):
+        by_question[question][answer] += 1
+        by_type[kind][answer] += 1
     hits = 0
-    for i in range(len(test)):
-        spec = test.sample_spec(i)
-        votes = by_question.get(test.question(spec)) or by_type.get(spec.question_type) or Counter({"": 1})
-        hits += votes.most_common(1)[0][0] == spec.answer
+    for question, answer, kind in _question_answers(test):
+        votes = by_question.get(question) or by_type.get(kind) or Counter({"": 1})
+        hits += votes.most_common(1)[0][0] == answer
     return hits / len(test)
 
 
 class MLLMPretrainer(L.LightningModule):
-    """Trains every weight of a :func:`build_mllm` model on the answer token (cross-entropy over the
-    vocabulary at the answer position; every other position is labelled -100), plus an alignment loss.
+    """Trains every weight of a :func:`build_mllm` model on the answer tokens (cross-entropy over the
+    vocabulary at each answer position; every other position is labelled -100), plus an alignment loss.
 
-    Alignment loss (weight ``alignment_loss_weight``): each image token's LM input embedding (the
-    projected vision feature) is scored against the LM's own word embeddings, and must pick the word of
-    the digit inking its patch (among ``0``..``9``; background patches are skipped), the word for its
-    canvas row half (``top`` / ``bottom``) and the one for its column half (``left`` / ``right``). So
-    image tokens come to point where the question's words point, and, with tied embeddings, where the
-    answer is read out. One answer token per sample is a weak, entangled signal for a vision tower
-    trained from scratch on 2-4 digit scenes: at the default size a run without this term stayed at
-    chance for 750 steps, and a run with an untied class probe only reached 54 % at 1,500 steps. Real
-    LLaVAs start from a pretrained CLIP and a projector aligned to the LM's embeddings; this term does that
-    job on the task's own training split. It adds no parameters, so the saved model is a plain HF model.
+    Alignment loss (weight ``alignment_loss_weight``; only when the data module has ``alignment_targets``):
+    each image token's LM input embedding (the projected vision feature) is scored against the LM's own word
+    embeddings, and must pick, in each group the data module names, the word of its patch. Digit VQA's groups:
+    the digit inking the patch (among ``0``..``9``; background patches are skipped), the canvas row half
+    (``top`` / ``bottom``) and the column half (``left`` / ``right``); shape VQA's: the colour and kind of the
+    shape covering it, and the halves. So image tokens come to point where the question's words point, and,
+    with tied embeddings, where the answer is read out. One answer token per sample is a weak, entangled
+    signal for a vision tower trained from scratch on 2-4 digit scenes: at the default size a run without this
+    term stayed at chance for 750 steps, and a run with an untied class probe only reached 54 % at 1,500
+    steps. Real LLaVAs start from a pretrained CLIP and a projector aligned to the LM's embeddings; this term
+    does that job on the task's own training split. It adds no parameters, so the saved model is a plain HF
+    model.
 
     ``val/acc`` is the answer accuracy read off the same teacher-forced forward: the logits one position
-    before the answer, argmax over the answer words (causal attention makes this the prompt-only forward).
+    before each answer token, argmax over the answer words (causal attention makes the first one the
+    prompt-only forward's); a sample counts when all its answer tokens are right.
     """
 
     def __init__(
         self,
         family: str,
-        data: DigitVQADataModule,
+        data: Any,
         lr: float = 2e-3,
         weight_decay: float = 0.01,
         warmup_fraction: float = 0.05,
@@ -294,54 +353,56 @@ class MLLMPretrainer(L.LightningModule):
         self.save_hyperparameters(ignore=["data"])
         self.model = build_mllm(family, data, **model_kwargs)
         self.image_token_id = data.image_token_id
-        words = data.tokenizer.convert_tokens_to_ids
-        self.register_buffer("answer_token_ids", torch.tensor(data.answer_token_ids), persistent=False)
-        self.register_buffer("digit_word_ids", torch.tensor(words([str(d) for d in range(10)])), persistent=False)
-        self.register_buffer("row_word_ids", torch.tensor(words(["top", "bottom"])), persistent=False)
-        self.register_buffer("column_word_ids", torch.tensor(words(["left", "right"])), persistent=False)
-        # One LM image token per data patch, in raster order, for both families (see build_mllm).
-        row, column = torch.arange(data.num_patches) // data.grid_size, torch.arange(data.num_patches) % data.grid_size
-        half = data.grid_size // 2  # the grid is even: quadrants are whole patches
-        self.register_buffer("patch_row_half", (row >= half).long(), persistent=False)
-        self.register_buffer("patch_column_half", (column >= half).long(), persistent=False)
+        answer_ids = answer_ids_of(data)
+        self.register_buffer("answer_token_ids", answer_ids, persistent=False)  # None: every token
+        self._alignment_targets = getattr(data, "alignment_targets", None)
+        self._checked = False
 
-    def alignment_loss(self, image_states: torch.Tensor, patch_classes: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of image tokens [B, P, D] against the word embeddings of their digit and quadrant."""
+    @property
+    def uses_alignment(self) -> bool:
+        return self.hparams.alignment_loss_weight > 0 and callable(self._alignment_targets)
+
+    def alignment_loss(
+        self, image_states: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """Cross-entropy of image tokens [B, P, D] against the word embeddings of each group's words
+        (``targets``: ``(word ids [K], target index [B, P])`` per group, -100 skipped), summed over groups."""
         words = self.model.get_input_embeddings().weight
-        batch = image_states.shape[0]
 
-        def choose(word_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        def choose(word_ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             logits = (image_states @ words[word_ids].T).flatten(0, 1)
-            return torch.nn.functional.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE_INDEX)
+            return torch.nn.functional.cross_entropy(logits, target.reshape(-1), ignore_index=IGNORE_INDEX)
 
-        return (
-            choose(self.digit_word_ids, patch_classes)
-            + choose(self.row_word_ids, self.patch_row_half.expand(batch, -1))
-            + choose(self.column_word_ids, self.patch_column_half.expand(batch, -1))
-        )
+        losses = [choose(word_ids, target) for word_ids, target in targets]
+        return sum(losses[1:], losses[0])
+
+    def _check(self, batch: dict) -> None:
+        if not self._checked:
+            check_vqa_batch(batch, self.hparams.family, image_token_id=self.image_token_id)
+            self._checked = True
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        weight = self.hparams.alignment_loss_weight
-        outputs = self.model(**mllm_inputs(self.model, batch), labels=batch["labels"], output_hidden_states=weight > 0)
+        self._check(batch)
+        align = self.uses_alignment
+        outputs = self.model(**mllm_inputs(self.model, batch), labels=batch["labels"], output_hidden_states=align)
         size = batch["input_ids"].shape[0]
         loss = outputs.loss
         self.log("train/answer_loss", loss, batch_size=size)
-        if weight > 0:
+        if align:
             embeddings = outputs.hidden_states[0]  # the LM's input: image features spliced into the text
             image_states = embeddings[batch["input_ids"] == self.image_token_id].reshape(size, -1, embeddings.shape[-1])
-            alignment = self.alignment_loss(image_states, batch["patch_classes"])
+            alignment = self.alignment_loss(image_states, self._alignment_targets(batch))
             self.log("train/alignment_loss", alignment, batch_size=size)
-            loss = loss + weight * alignment
+            loss = loss + self.hparams.alignment_loss_weight * alignment
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._check(batch)
         logits = self.model(**mllm_inputs(self.model, batch)).logits
-        answer_position = (batch["labels"] != IGNORE_INDEX).long().argmax(-1)
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        scores = logits[rows, answer_position - 1][:, self.answer_token_ids]
-        predicted = self.answer_token_ids[scores.argmax(-1)]
-        accuracy = (predicted == batch["answer_id"]).float().mean()
+        labels = batch["labels"]
+        predicted = teacher_forced_answers(logits, labels, self.answer_token_ids)
+        accuracy = answers_correct(predicted, answer_tokens(labels)).float().mean()
         self.log("val/acc", accuracy, prog_bar=True, batch_size=logits.shape[0])
 
     def configure_optimizers(self):
@@ -353,7 +414,7 @@ class MLLMPretrainer(L.LightningModule):
 
 def pretrain_mllm(
     out_dir: str | os.PathLike,
-    data: DigitVQADataModule,
+    data: Any,
     max_epochs: int = 1,
     trainer_kwargs: dict | None = None,
     seed: int = 0,
@@ -368,7 +429,11 @@ def pretrain_mllm(
         out_dir: written atomically: model weights and config, the processor (tokenizer + image processor)
             and ``tokensift_mllm.json``. It must be absent, empty, or an earlier output of this function (it holds
             ``tokensift_mllm.json``); any other directory is refused before training.
-        data: the digit-VQA data module (its geometry and vocabulary shape the model).
+        data: a VQA data module (batches of the VQA batch contract, :mod:`tokensift.data.contract`, and the
+            model-building attributes :data:`MODEL_DATA_ATTRIBUTES`: its geometry and vocabulary shape the
+            model), e.g. ``DigitVQADataModule()`` or ``ShapeVQADataModule()``; or what names one: a
+            ``{class_path, init_args}`` mapping or its JSON text, a YAML file, a class path
+            (:func:`tokensift.data.resolve.resolve_datamodule`).
         max_epochs: passes over ``data``'s train split (the default data module's 65,536 samples at batch
             32 make one pass 2,048 steps).
         trainer_kwargs: extra ``lightning.Trainer`` arguments (e.g. ``limit_train_batches``).
@@ -387,6 +452,13 @@ def pretrain_mllm(
     _check_family(family)
     out = Path(out_dir)
     check_replaceable(out, REPORT, "trained MLLM")  # refuse a wrong path before training, not after
+    data, _ = resolve_datamodule(data)
+    _check_model_data(data)
+    if getattr(data, "family", family) != family and family == "llava":
+        raise ValueError(
+            f"data: its batches carry {data.family}'s processor layout but family is {family!r}; build the data "
+            "module with family='llava' (Qwen2-VL also reads llava's images)"
+        )
     threads_before = torch.get_num_threads()
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
@@ -413,8 +485,10 @@ def _pretrain(out, data, max_epochs, trainer_kwargs, seed, family, eval_batch_si
     train_seconds = time.perf_counter() - started
     data.setup("test")
     model = module.model.eval()
-    result = answer_accuracy(model, data.test_dataset, batch_size=eval_batch_size)
-    baseline = text_only_baseline(data.train_dataset or data.build("train"), data.test_dataset)
+    result = answer_accuracy(model, data, batch_size=eval_batch_size)
+    if getattr(data, "train_dataset", None) is None:
+        data.setup("fit")
+    baseline = text_only_baseline(data.train_dataset, data.test_dataset)
     report = {
         "family": family,
         "test_accuracy": result["accuracy"],
@@ -429,7 +503,8 @@ def _pretrain(out, data, max_epochs, trainer_kwargs, seed, family, eval_batch_si
         "seed": seed,
         "parameters": sum(p.numel() for p in model.parameters()),
         "model": {key: value for key, value in module.hparams.items() if key != "family"},
-        "data": {key: list(v) if isinstance(v, tuple) else v for key, v in dict(data.hparams).items()},
+        "data_class": f"{type(data).__module__}.{type(data).__qualname__}",
+        "data": {key: list(v) if isinstance(v, tuple) else v for key, v in dict(getattr(data, "hparams", {})).items()},
         "torch_threads": torch.get_num_threads(),
     }
     with atomic_directory(out, REPORT, "trained MLLM") as tmp:
@@ -437,3 +512,73 @@ def _pretrain(out, data, max_epochs, trainer_kwargs, seed, family, eval_batch_si
         _save_input_pipeline(family, data, tmp)
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
     return out, float(result["accuracy"])
+
+
+def pretrain_mllm_command(
+    out: str,
+    data: str = "tokensift.data.DigitVQADataModule",
+    family: str = "llava",
+    max_epochs: int = 1,
+    batch_size: int | None = None,
+    seed: int = 0,
+    eval_batch_size: int = 128,
+    torch_threads: int | None = 1,
+    vision_hidden_size: int = 64,
+    vision_layers: int = 2,
+    text_hidden_size: int = 64,
+    text_layers: int = 3,
+    num_attention_heads: int = 4,
+    lr: float = 2e-3,
+    weight_decay: float = 0.01,
+    warmup_fraction: float = 0.05,
+    alignment_loss_weight: float = 1.0,
+    enable_progress_bar: bool = True,
+) -> dict:
+    """Train a tiny LLaVA / Qwen2-VL from scratch on a VQA data module and save it to ``out``.
+
+    Args:
+        out: output folder (model, tokenizer, image processor, tokensift_mllm.json); absent, empty or an
+            earlier output of this command.
+        data: the data module: a class path built with its defaults (tokensift.data.ShapeVQADataModule), a YAML
+            file with class_path / init_args (or a `tokensift fit` config's data: section), or that mapping as
+            JSON text ('{"class_path": "tokensift.data.ShapeVQADataModule", "init_args": {"canvas_size": 32}}').
+            Its batches must follow the VQA batch contract (tokensift.data.contract).
+        family: llava or qwen2_vl.
+        max_epochs: passes over the train split.
+        batch_size: overrides the data module's batch size.
+        seed: seeds weights, data order and dropout.
+        eval_batch_size: batch size of the final test evaluation.
+        torch_threads: intra-op threads while training (1: bit-reproducible weights).
+        vision_hidden_size, vision_layers, text_hidden_size, text_layers, num_attention_heads: model sizes.
+        lr, weight_decay, warmup_fraction, alignment_loss_weight: the optimiser and the alignment term.
+        enable_progress_bar: Lightning's progress bar.
+
+    Returns the saved report (tokensift_mllm.json).
+    """
+    module, _ = resolve_datamodule(data, batch_size)
+    folder, _ = pretrain_mllm(
+        out,
+        module,
+        max_epochs=max_epochs,
+        trainer_kwargs={"enable_progress_bar": enable_progress_bar},
+        seed=seed,
+        family=family,
+        eval_batch_size=eval_batch_size,
+        torch_threads=torch_threads,
+        vision_hidden_size=vision_hidden_size,
+        vision_layers=vision_layers,
+        text_hidden_size=text_hidden_size,
+        text_layers=text_layers,
+        num_attention_heads=num_attention_heads,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_fraction=warmup_fraction,
+        alignment_loss_weight=alignment_loss_weight,
+    )
+    report = json.loads((Path(folder) / REPORT).read_text())
+    print(
+        f"{family} on {report['data_class']}: test accuracy {report['test_accuracy']:.4f} (generate "
+        f"{report['test_generate_accuracy']:.4f}), text-only baseline {report['text_only_baseline']:.4f}; "
+        f"saved to {folder}"
+    )
+    return report

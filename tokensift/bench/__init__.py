@@ -58,7 +58,8 @@ def bench(
     """Benchmark token methods × keep ratios on a data module's test split.
 
     The model is an image classifier (ViT / CLIP / SigLIP) or a LLaVA / Qwen2-VL multimodal LLM (then the data is
-    a VQA data module such as tokensift.data.DigitVQADataModule, and accuracy is answer accuracy).
+    any data module whose test batches follow the VQA batch contract, tokensift.data.contract, such as
+    tokensift.data.DigitVQADataModule or tokensift.data.ShapeVQADataModule, and accuracy is answer accuracy).
 
     Writes results.json, results.csv, matched_flops.csv, pareto.png and overlays.png (and site_sweep.csv with
     --sweep_sites) to ``out`` and prints the tables. Every accuracy comes with a 95% bootstrap interval
@@ -68,7 +69,8 @@ def bench(
     Args:
         model: a save_pretrained directory of the frozen classifier (the backbone the scorers were trained on).
         data: a YAML file with class_path/init_args of a LightningDataModule (or a `tokensift fit` config with a
-            data: section), or a class path built with its defaults, e.g. tokensift.data.ClutteredDigitsDataModule.
+            data: section), that mapping as JSON text, or a class path built with its defaults, e.g.
+            tokensift.data.ClutteredDigitsDataModule.
         methods: comma-separated; training-free names (random, cls_attention, tome, divprune, l2norm; on MLLMs
             fastv, pyramiddrop, visionzip, dart, d2pruner, divprune, random) and NAME:ARTIFACT_DIR for exported
             learned scorers, e.g. dynamicvit:runs/x/artifact or dyvte:runs/x/artifact. The unpruned model

@@ -4,11 +4,17 @@
 Pareto plot, timing, memory and interval code are the shared modules' (:mod:`~tokensift.bench.results`,
 :mod:`~tokensift.bench.measure`, :mod:`~tokensift.bench.stats`). Per method × budget:
 
-- ``accuracy``: answer accuracy on the test split (torchmetrics): the prompt (left-padded, ending in
-  ``answer :``) goes through the model once and the prediction is the argmax of the next-token logits over
-  the answer words (:mod:`tokensift.backbones.vqa` does the same and checks ``generate`` agrees).
+- ``accuracy``: answer accuracy on the test split: the prompt (each row's tokens before its answer, left-padded)
+  goes through the model once and a one-token answer is the argmax of the next-token logits (over the data's
+  ``answer_token_ids`` when it has them); a longer answer is decoded by greedy ``generate`` with the method on,
+  and a sample counts when every answer token is right (:mod:`tokensift.backbones.vqa` does the same).
 - ``oracle_recall``: the fraction of the question's oracle patches whose visual token is still in the
-  sequence after the method's last site (``handle.kept_orig_index``).
+  sequence after the method's last site (``handle.kept_orig_index``); only when the batches carry
+  ``oracle_mask``.
+
+The data is any LightningDataModule whose test batches follow the VQA batch contract
+(:mod:`tokensift.data.contract`): the model's processor outputs, the answer's tokens as ``labels``, ``index``
+and, where the task has one, ``oracle_mask``. Digit VQA and shape VQA are two.
 - ``flops_ratio``: analytic prefill FLOPs, ``(vision tower + LLM + scorer) / (vision tower + unpruned LLM)``
   (:func:`~tokensift.flops.mllm_vision_flops`, :func:`~tokensift.flops.mllm_prefill_flops`).
 - ``speedup`` and ``mem_ratio``: one prefill forward of the timing batches, pruned vs unpruned, measured as
@@ -16,12 +22,13 @@ Pareto plot, timing, memory and interval code are the shared modules' (:mod:`~to
 - exit methods (``dyvte``) take a decision ``threshold`` per row instead of a keep ratio (by default the
   keep-ratio list read as thresholds: 1 never exits) and report ``mean_exit_layer``.
 
-The ``oracle`` row keeps the question's oracle patches first, then random ones, before the LLM: a yardstick
-for what a text-conditioned selection could reach at each budget.
+The ``oracle`` row (when the data has oracle masks) keeps the question's oracle patches first, then random ones,
+before the LLM: a yardstick for what a text-conditioned selection could reach at each budget.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +41,16 @@ from torch import Tensor, nn
 import tokensift as ts
 from tokensift.backbones import adapt
 from tokensift.backbones.loading import load_mllm_backbone
-from tokensift.backbones.vqa import SUPPORTED_MODEL_TYPES, mllm_inputs
+from tokensift.backbones.vqa import (
+    SUPPORTED_MODEL_TYPES,
+    answer_ids_of,
+    answers_correct,
+    generate_answers,
+    mllm_inputs,
+    pad_token_id_of,
+    restricted_argmax,
+)
+from tokensift.bench.data import take_rows, vqa_test_batches
 from tokensift.bench.measure import environment_metadata, measure_speed_and_memory
 from tokensift.bench.oracle import MLLMOracleMethod
 from tokensift.bench.results import MATCHED_FLOPS_NOTE, finalize_rows, summarize, write_results
@@ -48,12 +64,13 @@ from tokensift.bench.stats import (
     check_bootstrap,
     parse_flops_ratios,
 )
+from tokensift.data.contract import check_vqa_batch, split_answers
+from tokensift.data.vqa import ANSWER_CUE, IGNORE_INDEX, qwen2_vl_images
 from tokensift.export.artifact import Artifact, FingerprintMismatch
 from tokensift.flops import mllm_prefill_flops, mllm_vision_flops
 from tokensift.scorers import TokenMethod
 
 MLLM_SITE_KINDS = ("pre_llm", "llm")
-_DATA_ATTRIBUTES = ("answer_token_ids", "image_token_id", "num_patches", "grid_size", "collator", "build")
 
 
 def parse_thresholds(thresholds: Sequence[float] | str, field: str = "thresholds") -> list[float]:
@@ -86,16 +103,12 @@ def _check_runs_on_mllms(specs: list[MethodSpec]) -> None:
 
 
 def _check_data(datamodule: Any, model: nn.Module, model_path: Path) -> None:
-    missing = [name for name in _DATA_ATTRIBUTES if not hasattr(datamodule, name)]
-    if missing:
-        raise ValueError(
-            f"data: {type(datamodule).__name__} lacks {missing}; a multimodal LLM is benched on a VQA data module "
-            "such as tokensift.data.DigitVQADataModule (answer words, image token, oracle patches)."
-        )
+    """What the data module says about itself, checked against the model (each attribute only when present)."""
     image_token = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
-    if image_token != datamodule.image_token_id:
+    data_token = getattr(datamodule, "image_token_id", None)
+    if data_token is not None and image_token != data_token:
         raise ValueError(
-            f"data: its image token id is {datamodule.image_token_id} but the model in {model_path} expects "
+            f"data: its image token id is {data_token} but the model in {model_path} expects "
             f"{image_token}; bench the model on the data (and tokenizer) it was trained with (the 'data' entry of "
             "its tokensift_mllm.json)."
         )
@@ -113,46 +126,63 @@ def _check_data(datamodule: Any, model: nn.Module, model_path: Path) -> None:
             f"set init_args.canvas_size: {size}."
         )
     vocab = int(model.get_input_embeddings().weight.shape[0])
-    if max(datamodule.answer_token_ids) >= vocab:
+    answers = getattr(datamodule, "answer_token_ids", None)
+    if answers is not None and max(answers) >= vocab:
         raise ValueError(
-            f"data: answer token ids reach {max(datamodule.answer_token_ids)} but the model's vocabulary has {vocab} "
+            f"data: answer token ids reach {max(answers)} but the model's vocabulary has {vocab} "
             "entries; give the data module the model's tokenizer."
         )
+
+
+def _check_batch(batch: dict, model: nn.Module) -> None:
+    """The first test batch against the VQA batch contract, for this model."""
+    family = model.config.model_type
+    merge = getattr(model.config.vision_config, "spatial_merge_size", None) if family == "qwen2_vl" else None
+    try:
+        check_vqa_batch(batch, family, image_token_id=model.config.image_token_id, spatial_merge_size=merge)
+    except ValueError as error:
+        raise ValueError(f"data: {error}") from None
 
 
 @dataclass
 class _PreparedBatch:
     """One test batch, ready to run: the model's inputs and what the measures compare them with."""
 
-    inputs: dict[str, Tensor]
-    answer_index: Tensor  # [B] index of the right answer among the answer words
-    oracle_mask: Tensor  # [B, P] the patches the question needs
-    visual_positions: Tensor  # [B, P] index in the LLM input of each patch's visual token
+    prompt: dict[str, Tensor]  # the prompt-only batch (each row ends where its answer starts)
+    inputs: dict[str, Tensor]  # the prefill's forward arguments
+    answers: Tensor  # [B, T] the answer's tokens, -100 after each row's answer
+    oracle_mask: Tensor | None  # [B, P] the patches the question needs (None: the data has no oracle)
+    visual_positions: Tensor  # [B, P] index in the LLM input of each visual token (the input's length: none)
     num_text: Tensor  # [B] text and special tokens (padding excluded)
     num_visual: Tensor  # [B]
     index: Tensor | None = None  # [B] dataset index of each sample: its random draws follow it, not the batch
 
 
-def _prepare(model: nn.Module, batch: dict, answer_ids: Tensor, image_token_id: int, device) -> _PreparedBatch:
+def _prepare(model: nn.Module, batch: dict, image_token_id: int, pad_token_id: int, device) -> _PreparedBatch:
     batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-    input_ids = batch["input_ids"]
+    prompt, answers = split_answers(batch, pad_token_id)
+    input_ids = prompt["input_ids"]
     is_visual = input_ids == image_token_id
     num_visual = is_visual.sum(1)
-    patches = batch["oracle_mask"].shape[1]
-    if bool((num_visual != patches).any()):
+    oracle = batch.get("oracle_mask")
+    if oracle is not None and bool((num_visual != oracle.shape[1]).any()):
         raise ValueError(
-            f"data: samples hold {sorted(set(num_visual.tolist()))} image tokens but {patches} oracle patches; the "
-            "bench needs one image per sample and one LLM token per patch (num_image_tokens: null)."
+            f"data: samples hold {sorted(set(num_visual.tolist()))} image tokens but {oracle.shape[1]} oracle patches; "
+            "the bench needs one image per sample and one LLM token per patch (num_image_tokens: null)."
         )
-    positions = torch.arange(input_ids.shape[1], device=device).expand_as(input_ids)
-    visual_positions = positions[is_visual].reshape(input_ids.shape[0], patches)
-    answer_index = (batch["answer_id"].unsqueeze(1) == answer_ids.to(device)).long().argmax(1)
+    length = input_ids.shape[1]
+    positions = torch.arange(length, device=device).expand_as(input_ids)
+    rank = is_visual.long().cumsum(1) - 1
+    visual_positions = torch.full((input_ids.shape[0], int(num_visual.max())), length, dtype=torch.long, device=device)
+    rows = torch.arange(input_ids.shape[0], device=device).unsqueeze(1).expand_as(input_ids)
+    visual_positions[rows[is_visual], rank[is_visual]] = positions[is_visual]
     return _PreparedBatch(
-        inputs=mllm_inputs(model, batch),
-        answer_index=answer_index,
-        oracle_mask=batch["oracle_mask"].bool(),
+        prompt=prompt,
+        inputs=mllm_inputs(model, prompt),
+        answers=answers,
+        oracle_mask=None if oracle is None else oracle.bool(),
         visual_positions=visual_positions,
-        num_text=batch["attention_mask"].sum(1) - num_visual,
+        num_text=prompt["attention_mask"].sum(1) - num_visual,
         num_visual=num_visual,
         index=batch.get("index"),
     )
@@ -161,32 +191,58 @@ def _prepare(model: nn.Module, batch: dict, answer_ids: Tensor, image_token_id: 
 def _kept_patches(handle, batch: _PreparedBatch) -> Tensor:
     """``[B, P]`` bool: patches whose visual token is still in the sequence after the method's last site."""
     kept = None if handle is None else handle.kept_orig_index
+    real = batch.visual_positions < batch.prompt["input_ids"].shape[1]
     if kept is None:  # unpruned, or a budget that dropped nothing: every site was skipped
-        return torch.ones_like(batch.oracle_mask)
+        return real
     length = int(batch.inputs["input_ids"].shape[1])
     present = torch.zeros(kept.shape[0], length + 1, dtype=torch.bool, device=kept.device)
     present.scatter_(1, torch.where(kept >= 0, kept, length), True)  # -1 padding slots -> a spare column
-    return present.gather(1, batch.visual_positions.to(kept.device)).to(batch.oracle_mask.device)
+    present[:, length] = False
+    return present.gather(1, batch.visual_positions.to(kept.device)).to(real.device) & real
 
 
 class _MLLMEvaluator:
     """Runs and measures one (method, budget) on the prepared batches of one model."""
 
-    def __init__(self, model, adapter, batches, timing, answer_ids, device, repeats, warmup):
+    def __init__(self, model, adapter, batches, timing, answer_ids, pad_token_id, device, repeats, warmup):
         self.model, self.adapter, self.batches, self.timing = model, adapter, batches, timing
-        self.answer_ids, self.device, self.repeats, self.warmup = answer_ids.to(device), device, repeats, warmup
+        self.answer_ids = None if answer_ids is None else answer_ids.to(device)
+        self.pad_token_id, self.device, self.repeats, self.warmup = pad_token_id, device, repeats, warmup
         self._vision: dict[int, float] = {}
 
     def forward_fn(self, method: nn.Module | None, handle=None):
         def forward(batch: _PreparedBatch) -> Tensor:
-            if isinstance(method, MLLMOracleMethod):
-                method.oracle_mask = batch.oracle_mask
-            if handle is not None and batch.index is not None:
-                handle.set_samples(batch.index)
+            self._select(batch, method, handle)
             # only the next-token logits are read: the LM head runs on the last position (a prefill)
             return self.model(**batch.inputs, logits_to_keep=1).logits[:, -1]
 
         return forward
+
+    @staticmethod
+    def _select(batch: _PreparedBatch, method, handle) -> None:
+        """Name the batch's samples (and, for the oracle, its masks) before a pass."""
+        if isinstance(method, MLLMOracleMethod):
+            method.oracle_mask = batch.oracle_mask
+        if handle is not None and batch.index is not None:
+            handle.set_samples(batch.index)
+
+    def run(self, batch: _PreparedBatch, method, handle) -> dict:
+        """One prefill (and, for answers longer than one token, greedy ``generate`` with the method on).
+
+        Returns ``tokens`` (the predicted answer tokens ``[B, T]``), the prefill's records (``per_layer``: visual
+        tokens per layer, ``exit_layers``; ``None`` unpruned) and ``kept`` (the kept patches ``[B, P]``)."""
+        logits = self.forward_fn(method, handle)(batch)
+        result = {
+            "per_layer": None if handle is None else handle.visual_tokens_per_layer,
+            "exit_layers": None if handle is None else handle.exit_layers,
+            "kept": _kept_patches(handle, batch),
+            "tokens": restricted_argmax(logits, self.answer_ids).unsqueeze(1),
+        }
+        if batch.answers.shape[1] > 1:
+            self._select(batch, method, handle)
+            length = batch.answers.shape[1]
+            result["tokens"] = generate_answers(self.model, batch.prompt, length, self.answer_ids, self.pad_token_id)
+        return result
 
     def vision_flops(self, num_visual: Tensor) -> float:
         total = 0.0
@@ -197,20 +253,19 @@ class _MLLMEvaluator:
         return total
 
     def measure(self, label: str, kind: str, handle, method, keep_ratio=None, threshold=None) -> dict:
-        forward = self.forward_fn(method, handle)
         correct = []
         hits = total = samples = 0
         llm = scorer = unpruned = vision = 0.0
         kept_last, exits = [], []
         with torch.no_grad():
             for batch in self.batches:
-                logits = forward(batch)
-                correct.append((logits[:, self.answer_ids].argmax(-1) == batch.answer_index).cpu())
-                samples += int(batch.answer_index.shape[0])
-                kept = _kept_patches(handle, batch)
-                hits += int((kept & batch.oracle_mask).sum())
-                total += int(batch.oracle_mask.sum())
-                per_layer = None if handle is None else handle.visual_tokens_per_layer
+                result = self.run(batch, method, handle)
+                per_layer = result["per_layer"]
+                correct.append(answers_correct(result["tokens"], batch.answers).cpu())
+                samples += int(batch.answers.shape[0])
+                if batch.oracle_mask is not None:
+                    hits += int((result["kept"] & batch.oracle_mask).sum())
+                    total += int(batch.oracle_mask.sum())
                 if per_layer is None:
                     per_layer = batch.num_visual.unsqueeze(1).repeat(1, self.adapter.num_layers)
                 flops = mllm_prefill_flops(self.adapter, batch.num_text, per_layer, method, batch.num_visual)
@@ -219,7 +274,7 @@ class _MLLMEvaluator:
                 kept_last.append(per_layer[:, -1].float())
                 exits.append((per_layer > 0).sum(1).float())
         times, speedups, memory = measure_speed_and_memory(
-            forward, self.timing, handle, self.repeats, self.warmup, self.device
+            self.forward_fn(method, handle), self.timing, handle, self.repeats, self.warmup, self.device
         )
         decides_exits = bool(getattr(method, "decides_exits", False))
         per_sample = torch.cat(correct).double().numpy()
@@ -228,7 +283,7 @@ class _MLLMEvaluator:
             "kind": kind,
             "keep_ratio": keep_ratio,
             "keep_count": float(torch.cat(kept_last).mean()),  # visual tokens reaching the last layer, mean
-            "num_patches": int(self.batches[0].oracle_mask.shape[1]),
+            "num_patches": max(int(b.visual_positions.shape[1]) for b in self.batches),
             "accuracy": float(per_sample.mean()),
             "oracle_recall": hits / total if total else None,
             "flops": vision + llm + scorer,
@@ -273,7 +328,8 @@ _TIMING_NOTES = {
     "passes",
 }
 _MEASURE_NOTES = {
-    "accuracy": "answer accuracy: argmax over the answer words of the next-token logits after the prompt",
+    "accuracy": "answer accuracy: argmax over the answer words of the next-token logits after the prompt (answers "
+    "of more tokens: greedy generate with the method on; every answer token must be right)",
     "flops_model": "analytic prefill, see tokensift.flops: (vision tower + LLM + scorer) / "
     "(vision tower + unpruned LLM); 2 FLOPs per multiply-add",
     "keep_count": "mean visual tokens per sample entering the last LLM layer",
@@ -283,7 +339,7 @@ _MEASURE_NOTES = {
 
 def _bench_spec(evaluator: _MLLMEvaluator, spec: MethodSpec, ratios, exit_thresholds, shown):
     """One method at every budget (measured rows) and its ``overlays.png`` column; ``shown`` is the overlay batch,
-    its keep ratio and threshold, and the logits -> answer words function."""
+    its keep ratio and threshold, and the answer tokens -> answer words function."""
     overlay, overlay_ratio, overlay_threshold, words = shown
     exits = bool(getattr(_method_of(spec.build()), "decides_exits", False)) if spec.kind != ORACLE else False
     budgets = [(None, t) for t in exit_thresholds] if exits else [(r, None) for r in ratios]
@@ -297,14 +353,14 @@ def _bench_spec(evaluator: _MLLMEvaluator, spec: MethodSpec, ratios, exit_thresh
             rows.append(row)
         _set_budget(handle, method, *((None, overlay_threshold) if exits else (overlay_ratio, None)))
         with torch.no_grad():
-            logits = evaluator.forward_fn(method, handle)(overlay)
+            result = evaluator.run(overlay, method, handle)
         notes = None
-        if exits and handle.exit_layers is not None:
-            notes = [f"exit @ layer {int(k)}" for k in handle.exit_layers.tolist()]
+        if exits and result["exit_layers"] is not None:
+            notes = [f"exit @ layer {int(k)}" for k in result["exit_layers"].tolist()]
         column = {
             "title": f"{spec.label} @ " + (f"t={overlay_threshold:g}" if exits else f"{overlay_ratio:g}"),
-            "kept": _kept_patches(handle, overlay).cpu().numpy(),
-            "preds": words(logits),
+            "kept": result["kept"].cpu().numpy(),
+            "preds": words(result["tokens"], overlay.answers),
             "notes": notes,
         }
     finally:
@@ -353,10 +409,9 @@ def run_mllm_bench(
         Other arguments as :func:`tokensift.bench.runner.run_bench`.
     """
     from tokensift.bench.plots import plot_overlays
-    from tokensift.data.digit_vqa import ANSWER_WORDS
 
     model_path = Path(model_dir)
-    specs, _ = parse_methods(methods)  # the oracle is always benched: VQA batches carry oracle masks
+    specs, _ = parse_methods(methods)  # the oracle is benched whenever the batches carry oracle masks
     _check_runs_on_mllms(specs)
     ratios = parse_keep_ratios(keep_ratios)
     exit_thresholds = parse_thresholds(ratios if thresholds is None else thresholds)
@@ -376,39 +431,34 @@ def run_mllm_bench(
             raise ValueError(f"model: {model.config.model_type!r} is not one of {list(SUPPORTED_MODEL_TYPES)}.")
         adapter = adapt(model)
         _check_data(datamodule, model, model_path)
-        datamodule.setup("test")
-        dataset = getattr(datamodule, "test_dataset", None) or datamodule.build("test")
-        size = int(datamodule.batch_size)
-        count = len(dataset) if max_batches is None else min(len(dataset), max_batches * size)
-        if count < 1:
-            raise ValueError("data: the test split is empty; give the data module some test samples.")
-        collate = datamodule.collator(padding_side="left", with_answer=False)  # prompts end where the answer goes
-        answer_ids = torch.tensor(list(datamodule.answer_token_ids), dtype=torch.long)
-        image_token = int(datamodule.image_token_id)
-        batches = [
-            _prepare(model, collate([dataset[i] for i in range(start, min(start + size, count))]), answer_ids,
-                     image_token, torch_device)
-            for start in range(0, count, size)
-        ]  # fmt: skip
+        raw = vqa_test_batches(datamodule, max_batches)
+        _check_batch(raw[0], model)
+        answer_ids = answer_ids_of(datamodule)
+        pad = pad_token_id_of(datamodule, model)
+        image_token = int(model.config.image_token_id)
+        batches = [_prepare(model, batch, image_token, pad, torch_device) for batch in raw]
+        count = sum(int(b.answers.shape[0]) for b in batches)
+        size = int(getattr(datamodule, "batch_size", None) or batches[0].answers.shape[0])
         timing = batches[:timing_batches]
-        evaluator = _MLLMEvaluator(model, adapter, batches, timing, answer_ids, torch_device, repeats, warmup)
+        evaluator = _MLLMEvaluator(model, adapter, batches, timing, answer_ids, pad, torch_device, repeats, warmup)
+        has_oracle = all(b.oracle_mask is not None for b in batches)
 
-        # the overlay samples, as their own small batch (Qwen2-VL's flattened patches cannot be sliced per sample)
-        n_overlay = min(num_overlay_images, count)
-        overlay_samples = [dataset[i] for i in range(n_overlay)]
-        overlay = _prepare(model, collate(overlay_samples), answer_ids, image_token, torch_device)
-        questions = [_question_text(dataset.question(dataset.sample_spec(i))) for i in range(n_overlay)]
-        answers = [ANSWER_WORDS[int(i)] for i in overlay.answer_index.tolist()]
+        # the overlay samples: the first test samples, as their own small batch
+        n_overlay = min(num_overlay_images, int(raw[0]["input_ids"].shape[0]))
+        overlay = _prepare(model, take_rows(raw[0], n_overlay), image_token, pad, torch_device)
+        tokenizer = _tokenizer(datamodule, model_path)
+        questions = [_question_text(row, tokenizer, image_token) for row in _rows(overlay.prompt)]
+        answers = _words(overlay.answers, overlay.answers, tokenizer)
 
-        def words(logits: Tensor) -> list[str]:
-            return [ANSWER_WORDS[int(i)] for i in logits[:, evaluator.answer_ids].argmax(-1).tolist()]
+        def words(tokens: Tensor, reference: Tensor) -> list[str]:
+            return _words(tokens, reference, tokenizer)
 
         rows = [evaluator.measure(UNPRUNED, "none", None, None, keep_ratio=1.0)]
         with torch.no_grad():
-            columns = [
-                {"title": f"{UNPRUNED} (all tokens)", "kept": None, "preds": words(evaluator.forward_fn(None)(overlay))}
-            ]
-        for spec in [*specs, MethodSpec(ORACLE, ORACLE, ORACLE, ORACLE)]:
+            preds = words(evaluator.run(overlay, None, None)["tokens"], overlay.answers)
+        columns = [{"title": f"{UNPRUNED} (all tokens)", "kept": None, "preds": preds}]
+        oracle = [MethodSpec(ORACLE, ORACLE, ORACLE, ORACLE)] if has_oracle else []
+        for spec in [*specs, *oracle]:
             shown = (overlay, overlay_ratio, overlay_threshold, words)
             spec_rows, column = _bench_spec(evaluator, spec, ratios, exit_thresholds, shown)
             rows += spec_rows
@@ -448,11 +498,11 @@ def run_mllm_bench(
     title = f"{metadata['model_class']} ({model_path.name}) · {count} test questions"
     files = write_results(out_dir, rows, metadata, title, quiet, summary=summary)
     files["overlays"] = plot_overlays(
-        _overlay_images(overlay_samples),
+        _overlay_images(overlay, model),
         answers,
-        overlay.oracle_mask.cpu().numpy(),
+        None if overlay.oracle_mask is None else overlay.oracle_mask.cpu().numpy(),
         columns,
-        (int(datamodule.grid_size), int(datamodule.grid_size)),
+        _visual_grid(overlay, model, datamodule),
         out_dir / "overlays.png",
         title=f"kept visual tokens at keep ratio {overlay_ratio:g} (exit methods: threshold {overlay_threshold:g})",
         row_titles=questions,
@@ -461,16 +511,82 @@ def run_mllm_bench(
     return {"rows": rows, "metadata": metadata, **summary, "files": {k: str(v) for k, v in files.items()}}
 
 
-def _question_text(prompt: str) -> str:
-    """The question of a prompt, for a figure: the image placeholder as [image], without the answer cue."""
-    from tokensift.data.digit_vqa import ANSWER_CUE, IMAGE_TOKEN
+def _tokenizer(datamodule: Any, model_path: Path):
+    """The data's tokenizer (answers and questions in the figure), else the model folder's, else ``None``."""
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if tokenizer is not None:
+        return tokenizer
+    try:
+        from transformers import AutoTokenizer
 
-    text = prompt.replace(IMAGE_TOKEN, "[image]").replace(ANSWER_CUE, "")
-    return " ".join(text.split())
+        return AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    except (OSError, ValueError):
+        return None
 
 
-def _overlay_images(samples: list[dict]):
-    return torch.stack([s["pixel_values"] for s in samples]).float().numpy()
+def _rows(prompt: dict) -> list[list[int]]:
+    """Each row's real prompt tokens."""
+    ids, mask = prompt["input_ids"].cpu(), prompt["attention_mask"].cpu().bool()
+    return [row[keep].tolist() for row, keep in zip(ids, mask, strict=True)]
+
+
+def _decode(ids: list[int], tokenizer) -> str:
+    if tokenizer is None:
+        return " ".join(str(i) for i in ids)
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _words(tokens: Tensor, reference: Tensor, tokenizer) -> list[str]:
+    """Each row's predicted answer text: its first as many tokens as ``reference``'s answer (-100 padded)."""
+    lengths = (reference != IGNORE_INDEX).sum(1).tolist()
+    rows = tokens.cpu().tolist()
+    return [_decode([t for t in row[:n] if t >= 0], tokenizer) for row, n in zip(rows, lengths, strict=True)]
+
+
+def _question_text(ids: list[int], tokenizer, image_token_id: int) -> str:
+    """The question of a prompt, for a figure: each run of image tokens as [image], without the answer cue."""
+    parts, text = [], []
+    for k, token in enumerate(ids):
+        if token == image_token_id:
+            if k == 0 or ids[k - 1] != image_token_id:
+                parts += [_decode(text, tokenizer), "[image]"]
+                text = []
+        else:
+            text.append(token)
+    parts.append(_decode(text, tokenizer))
+    question = " ".join(" ".join(parts).split())
+    return question[: -len(ANSWER_CUE)].rstrip() if question.endswith(ANSWER_CUE) else question
+
+
+def _overlay_images(overlay: _PreparedBatch, model: nn.Module):
+    """``[R, C, H, W]`` images of the overlay samples (Qwen2-VL's flattened patches put back together)."""
+    pixels = overlay.prompt["pixel_values"]
+    grid = overlay.prompt.get("image_grid_thw")
+    if grid is not None:
+        vision = model.config.vision_config
+        channels = pixels.shape[1] // (vision.temporal_patch_size * vision.patch_size**2)
+        images = qwen2_vl_images(pixels, grid, channels, vision.patch_size, vision.spatial_merge_size)
+        pixels = torch.stack(images)
+    return pixels.float().cpu().numpy()
+
+
+def _visual_grid(overlay: _PreparedBatch, model: nn.Module, datamodule: Any) -> tuple[int, int]:
+    """The (rows, columns) grid of each overlay sample's visual tokens on its image."""
+    count = int(overlay.visual_positions.shape[1])
+    grid = overlay.prompt.get("image_grid_thw")
+    if grid is not None:
+        merge = model.config.vision_config.spatial_merge_size
+        return int(grid[0, 1]) // merge, int(grid[0, 2]) // merge
+    height, width = overlay.prompt["pixel_values"].shape[-2:]
+    if model.config.model_type == "qwen2_vl":  # images patched by tokensift: one LM token per merged window
+        vision = model.config.vision_config
+        cell = vision.patch_size * vision.spatial_merge_size
+        return int(height) // cell, int(width) // cell
+    patch = getattr(model.config.vision_config, "patch_size", None)
+    if patch and (int(height) // patch) * (int(width) // patch) == count:
+        return int(height) // patch, int(width) // patch
+    side = getattr(datamodule, "grid_size", None) or math.isqrt(count)
+    return int(side), count // int(side)
 
 
 __all__ = ["MLLMOracleMethod", "parse_thresholds", "run_mllm_bench"]

@@ -44,14 +44,13 @@ image, as ``LlavaProcessor`` does for the same text.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from tokensift.data.base import SeededSplitDataset, SplitDataModule, check_loader_args
+from tokensift.data.base import SeededSplitDataset, check_loader_args
 from tokensift.data.digits import (
     MAX_VALUE,
     NUM_CLASSES,
@@ -65,6 +64,18 @@ from tokensift.data.digits import (
     split_sources,
     upscale,
 )
+from tokensift.data.vqa import (
+    ANSWER_CUE,
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    VQACollator,
+    VQADataModule,
+    build_word_tokenizer,
+    check_family,
+    encode_sample,
+    vocabulary,
+)
+from tokensift.data.vqa import build_image_processor as _build_image_processor
 
 __all__ = [
     "ANSWER_WORDS",
@@ -81,10 +92,6 @@ __all__ = [
     "build_image_processor",
     "build_tokenizer",
 ]
-
-IMAGE_TOKEN = "<image>"
-SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
-IGNORE_INDEX = -100  # label of every position but the answer (transformers' cross-entropy ignore index)
 
 QUESTION_TYPES: tuple[str, ...] = ("position", "count", "exists")
 """Every question type; a sample's ``question_type`` field is its index here."""
@@ -115,51 +122,24 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 """Question templates per type: ``{image}`` marks where the image goes, ``{where}`` a quadrant name and
 ``{digit}`` the queried class."""
 
-ANSWER_CUE = "answer :"  # ends every prompt, so the next token is the answer wherever the image sits
 QUADRANT_COUNT = 4
 
 
 def _vocabulary() -> list[str]:
     """Special tokens, the image token, the answer words (contiguous ids), then the other template words."""
-    words = [*SPECIAL_TOKENS.values(), IMAGE_TOKEN, *ANSWER_WORDS]
     texts = [t for templates in TEMPLATES.values() for t in templates] + [*QUADRANTS, ANSWER_CUE]
-    for text in texts:
-        for word in text.split():
-            if not word.startswith("{") and word not in words:
-                words.append(word)
-    return words
-
-
-@functools.cache
-def _tokenizer_backend_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    vocab = {word: i for i, word in enumerate(_vocabulary())}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    bos = SPECIAL_TOKENS["bos_token"]
-    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
-    # WordPiece's decoder joins words with single spaces; nothing here carries its "##" prefix.
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    return backend.to_str()
+    return vocabulary(ANSWER_WORDS, texts)
 
 
 def build_tokenizer():
-    """The task's word-level tokenizer: a ``PreTrainedTokenizerFast`` with a fixed vocabulary.
+    """The task's word-level tokenizer: a ``PreTrainedTokenizerFast`` with a fixed vocabulary
+    (:func:`tokensift.data.vqa.build_word_tokenizer`).
 
     ``tokenizer(text)`` prepends ``<s>``; ``tokenizer.image_token`` / ``image_token_id`` name the image
     placeholder. Text whose words are separated by single spaces decodes back to itself
     (``decode(ids, skip_special_tokens=True)``); an unknown word becomes ``<unk>``.
     """
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_backend_json()),
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        model_max_length=1024,
-        **SPECIAL_TOKENS,
-    )
+    return build_word_tokenizer(_vocabulary())
 
 
 def build_image_processor(num_channels: int = 3):
@@ -168,18 +148,7 @@ def build_image_processor(num_channels: int = 3):
     ``x / 16`` then ``(x - 0.5) / 0.5`` is ``x / 8 - 1``, the normalisation of :func:`normalize`; no resize,
     no crop, so a processor built on it (e.g. ``LlavaProcessor``) reproduces the dataset's ``pixel_values``.
     """
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    return CLIPImageProcessorPil(
-        do_resize=False,
-        do_center_crop=False,
-        do_rescale=True,
-        rescale_factor=1.0 / MAX_VALUE,
-        do_normalize=True,
-        image_mean=[0.5] * num_channels,
-        image_std=[0.5] * num_channels,
-        do_convert_rgb=False,
-    )
+    return _build_image_processor(num_channels, MAX_VALUE)
 
 
 @dataclass(frozen=True)
@@ -293,6 +262,8 @@ class DigitVQA(SeededSplitDataset):
         align_digits: place digits on the patch grid (default) or at any pixel inside their quadrant.
         tokenizer: the tokenizer to encode prompts with; default :func:`build_tokenizer`.
     """
+
+    question_type_names = QUESTION_TYPES
 
     def __init__(
         self,
@@ -440,15 +411,20 @@ class DigitVQA(SeededSplitDataset):
         """Class of each digit of the scene, in ``spec.digits`` order."""
         return [int(self._labels[d.source]) for d in spec.digits]
 
+    def question_answer(self, index: int) -> tuple[str, str, str]:
+        """``(question, answer, question type)`` of sample ``index`` without rendering it (cheap): what an
+        image-blind answerer sees (:func:`~tokensift.backbones.pretrain_mllm.text_only_baseline`)."""
+        spec = self.sample_spec(index)
+        return self.question(spec), spec.answer, spec.question_type
+
+    def collator(self, padding_side: str = "left", with_answer: bool = True) -> DigitVQACollator:
+        """A collator of this split's items (LLaVA layout)."""
+        return DigitVQACollator(self.tokenizer.pad_token_id, padding_side, with_answer)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         spec = self.sample_spec(index)
         canvas, oracle = self.render(spec)
-        # Placeholders are glued together, as LlavaProcessor expands them; the tokenizer splits them.
-        text = self.question(spec).replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_image_tokens)
-        text += " " + spec.answer
-        input_ids = torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        labels[-1] = input_ids[-1]
+        input_ids, labels = encode_sample(self.tokenizer, self.question(spec), spec.answer, self.num_image_tokens)
         image = torch.from_numpy(normalize(canvas))
         return {
             "pixel_values": image.unsqueeze(0).repeat(self.num_channels, 1, 1),
@@ -472,57 +448,20 @@ class DigitVQA(SeededSplitDataset):
 
 
 @dataclass(frozen=True)
-class DigitVQACollator:
-    """Pad :class:`DigitVQA` items into a batch.
+class DigitVQACollator(VQACollator):
+    """Pad :class:`DigitVQA` items into a batch (:class:`tokensift.data.vqa.VQACollator`).
 
     ``padding_side="left"`` (default) puts padding before the prompt, so every row ends at the same column:
     the answer is the last column and a prompt-only batch (``with_answer=False``) ends where the next
     token is the answer, as ``generate`` expects. ``"right"`` pads after the answer. Padded positions get
     ``pad_token_id``, attention 0 and label -100. With ``with_answer=False`` each row loses its last token
     (the answer) and the batch has no ``labels``. ``answer_id``, ``oracle_mask``, ``patch_classes``,
-    ``question_type``, ``pixel_values`` and ``index`` (when the items carry it) are stacked.
+    ``question_type``, ``pixel_values`` and ``index`` (when the items carry it) are stacked;
+    ``family="qwen2_vl"`` writes Qwen2-VL's patches and grids instead of images.
     """
 
-    pad_token_id: int
-    padding_side: str = "left"
-    with_answer: bool = True
 
-    def __post_init__(self) -> None:
-        if self.padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
-
-    def __call__(self, samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        if not samples:
-            raise ValueError("cannot collate an empty list of samples")
-        cut = None if self.with_answer else -1
-        rows = [s["input_ids"][:cut] for s in samples]
-        length = max(len(r) for r in rows)
-        batch_size = len(samples)
-        input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
-        for i, (sample, row) in enumerate(zip(samples, rows, strict=True)):
-            span = slice(length - len(row), length) if self.padding_side == "left" else slice(0, len(row))
-            input_ids[i, span] = row
-            attention_mask[i, span] = sample["attention_mask"][:cut]
-            labels[i, span] = sample["labels"][:cut]
-        batch = {
-            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "answer_id": torch.stack([s["answer_id"] for s in samples]),
-            "oracle_mask": torch.stack([s["oracle_mask"] for s in samples]),
-            "patch_classes": torch.stack([s["patch_classes"] for s in samples]),
-            "question_type": torch.stack([s["question_type"] for s in samples]),
-        }
-        if all("index" in s for s in samples):
-            batch["index"] = torch.stack([s["index"] for s in samples])
-        if self.with_answer:
-            batch["labels"] = labels
-        return batch
-
-
-class DigitVQADataModule(SplitDataModule):
+class DigitVQADataModule(VQADataModule):
     """Lightning data module for digit VQA (see :mod:`tokensift.data.digit_vqa`).
 
     Buildable from YAML by ``LightningCLI``::
@@ -535,7 +474,13 @@ class DigitVQADataModule(SplitDataModule):
     ``image_token_id``, ``pad_token_id``, ``answer_token_ids``, ``image_size``, ``patch_size``,
     ``num_channels``, ``num_patches``, ``num_image_tokens``; and ``collate_fn`` /
     ``collator(padding_side, with_answer)`` for custom loaders. Arguments are validated in ``__init__``.
+    Batches follow the VQA batch contract (:mod:`tokensift.data.contract`); ``family="qwen2_vl"`` gives them
+    Qwen2-VL's processor layout (flattened patches, ``image_grid_thw``) instead of images ``[B, C, H, W]``.
     """
+
+    dataset_class = DigitVQA
+    raw_max_value = MAX_VALUE
+    collator_class = DigitVQACollator
 
     def __init__(
         self,
@@ -557,14 +502,15 @@ class DigitVQADataModule(SplitDataModule):
         split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
         align_digits: bool = True,
         pin_memory: bool = False,
+        family: str = "llava",
     ) -> None:
         super().__init__()
         check_loader_args(batch_size, num_workers, train_samples, val_samples, test_samples, is_integer=is_int)
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        check_family(family)
         self.save_hyperparameters()
         self._init_splits(batch_size, num_workers, pin_memory, seed, train_samples, val_samples, test_samples)
-        self.padding_side = padding_side
         self._dataset_kwargs = dict(
             canvas_size=canvas_size,
             patch_size=patch_size,
@@ -578,34 +524,19 @@ class DigitVQADataModule(SplitDataModule):
             split_fractions=tuple(split_fractions),
             align_digits=align_digits,
         )
-        # Building the (cheap) test split validates every argument now and fixes the derived sizes.
-        probe = DigitVQA("test", 1, **self._dataset_kwargs)
-        self.tokenizer = probe.tokenizer
-        self.vocab_size = len(self.tokenizer)
-        self.image_token_id = probe.image_token_id
-        self.pad_token_id = self.tokenizer.pad_token_id
-        self.answer_token_ids = list(probe.answer_token_ids)
-        self.image_size = probe.image_size
-        self.patch_size = probe.patch_size
-        self.num_channels = probe.num_channels
-        self.grid_size = probe.grid_size
-        self.num_patches = probe.num_patches
-        self.num_image_tokens = probe.num_image_tokens
+        self._init_vqa(padding_side, family)
 
-    def build(self, split: str, num_samples: int | None = None) -> DigitVQA:
-        """A split with this module's options (``num_samples`` defaults to the module's split size)."""
-        size = self._num_samples[split] if num_samples is None else num_samples
-        return DigitVQA(split, size, tokenizer=self.tokenizer, **self._dataset_kwargs)
-
-    def collator(self, padding_side: str | None = None, with_answer: bool = True) -> DigitVQACollator:
-        return DigitVQACollator(self.pad_token_id, padding_side or self.padding_side, with_answer)
-
-    @property
-    def collate_fn(self) -> DigitVQACollator:
-        return self.collator()
-
-    def _build(self, split: str) -> DigitVQA:
-        return self.build(split)
-
-    def _collate(self) -> DigitVQACollator:
-        return self.collate_fn
+    def alignment_targets(self, batch: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What each image token should name (:class:`~tokensift.backbones.pretrain_mllm.MLLMPretrainer`'s
+        alignment term): ``(candidate word ids [K], target index [B, P])`` per group: the digit inking the patch
+        (``0``..``9``, -100 on background), the patch's row half (``top`` / ``bottom``) and column half
+        (``left`` / ``right``)."""
+        classes = batch["patch_classes"]
+        device, size = classes.device, classes.shape[0]
+        words = self.tokenizer.convert_tokens_to_ids
+        row_half, column_half = self.patch_halves(device)
+        return [
+            (torch.tensor(words([str(d) for d in range(NUM_CLASSES)]), device=device), classes),
+            (torch.tensor(words(["top", "bottom"]), device=device), row_half.expand(size, -1)),
+            (torch.tensor(words(["left", "right"]), device=device), column_half.expand(size, -1)),
+        ]

@@ -1,20 +1,25 @@
 """Token methods, one folder each (config dataclass + module + registration)."""
 
 from tokensift.scorers import (  # noqa: F401  (register)
+    atp,
     cls_attention,
     d2pruner,
     dart,
     divprune,
+    dynamic_llava,
     dynamicvit,
     dyvte,
     fastv,
+    flowcut,
     l2norm,
     pyramiddrop,
+    question_selector,
     random,
     tome,
+    vflowopt,
     visionzip,
 )
-from tokensift.scorers.base import MethodConfig, TokenMethod
+from tokensift.scorers.base import KeepDecision, MethodConfig, TokenMethod
 from tokensift.scorers.registry import build_method, get_method_class, methods, register
 
-__all__ = ["MethodConfig", "TokenMethod", "build_method", "get_method_class", "methods", "register"]
+__all__ = ["KeepDecision", "MethodConfig", "TokenMethod", "build_method", "get_method_class", "methods", "register"]

@@ -1,8 +1,12 @@
 """The interface every token method implements, learned or training-free.
 
-A method scores tokens (``score``), picks the survivors (``select``) and reduces the state (``reduce``:
-gather, or merge for ToMe). In mask mode (training) it returns a keep ``policy`` instead of shrinking the
-sequence. The defaults make a new scoring method one ``score`` function.
+A method scores tokens (``score``), picks the survivors (``select``: a ``[B, N]`` keep mask, the protected live
+tokens plus ``num_keep[b]`` prunable tokens of each sample ``b``) and decides what the site keeps (``reduce``: a
+``KeepDecision``, the mask and, for a merge such as ToMe or VisionZip, the merged hidden states and sizes written
+into kept tokens). ``num_keep`` is always a ``[B]`` long tensor, one count per sample. In mask mode (training) it
+returns a keep ``policy`` instead (``keep_policy``). The method never shrinks a sequence itself:
+``tokensift.compact`` applies a decision to each layout (a vision tower's equal counts, a multimodal LLM's padded
+rows, a packed tower). The defaults make a new scoring method one ``score`` function.
 """
 
 from __future__ import annotations
@@ -16,6 +20,21 @@ from torch import Tensor, nn
 from tokensift.state import TokenState
 
 Kind = Literal["learned", "training-free"]
+
+
+@dataclass
+class KeepDecision:
+    """What a method keeps at a site, over the state's tokens as they are (``[B, N]``, the state's order).
+
+    ``keep``: bool, the protected live tokens and ``num_keep[b]`` prunable tokens of sample ``b``.
+    ``hidden``: ``[B, N, D]`` when a merge wrote merged values into kept tokens; ``None``: ``state.hidden`` unchanged.
+    ``size``: ``[B, N]`` how many original tokens each kept token stands for (ToMe); ``None``: ``state.size``.
+    Values at dropped tokens are never read.
+    """
+
+    keep: Tensor
+    hidden: Tensor | None = None
+    size: Tensor | None = None
 
 
 @dataclass
@@ -45,6 +64,14 @@ class TokenMethod(nn.Module):
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     needs_attention: ClassVar[bool] = False  # attention probabilities of the site's block
     needs_keys: ClassVar[bool] = False  # head-averaged keys of the site's block
+    needs_values: ClassVar[bool] = False  # vit.<i>: the site block's values per head (``TokenState.values``)
+    # vit.<i>: each token's pixel patch of the forward's pixel_values (``TokenState.patch_pixels``; [CLS] zero)
+    needs_pixels: ClassVar[bool] = False
+    # vit.<i>: the vision-tower handle calls the method's ``observe(state)`` after every block that is no running
+    # site, from the first block while more prunable tokens are alive than the last site keeps (its attention and,
+    # on request, values captured there); a method that accumulates evidence over every block (FlowCut) keeps it
+    # between the blocks of one forward pass
+    observes_every_block: ClassVar[bool] = False
     # llm.<k>: the last text token's attention computed by layer k itself on its input (PyramidDrop)
     needs_query_attention: ClassVar[bool] = False
     needs_final_norm: ClassVar[bool] = False  # llm.<k>: the site's hidden states through the LM's final norm (DART)
@@ -74,6 +101,10 @@ class TokenMethod(nn.Module):
         """
         return True
 
+    def set_progress(self, fraction: float) -> None:
+        """The share of training done, in ``[0, 1]``, told by the trainer each step: methods with annealed
+        temperatures (``dynamic_llava``, ``question_selector``) follow it; nothing by default."""
+
     def default_sites(self, adapter) -> list[str]:
         if getattr(adapter, "is_multimodal", False):
             return self.default_mllm_sites(adapter)
@@ -87,37 +118,29 @@ class TokenMethod(nn.Module):
 
     def score(self, state: TokenState) -> Tensor:
         """``[B, N]`` keep scores, higher = keep. Protected and dropped tokens are handled by ``select``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement score() or override select().")
+        raise NotImplementedError(f"{type(self).__name__} must implement score(), or override select() or reduce().")
 
-    def select(self, state: TokenState, num_keep: int) -> Tensor:
-        """``[B, num_keep + protected]`` indices of the survivors, ascending (original order kept)."""
-        scores = self.score(state).float()
-        check_scores(scores, state.alive & ~state.protected, self.name, state.site)
-        return top_k_with_protected(scores, state, num_keep)
+    def select(self, state: TokenState, num_keep: Tensor) -> Tensor:
+        """``[B, N]`` bool: each sample's protected live tokens and its ``num_keep[b]`` best prunable tokens.
 
-    def reduce(self, state: TokenState, num_keep: int) -> TokenState:
-        return state.gather(self.select(state, num_keep))
-
-    def select_tokens(self, state: TokenState, num_keep: Tensor) -> Tensor:
-        """Multimodal sites: ``[B, N]`` bool, the text tokens and ``num_keep[b]`` visual tokens of sample ``b``.
-
-        Samples differ in layout and visual token count, so the keep set is a mask, not equal-length indices.
+        ``num_keep`` is a ``[B]`` long tensor: samples of a multimodal batch keep different counts.
         """
         scores = self.score(state).float()
         check_scores(scores, state.prunable, self.name, state.site)
         return top_k_mask(scores, state, num_keep)
 
-    def reduce_tokens(self, state: TokenState, num_keep: Tensor) -> tuple[Tensor, Tensor]:
-        """Multimodal sites: the keep mask and the hidden states to carry (a merge writes into kept tokens)."""
-        return self.select_tokens(state, num_keep), state.hidden
+    def reduce(self, state: TokenState, num_keep: Tensor) -> KeepDecision:
+        """What the site keeps; merging methods (ToMe, VisionZip) override it to carry merged values."""
+        return KeepDecision(self.select(state, num_keep))
 
-    def keep_policy(self, state: TokenState, num_keep: int) -> Tensor:
+    def keep_policy(self, state: TokenState, num_keep: Tensor) -> Tensor:
         """Mask-mode decision ``[B, N]``: 1 for survivors, 0 otherwise (learned methods: differentiable)."""
         if self.merges:
             raise ValueError(f"{self.name} merges tokens, which has no mask-mode form; run it in gather mode.")
-        index = self.select(state, num_keep)
-        policy = torch.zeros_like(state.hidden[..., 0])
-        policy.scatter_(1, index, 1.0)
+        decision = self.reduce(state, num_keep)
+        if decision.hidden is not None:
+            raise ValueError(f"{self.name} writes merged tokens, which have no mask-mode form; run it in gather mode.")
+        policy = decision.keep.to(state.hidden.dtype)
         return policy if state.policy is None else policy * state.policy
 
 
@@ -147,21 +170,12 @@ def check_site_input(hidden: Tensor, rows: Tensor, method: str, site: str) -> No
         )
 
 
-def top_k_with_protected(scores: Tensor, state: TokenState, num_keep: int) -> Tensor:
-    """Top ``num_keep`` prunable tokens by score plus every protected one, in ascending index order."""
-    protected = state.protected & state.alive
-    num_protected = int(protected[0].sum())
-    if not bool((protected.sum(1) == num_protected).all()):
-        raise ValueError("every sample must carry the same number of protected tokens")
-    ranked = scores.masked_fill(~state.alive, float("-inf")).masked_fill(protected, float("inf"))
-    index = ranked.topk(num_keep + num_protected, dim=1).indices
-    return index.sort(dim=1).values
-
-
 def top_k_mask(scores: Tensor, state: TokenState, num_keep: Tensor) -> Tensor:
     """``[B, N]`` bool: each sample's ``num_keep[b]`` best prunable tokens by score, plus its protected ones."""
     candidates = state.prunable
     order = scores.masked_fill(~candidates, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    # candidates first, so one scored -inf still outranks every non-candidate and each sample keeps its count
+    order = order.gather(1, (~candidates).gather(1, order).to(torch.uint8).argsort(dim=1, stable=True))
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     keep = candidates & (rank < num_keep.to(rank.device).unsqueeze(1))

@@ -1,4 +1,5 @@
-"""The scorer objective: task + budget + distillation terms, each weighted, returned by name for logging."""
+"""The objectives' terms: the image scorer's task + budget + distillation terms, each weighted and returned by
+name for logging, and the per-sample answer-token terms of trainers on a multimodal LLM."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+IGNORE_INDEX = -100  # labels of tokens that are not scored (transformers' convention)
 
 
 @dataclass
@@ -28,14 +31,17 @@ def scorer_objective(
     teacher_tokens: Tensor,
     records: list,
     weights: LossWeights,
+    budget_term: bool | None = None,
 ) -> dict[str, Tensor]:
     """Loss terms of one mask-mode step, as DynamicViT's ``DistillDiffPruningLoss_dynamic`` (``mse_token``).
 
     - task: cross-entropy of the pruned model's logits;
     - budget: per sample, (kept fraction at site s − the site's target)², averaged over the batch and the
-      sites. Only when some site keeps a variable count (``threshold`` selection): where every site keeps
-      exactly the budget's count (``topk``, what inference keeps; ``SiteRecord.exact_count``) the kept
-      fraction does not depend on the scorer, the term would be a constant, and it is left out (no key);
+      sites. Only when the method keeps a variable count (``threshold`` selection): where every site keeps
+      exactly the budget's count (``topk``, what inference keeps) the kept fraction does not depend on the
+      scorer, the term would be a constant, and it is left out (no key). ``budget_term`` says which (the
+      trainer passes ``not method.keeps_budget_count``); ``None`` reads it from the records
+      (``SiteRecord.exact_count``);
     - distill: KL(teacher ‖ student) on temperature-scaled logits (teacher = same frozen model, unpruned);
     - tokens: MSE between student and teacher final tokens over the *patch* tokens the student kept
       (DynamicViT distils ``x[:, 1:]``: [CLS] / registers are not part of it), mean over tokens and channels.
@@ -58,8 +64,35 @@ def scorer_objective(
     token_error = ((tokens - teacher_tokens) ** 2 * kept).sum() / (kept.sum() * tokens.shape[-1]).clamp_min(1.0)
     terms = {"task": task, "distill": distill, "tokens": token_error}
     loss = weights.task * task + weights.distill * distill + weights.tokens * token_error
-    if not all(getattr(r, "exact_count", False) for r in records):
+    if budget_term is None:
+        budget_term = not all(getattr(r, "exact_count", False) for r in records)
+    if budget_term:
         budget = torch.stack([((r.keep_fraction - r.target) ** 2).mean() for r in records]).mean()
         terms["budget"] = budget
         loss = loss + weights.budget * budget
     return {"loss": loss, **terms}
+
+
+def answer_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """``[B]`` mean cross-entropy over each sample's answer tokens (0 for a sample without any).
+
+    ``labels`` ``[B, L]`` is ``-100`` except the answer tokens, and ``labels[:, t]`` is predicted by
+    ``logits[:, t - 1]`` (transformers' causal-LM convention); logits ``[B, L, V]`` are scored in float32.
+    """
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none")
+    return (per_token * scored).sum(1) / scored.sum(1).clamp(min=1)
+
+
+def answer_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    """``[B]`` fraction of each sample's answer tokens predicted right (argmax), as :func:`answer_loss` shifts."""
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    right = (logits[:, :-1].argmax(-1) == targets) & scored
+    return right.sum(1) / scored.sum(1).clamp(min=1)
+
+
+def answered(labels: Tensor) -> Tensor:
+    """``[B]`` bool: the sample has at least one answer token (the others carry no answer term)."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(1)

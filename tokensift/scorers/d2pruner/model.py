@@ -86,7 +86,7 @@ class D2PrunerMethod(TokenMethod):
     def default_mllm_sites(self, adapter) -> list[str]:
         return [f"llm.{self.config.layer}"]
 
-    def select_tokens(self, state: TokenState, num_keep: Tensor) -> Tensor:
+    def select(self, state: TokenState, num_keep: Tensor) -> Tensor:
         attention = last_text_attention(state, self.name)
         coords = require(state, "coords", self.name)
         image_id = require(state, "image_id", self.name)

@@ -56,7 +56,7 @@ class DARTMethod(TokenMethod):
     def default_mllm_sites(self, adapter) -> list[str]:
         return [f"llm.{self.config.layer}"]
 
-    def select_tokens(self, state: TokenState, num_keep: Tensor) -> Tensor:
+    def select(self, state: TokenState, num_keep: Tensor) -> Tensor:
         key_norm = require(state, "keys", self.name).abs().sum(dim=-1)  # [B, N], L1 as in DART
         normed = require(state, "normed_hidden", self.name)
         keep = state.protected & state.alive
@@ -94,7 +94,7 @@ class DARTMethod(TokenMethod):
         the model computes anyway, and the LM's final norm is charged by the bench for ``needs_final_norm``): the
         keys' L1 norms ``2 n w_kv``; when the sample keeps a visual token, its ``n`` normed states normalised
         ``3 n d`` and each pivot's cosine similarity to the visual tokens not yet kept ``2 · free · d``, pivots
-        taken in turn as :meth:`select_tokens` does (text pivots: at most the text tokens present)."""
+        taken in turn as :meth:`select` does (text pivots: at most the text tokens present)."""
         n, v, d = site.tokens, site.prunable, site.hidden
         total = 2.0 * n * site.kv_width
         budget = min(site.keep, v)

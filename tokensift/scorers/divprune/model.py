@@ -50,15 +50,7 @@ class DivPruneMethod(TokenMethod):
     description = "keep a maximally diverse subset (greedy max-min cosine distance, DivPrune)"
     site_kinds = ("vit", "pre_llm", "llm")
 
-    def select(self, state: TokenState, num_keep: int) -> Tensor:
-        picks = max_min_diverse(state.hidden, state.prunable, num_keep)
-        special = state.protected & state.alive
-        keep = special.clone()
-        keep.scatter_(1, picks, True)
-        count = int(keep[0].sum())
-        return keep.float().topk(count, dim=1).indices.sort(dim=1).values
-
-    def select_tokens(self, state: TokenState, num_keep: Tensor) -> Tensor:
+    def select(self, state: TokenState, num_keep: Tensor) -> Tensor:
         keep = state.protected & state.alive
         most = int(num_keep.max()) if num_keep.numel() else 0
         if most == 0:

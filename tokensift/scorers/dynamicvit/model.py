@@ -105,7 +105,7 @@ class DynamicViTMethod(TokenMethod):
         pool_weight = state.prunable.float() if state.policy is None else state.policy * (~state.protected)
         return self.predictors[stage](state.hidden, pool_weight, state.keep_target)
 
-    def keep_policy(self, state: TokenState, num_keep: int) -> Tensor:
+    def keep_policy(self, state: TokenState, num_keep: Tensor) -> Tensor:
         if not self.training:
             return super().keep_policy(state, num_keep)
         logits = self.score(state)
@@ -119,9 +119,13 @@ class DynamicViTMethod(TokenMethod):
         if self.config.selection == "topk":
             candidates = perturbed.masked_fill(~state.prunable, float("-inf"))
             ranked = candidates.sort(dim=1, descending=True).values
-            # threshold halfway between the last kept and the first dropped perturbed logit
-            low = ranked[:, num_keep].clamp_min(ranked[:, num_keep - 1] - 1.0) if num_keep < ranked.shape[1] else None
-            threshold = (ranked[:, num_keep - 1] + low) / 2 if low is not None else ranked[:, -1] - 1.0
+            # per sample, threshold halfway between its last kept and its first dropped perturbed logit (keeping
+            # all: 1 below the last); index k - 1 wraps as Python's would for k = 0
+            width = ranked.shape[1]
+            k = num_keep.to(ranked.device).long().view(-1, 1).expand(ranked.shape[0], 1)
+            last = ranked.gather(1, (k - 1) % width).squeeze(1)
+            low = ranked.gather(1, k.clamp(max=width - 1)).squeeze(1).clamp_min(last - 1.0)
+            threshold = torch.where(k.squeeze(1) < width, (last + low) / 2, ranked[:, -1] - 1.0)
             perturbed = perturbed - threshold.detach().unsqueeze(1)
         soft = torch.sigmoid(perturbed / self.config.gumbel_tau)
         hard = (soft > 0.5).to(soft.dtype)

@@ -191,7 +191,7 @@ class DyVTEMethod(TokenMethod):
             ) from None
 
     # -- the keep decision --------------------------------------------------------------------------
-    def select_tokens(self, state: TokenState, num_keep: Tensor) -> Tensor:
+    def select(self, state: TokenState, num_keep: Tensor) -> Tensor:
         """Every token of a sample that keeps its visual tokens; only the text of one that exits here."""
         if self.forced_exit_layer is not None:
             here = state.layer == self.forced_exit_layer

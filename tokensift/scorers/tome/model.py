@@ -4,17 +4,18 @@ Tokens alternate into sets A (even positions) and B (odd); each A token finds it
 (cosine of head-averaged keys) and the ``r`` most similar pairs merge into their B token. A site that
 must remove more than one round allows (at most |A|) runs several rounds. Merged tokens carry their
 size, and later blocks use proportional attention (``+ log size`` on the keys), as ToMe does. The
-merged token keeps the original index of its B anchor, and the sequence stays in original order.
+merged token stays at its B anchor's position (and so keeps its original index), and the sequence stays in
+original order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from tokensift.scorers.base import MethodConfig, TokenMethod, num_prunable_alive
+from tokensift.scorers.base import KeepDecision, MethodConfig, TokenMethod, num_prunable_alive
 from tokensift.scorers.registry import register
 from tokensift.state import TokenState
 
@@ -84,20 +85,29 @@ class ToMeMethod(TokenMethod):
     merges = True
     description = "merge similar tokens by bipartite soft matching on keys (ToMe), size-weighted"
 
-    def reduce(self, state: TokenState, num_keep: int) -> TokenState:
-        hidden, metric, size = state.hidden, state.keys, state.size
-        protected, orig_index = state.protected, state.orig_index
-        remaining = num_prunable_alive(state) - num_keep
+    def reduce(self, state: TokenState, num_keep: Tensor) -> KeepDecision:
+        """Merge rounds until ``num_keep`` prunable tokens are left, as a decision over the state's own positions:
+        each survivor stays at its B anchor's position and carries the merged hidden state and size."""
+        count = num_keep.reshape(-1)
+        if count.numel() and not bool((count == count[0]).all()):
+            raise ValueError(
+                f"tome merges the same number of tokens in every sample, got per-sample counts {count.tolist()} "
+                f"at site {state.site}."
+            )
+        hidden, metric, size, protected = state.hidden, state.keys, state.size, state.protected
+        b, n = protected.shape
+        # the rounds carry each token's position in the state (its rows are in ascending original order, so the
+        # merge keeps the same order it would by original index): the survivors' positions come out directly
+        position = torch.arange(n, device=hidden.device).expand(b, n)
+        remaining = num_prunable_alive(state) - (int(count[0]) if count.numel() else 0)
         while remaining > 0:
             mergeable = (~protected[:, 0::2]).sum(dim=1).min().item()
             r = min(remaining, int(mergeable), hidden.shape[1] // 2)
-            hidden, metric, size, protected, orig_index = bipartite_merge(
-                hidden, metric, size, protected, orig_index, r
-            )
+            hidden, metric, size, protected, position = bipartite_merge(hidden, metric, size, protected, position, r)
             remaining -= r
-        return replace(
-            state, hidden=hidden, size=size, protected=protected, orig_index=orig_index, keys=None, attention=None
-        )
+        keep = torch.zeros_like(state.protected).scatter_(1, position, True)
+        merged = state.hidden.scatter(1, position.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), hidden)
+        return KeepDecision(keep, merged, torch.zeros_like(state.size).scatter_(1, position, size))
 
     def analytic_flops(self, site) -> float:
         """FLOPs at a site (a ``tokensift.flops.SiteShape``) beyond the captured keys (charged by the bench for

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tokensift.scorers.base import MethodConfig, TokenMethod
+from tokensift.scorers.base import KeepDecision, MethodConfig, TokenMethod
 from tokensift.scorers.multimodal import cosine_similarity_matrix, require
 from tokensift.scorers.registry import register
 from tokensift.state import TokenState
@@ -43,7 +43,7 @@ class VisionZipMethod(TokenMethod):
     site_kinds = ("pre_llm",)
     description = "dominant tokens by vision-tower attention + contextual merge of the rest (VisionZip)"
 
-    def reduce_tokens(self, state: TokenState, num_keep: Tensor) -> tuple[Tensor, Tensor]:
+    def reduce(self, state: TokenState, num_keep: Tensor) -> KeepDecision:
         importance = require(state, "tower_attention", self.name)
         tower_keys = require(state, "tower_keys", self.name)
         keep = state.protected & state.alive
@@ -71,7 +71,7 @@ class VisionZipMethod(TokenMethod):
             sizes = torch.bincount(group, minlength=anchors.numel()).clamp(min=1).unsqueeze(1)
             hidden[b, anchors] = (sums / sizes).to(hidden.dtype)
             keep[b, anchors] = True
-        return keep, hidden
+        return KeepDecision(keep, hidden)
 
     def analytic_flops(self, site) -> float:
         """FLOPs at a ``pre_llm`` site (a ``tokensift.flops.SiteShape``) beyond the tower's captured map (charged

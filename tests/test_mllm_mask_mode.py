@@ -1,0 +1,166 @@
+"""Mask (training) mode on multimodal LLMs: the keep policy enters every later layer's attention as a key bias.
+
+A hard 0/1 policy in mask mode must give the answer logits gather mode gives (the same tokens dropped from
+every layer from the site on, text never), for LLaVA and Qwen2-VL, on the mixed-layout, left-padded batch of
+``tiny_mllm.make_batch``; the kernel stays SDPA (a float mask, no eager attention forced); a soft policy's
+gradient reaches the scorer through the frozen LLM; decoding with a cache is refused in mask mode.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_mllm import MLLM_FAMILIES, build_tiny_mllm, image_token_id, make_batch
+from torch import nn
+
+import tokensift as ts
+from tokensift import attention as attn
+from tokensift.scorers.base import TokenMethod
+from tokensift.scorers.learned import straight_through_top_k
+
+SITES = {
+    "llava": [["pre_llm"], ["llm.2"], ["llm.1", "llm.3"], ["vit.0"]],
+    "qwen2_vl": [["pre_llm"], ["llm.2"], ["llm.1", "llm.3"]],
+}
+CASES = [(family, sites) for family in MLLM_FAMILIES for sites in SITES[family]]
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, nn.Module]:
+    return {family: build_tiny_mllm(family).eval() for family in MLLM_FAMILIES}
+
+
+def answer_rows(inputs: dict, family: str) -> torch.Tensor:
+    """``[B, L]`` the text tokens of each sample (never dropped), padding excluded."""
+    return inputs["attention_mask"].bool() & (inputs["input_ids"] != image_token_id(family))
+
+
+@pytest.mark.parametrize(("family", "sites"), CASES, ids=[f"{f}-{'+'.join(s)}" for f, s in CASES])
+def test_hard_policy_in_mask_mode_gives_the_gather_mode_logits(models, family, sites):
+    model, inputs = models[family], make_batch(family).inputs()
+    logits = {}
+    for mode in ("gather", "mask"):
+        with ts.apply(model, "random", keep_ratio=0.4, sites=sites, mode=mode) as handle:
+            handle.set_samples(torch.arange(3))
+            with torch.no_grad():
+                logits[mode] = model(**inputs).logits
+            records = handle.last_records
+        if mode == "mask":
+            assert all(r.policy is not None and r.kept_orig_index is None for r in records)
+        else:
+            kept = records[-1].kept_visual
+    assert torch.equal(records[-1].kept_visual.round().long(), kept), "both modes keep the same count per sample"
+    text = answer_rows(inputs, family)
+    torch.testing.assert_close(logits["mask"][text], logits["gather"][text], atol=2e-4, rtol=2e-4)
+    with torch.no_grad():
+        unpruned = model(**inputs).logits
+    assert not torch.allclose(unpruned[:, -1], logits["mask"][:, -1], atol=1e-3), "the policy matters"
+
+
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_mask_mode_keeps_the_sdpa_kernel_and_restores_the_model(models, family):
+    model, inputs = models[family], make_batch(family).inputs()
+    language_model = ts.backbones.adapt(model).language_model
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    calls = []
+    original = attn.ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def counting(module, query, key, value, attention_mask, **kwargs):
+        calls.append(attention_mask.dtype if attention_mask is not None else None)
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    attn.ALL_ATTENTION_FUNCTIONS["sdpa"] = counting
+    try:
+        with ts.apply(model, "random", keep_ratio=0.5, sites=["pre_llm"], mode="mask"):
+            assert language_model.config._attn_implementation == "tokensift+sdpa"
+            with torch.no_grad():
+                model(**inputs)
+    finally:
+        attn.ALL_ATTENTION_FUNCTIONS["sdpa"] = original
+    assert calls and all(dtype == torch.float32 for dtype in calls[-ts.backbones.adapt(model).num_layers :])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)
+
+
+class SoftScorer(TokenMethod):
+    """A learned method with a soft policy: sigmoid of a linear score of each visual token."""
+
+    name = "soft_test_scorer"
+    kind = "learned"
+    site_kinds = ("pre_llm", "llm")
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = nn.Linear(width, 1)
+
+    def score(self, state):
+        return self.linear(state.hidden.detach()).squeeze(-1)
+
+    def keep_policy(self, state, num_keep):
+        policy = torch.sigmoid(self.score(state))
+        return policy if state.policy is None else policy * state.policy
+
+
+@pytest.mark.parametrize("site", ["pre_llm", "llm.2"])
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_soft_policy_gradient_reaches_the_scorer_through_the_frozen_llm(models, family, site):
+    model, inputs = models[family], make_batch(family).inputs()
+    adapter = ts.backbones.adapt(model)
+    scorer = SoftScorer(adapter.text_config.hidden_size)
+    scorer.config.sites = [site]
+    with ts.apply(model, scorer, keep_ratio=0.5, mode="mask") as handle:
+        handle.method.train()
+        out = model(**inputs).logits[:, -1].logsumexp(-1).sum()
+        out.backward()
+        record = handle.last_records[-1]
+    assert scorer.linear.weight.grad is not None and float(scorer.linear.weight.grad.abs().sum()) > 0
+    assert record.kept_visual.requires_grad, "the kept count is differentiable (a budget term can train it)"
+
+
+def test_decoding_with_a_cache_is_refused_in_mask_mode(models):
+    model, inputs = models["llava"], make_batch("llava").inputs()
+    handle = ts.apply(model, "random", keep_ratio=0.5, sites=["llm.2"], mode="mask")
+    with handle, pytest.raises(ValueError, match="mask"), torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
+class StraightThroughScorer(SoftScorer):
+    """A hard 0/1 policy with a straight-through gradient (Gumbel top-k without noise)."""
+
+    name = "straight_through_test_scorer"
+
+    def keep_policy(self, state, num_keep):
+        logits = self.score(state)
+        policy = straight_through_top_k(logits, state.prunable, num_keep, torch.full_like(logits, 0.5), 1.0)
+        policy = torch.where(state.protected | ~state.valid, torch.ones_like(policy), policy)
+        return policy if state.policy is None else policy * state.policy
+
+
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_straight_through_policy_is_exact_forward_and_reaches_dropped_tokens(models, family):
+    """A hard policy that carries a gradient takes the renormalised policy softmax: the forward is the gather
+    model's (text logits), and dropped tokens' logits get a gradient (a blocked log p bias would give them none)."""
+    model, inputs = models[family], make_batch(family).inputs()
+    scorer = StraightThroughScorer(ts.backbones.adapt(model).text_config.hidden_size)
+    scorer.config.sites = ["pre_llm"]
+    logits_seen = {}
+
+    def keep_logits(module, args, output):
+        output.retain_grad()
+        logits_seen["value"] = output
+
+    hook = scorer.linear.register_forward_hook(keep_logits)
+    with ts.apply(model, scorer, keep_ratio=0.4, mode="mask") as handle:
+        handle.method.train()
+        masked = model(**inputs).logits
+        masked[:, -1].logsumexp(-1).sum().backward()
+        policy = handle.last_records[-1].policy.detach()
+    hook.remove()
+    with ts.apply(model, scorer, keep_ratio=0.4) as handle, torch.no_grad():
+        gathered = model(**inputs).logits
+    text = answer_rows(inputs, family)
+    torch.testing.assert_close(masked.detach()[text], gathered[text], atol=2e-4, rtol=2e-4)
+    gradient = logits_seen["value"].grad.squeeze(-1)
+    dropped = (policy == 0) & inputs["attention_mask"].bool()
+    assert bool(dropped.any()) and float(gradient[dropped].abs().sum()) > 0

@@ -1,0 +1,131 @@
+"""``MLLMScorerTrainer``: each learned multimodal method trained on a frozen tiny LLaVA / Qwen2-VL, table-driven.
+
+A repeated, left-padded batch of mixed layouts (``tiny_mllm.make_batch``) whose answer is the unpruned model's
+own next token: the objective falls, the backbone stays bit-identical, and the exported artifact applied with
+``ts.apply`` gives what the trained method gives. The recipes under ``configs/`` parse.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tiny_mllm import MLLM_FAMILIES, build_tiny_mllm, make_batch
+
+import tokensift as ts
+from tokensift.cli import main
+from tokensift.fit_cli import TokensiftCLI
+from tokensift.trainer import MLLMScorerTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 16
+METHODS = {
+    "question_selector": {"width": 16},
+    "dynamic_llava": {"sites": ["llm.2"]},
+    "atp": {"sites": ["llm.1", "llm.3"]},
+}
+CASES = [(name, family) for name in METHODS for family in MLLM_FAMILIES]
+
+
+@pytest.fixture(scope="module")
+def saved_mllms(tmp_path_factory) -> dict[str, str]:
+    paths = {}
+    for family in MLLM_FAMILIES:
+        path = tmp_path_factory.mktemp(f"trainer_{family}")
+        build_tiny_mllm(family).save_pretrained(path)
+        paths[family] = str(path)
+    return paths
+
+
+def labelled_batch(module: MLLMScorerTrainer, family: str) -> dict:
+    """The tiny batch with the unpruned model's next token as each sample's one-token answer."""
+    batch = make_batch(family).inputs()
+    with module.teacher():
+        predicted = module.logits(module.model_inputs(batch))[:, -2].argmax(-1)
+    batch["input_ids"] = batch["input_ids"].clone()
+    batch["input_ids"][:, -1] = predicted
+    batch["labels"] = torch.full_like(batch["input_ids"], -100)
+    batch["labels"][:, -1] = predicted
+    batch["index"] = torch.arange(batch["input_ids"].shape[0])
+    return batch
+
+
+def logged(trainer: L.Trainer, column: str) -> list[float]:
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        return [float(row[column]) for row in csv.DictReader(f) if row.get(column)]
+
+
+@pytest.mark.parametrize(("name", "family"), CASES, ids=[f"{n}-{f}" for n, f in CASES])
+def test_each_learned_method_trains_on_the_frozen_mllm_and_exports(saved_mllms, name, family, tmp_path):
+    L.seed_everything(0)
+    module = MLLMScorerTrainer(
+        saved_mllms[family],
+        method=name,
+        method_options=METHODS[name],
+        keep_ratio_range=(0.3, 0.5),
+        eval_keep_ratios=[0.5],
+        lr=3e-2,
+        warmup_fraction=0.0,
+    )
+    frozen = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+    before = {k: v.clone() for k, v in module.method.state_dict().items()}
+    batch = labelled_batch(module, family)
+    loader = torch.utils.data.DataLoader([batch] * STEPS, batch_size=None)
+    trainer = L.Trainer(
+        max_steps=STEPS,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path / "runs"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        limit_val_batches=1,
+    )
+    trainer.fit(module, loader, torch.utils.data.DataLoader([batch], batch_size=None))
+    losses = logged(trainer, "train/loss")
+    assert len(losses) == STEPS and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+    assert bool(logged(trainer, "train/budget")) == (name == "atp")  # only where the count is not fixed
+    assert any(not torch.equal(v, before[k]) for k, v in module.method.state_dict().items()), "the method trained"
+    assert all(torch.equal(v, frozen[k]) for k, v in module.backbone.state_dict().items()), "frozen backbone"
+    assert logged(trainer, "val/acc_full") == [1.0]  # the answers are the unpruned model's own
+
+    checkpoint = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    out = tmp_path / "artifact"
+    main(["export", str(checkpoint), str(out)])
+    artifact = ts.load(out)
+    assert artifact.manifest["method"] == name and artifact.default_budget == {"keep_ratio": 0.5}
+    model = module.backbone
+    inputs = module.model_inputs(batch)
+    module.handle.remove()
+    with ts.apply(model, str(out), keep_ratio=0.4), torch.no_grad():
+        from_disk = model(**inputs).logits
+    module.method.eval()
+    with ts.apply(model, module.method, keep_ratio=0.4), torch.no_grad():
+        direct = model(**inputs).logits
+    assert torch.equal(from_disk, direct)
+
+
+def test_bad_trainer_arguments_name_the_field(saved_mllms):
+    for kwargs, field in (
+        (dict(method="fastv"), "training-free"),
+        (dict(method="dynamicvit"), "vision towers"),
+        (dict(eval_keep_ratios=[0]), "keep_ratio"),
+        (dict(answer_weight=0, distill_weight=0), "answer_weight"),
+        (dict(budget_weight=-1.0), "budget_weight"),
+        (dict(keep_ratio_range=(0.5, 0.2)), "keep_ratio_range"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            MLLMScorerTrainer(saved_mllms["llava"], **kwargs)
+
+
+@pytest.mark.parametrize("recipe", ["question_selector_digit_vqa", "dynamic_llava_digit_vqa", "atp_digit_vqa"])
+def test_recipes_parse(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        TokensiftCLI(args=["fit", "-c", str(ROOT / "configs" / f"{recipe}.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "tokensift.trainer.MLLMScorerTrainer" in capsys.readouterr().out

@@ -1,0 +1,3 @@
+from tokensift.scorers.atp.model import ATPConfig, ATPMethod, ATPStage
+
+__all__ = ["ATPConfig", "ATPMethod", "ATPStage"]
