@@ -12,7 +12,7 @@ import os
 
 from torch.utils.data import DataLoader, DistributedSampler
 
-from tokensift.data import ClutteredDigitsDataModule
+from tokensift.data import ClutteredDigitsDataModule, DigitVQADataModule
 
 
 class DistributedOrderDigits(ClutteredDigitsDataModule):
@@ -32,3 +32,17 @@ class DistributedOrderDigits(ClutteredDigitsDataModule):
             seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
         )
         return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler)
+
+
+class DistributedOrderDigitVQA(DigitVQADataModule):
+    """Digit VQA dealt as ``DistributedOrderDigits`` deals cluttered digits (the multimodal trainer's DDP test)."""
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = DistributedSampler(
+            self.train_dataset,
+            num_replicas=self.trainer.world_size,
+            rank=self.trainer.global_rank,
+            shuffle=True,
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+        )
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate_fn)

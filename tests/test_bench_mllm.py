@@ -210,14 +210,21 @@ def test_quickstart_vqa_end_to_end_and_reuses_its_outputs(tmp_path):
         test_samples=16,
         bench_batch_size=16,
         model_options={"vision_hidden_size": 32, "vision_layers": 1, "text_hidden_size": 32},
+        scorer_seeds="0,1",
+        scorer_train_samples=64,
     )
     result = quickstart_vqa(**options)
     methods = {row["method"] for row in result["rows"]}
     assert methods == {"unpruned", "fastv", "pyramiddrop", "visionzip", "dart", "d2pruner", "divprune", "random",
-                       "dyvte", "oracle"}  # fmt: skip
-    for name in ("results.json", "results.csv", "pareto.png", "overlays.png"):
+                       "dyvte", "oracle", "question_selector:seed0", "question_selector:seed1", "dynamic_llava",
+                       "atp"}  # fmt: skip
+    for name in ("results.json", "results.csv", "pareto.png", "overlays.png", "summary.md", "summary.json"):
         assert (tmp_path / "vqa" / "bench" / name).is_file()
+    summary = result["seed_summary"]["budgets"]
+    selector = [row for row in summary if row["method"] == "question_selector (learned)"]
+    assert selector and all(row["seeds"] == 2 for row in selector)
     weights = tmp_path / "vqa" / "llava" / "model.safetensors"
-    stamp = weights.stat().st_mtime_ns
-    quickstart_vqa(**options)  # reuses the model and the routers
-    assert weights.stat().st_mtime_ns == stamp
+    scorer = tmp_path / "vqa" / "artifacts" / "question_selector" / "seed1" / "scorer.safetensors"
+    stamps = [weights.stat().st_mtime_ns, scorer.stat().st_mtime_ns]
+    quickstart_vqa(**options)  # reuses the model, the routers and the scorers
+    assert [weights.stat().st_mtime_ns, scorer.stat().st_mtime_ns] == stamps

@@ -17,6 +17,7 @@ import tokensift as ts
 from tokensift import attention as attn
 from tokensift.scorers.base import TokenMethod
 from tokensift.scorers.learned import straight_through_top_k
+from tokensift.scorers.random.model import RandomMethod
 
 SITES = {
     "llava": [["pre_llm"], ["llm.2"], ["llm.1", "llm.3"], ["vit.0"]],
@@ -164,3 +165,31 @@ def test_straight_through_policy_is_exact_forward_and_reaches_dropped_tokens(mod
     gradient = logits_seen["value"].grad.squeeze(-1)
     dropped = (policy == 0) & inputs["attention_mask"].bool()
     assert bool(dropped.any()) and float(gradient[dropped].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("mode", ["gather", "mask"])
+def test_a_concealed_answer_is_padding_to_the_method_and_stays_in_the_sequence(models, mode):
+    """Teacher-forced training batches hold the answer; the method must choose without it, as at inference."""
+    model, inputs = models["llava"], make_batch("llava").inputs()
+    answer = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    answer[:, -1] = True
+    seen = {}
+
+    class Spy(RandomMethod):
+        def score(self, state):
+            seen["valid"] = state.valid.clone()
+            return super().score(state)
+
+    with ts.apply(model, Spy(), keep_ratio=0.5, sites=["pre_llm"], mode=mode) as handle:
+        handle.conceal(answer)
+        with torch.no_grad():
+            model(**inputs)
+        record = handle.last_records[-1]
+        with pytest.raises(ValueError, match="conceal"), torch.no_grad():
+            model(**make_batch("llava").inputs([0, 1]))  # another batch while it is set
+    assert not bool(seen["valid"][:, -1].any()), "the answer is padding to the method"
+    last = inputs["input_ids"].shape[1] - 1
+    if mode == "gather":
+        assert bool((record.kept_orig_index == last).any(1).all()), "and it stays in the sequence"
+    else:
+        assert bool((record.policy[:, -1] == 1).all())

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -129,3 +131,60 @@ def test_recipes_parse(recipe, capsys):
         TokensiftCLI(args=["fit", "-c", str(ROOT / "configs" / f"{recipe}.yaml"), "--print_config"])
     assert exit_info.value.code == 0
     assert "tokensift.trainer.MLLMScorerTrainer" in capsys.readouterr().out
+
+
+# -- scale-out: 2-process DDP on CPU reaches the weights of one process with the same global batches ----------
+@pytest.fixture(scope="module")
+def digit_vqa_llava(tmp_path_factory) -> Path:
+    from tokensift.backbones.pretrain_mllm import pretrain_mllm
+    from tokensift.data import DigitVQADataModule
+
+    out = tmp_path_factory.mktemp("ddp_llava") / "llava"
+    data = DigitVQADataModule(train_samples=64, val_samples=16, test_samples=16, batch_size=16)
+    pretrain_mllm(out, data, trainer_kwargs={"limit_train_batches": 2}, eval_batch_size=16)
+    return out
+
+
+def question_selector_fit(backbone: Path, save_dir: Path, batch_size: int, *extra: str) -> Path:
+    from test_scale_out import CHILD_ENV, TESTS
+
+    command = [
+        sys.executable,
+        str(TESTS / "scale_out_fit.py"),
+        "fit",
+        f"--config={ROOT / 'configs' / 'question_selector_digit_vqa.yaml'}",
+        f"--model.init_args.backbone={backbone}",
+        "--data.class_path=scale_out_helpers.DistributedOrderDigitVQA",
+        "--data.init_args.train_samples=64",
+        "--data.init_args.val_samples=16",
+        "--data.init_args.test_samples=16",
+        f"--data.init_args.batch_size={batch_size}",
+        "--trainer.max_epochs=1",
+        "--trainer.accelerator=cpu",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        "--seed_everything=0",
+        *extra,
+    ]
+    result = subprocess.run(command, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return save_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.slow
+def test_two_process_ddp_reaches_the_single_process_weights(digit_vqa_llava, tmp_path):
+    ddp = question_selector_fit(digit_vqa_llava, tmp_path / "ddp", 8, "--trainer.devices=2", "--trainer.strategy=ddp")
+    single = question_selector_fit(digit_vqa_llava, tmp_path / "single", 16, "--trainer.devices=1")
+    for name, path in (("ddp", ddp), ("single", single)):
+        main(["export", str(path), str(tmp_path / f"{name}_artifact")])
+    ddp_state = ts.load(tmp_path / "ddp_artifact").method.state_dict()
+    single_state = ts.load(tmp_path / "single_artifact").method.state_dict()
+    L.seed_everything(0)  # as the fits: the method starts from these weights
+    start = MLLMScorerTrainer(str(digit_vqa_llava), method_options={"width": 32}).method.state_dict()
+    assert any(not torch.equal(single_state[k], start[k]) for k in start), "the runs trained"
+    # the last bias shifts every logit alike, which a top-k (soft or hard) ignores: its gradient is rounding noise
+    # that Adam scales up to full steps, so it says nothing about the two runs
+    blind = "scorer.head.2.bias"
+    for key, value in single_state.items():
+        if key != blind:
+            torch.testing.assert_close(ddp_state[key], value, atol=1e-5, rtol=1e-4)

@@ -100,6 +100,7 @@ class _Run:
     sample_index: Tensor | None = None  # [B] each row's sample (set_samples, else the running count; beams share)
     draw: tuple[int, ...] = ()
     position: Tensor | None = None  # [B, L] each token's position in its sample's own sequence (padding not counted)
+    concealed: Tensor | None = None  # [B, L] tokens the method must not read (conceal())
     # mask mode: (first decoder layer, [B, L] key bias) of each policy in force, in depth order
     policies: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
 
@@ -192,6 +193,7 @@ class MLLMPruningHandle:
         self._tower_used = False
         self._samples = SampleCounter()  # rows of prefills without set_samples, numbered in arrival order
         self._next_samples: tuple[Tensor | None, tuple[int, ...]] | None = None
+        self._concealed: Tensor | None = None  # conceal(): tokens the method must not read (a teacher-forced answer)
         self._hooks: list = []
         self._restore_attn: list[tuple[nn.Module, str]] = []
         self._forward_signature = inspect.signature(self.model.forward)
@@ -318,6 +320,13 @@ class MLLMPruningHandle:
         sample (beams) share it. Applies to the next prefill only; without it samples are numbered in arrival order.
         """
         self._next_samples = checked_samples(index, draw)
+
+    def conceal(self, tokens: Tensor | None) -> None:
+        """Tokens ``[B, L]`` (bool, over the model's input) the method must not read in the coming prefills: a
+        teacher-forced answer, which inference never has when it chooses (``None``: none). The model still runs on
+        them and nothing drops them; the method's state marks them as padding. The trainers set it per batch
+        (``FrozenBackboneTrainer.model_inputs``); a prefill of another shape is refused while it is set."""
+        self._concealed = None if tokens is None else torch.as_tensor(tokens).bool()
 
     def site_counts(self, num_visual: int) -> dict[str, int]:
         """Visual tokens kept after each site, for a sample with ``num_visual`` of them."""
@@ -497,6 +506,13 @@ class MLLMPruningHandle:
             return None
         layout = _Layout(0, torch.arange(length, device=kinds.device).expand(batch, -1), valid)
         run = _Run(batch, length, kinds, image_id, coords, num_visual, counts, active, cache, [layout])
+        if self._concealed is not None:
+            if self._concealed.shape != kinds.shape:
+                raise ValueError(
+                    f"conceal() named tokens of shape {tuple(self._concealed.shape)} but the prefill is "
+                    f"{tuple(kinds.shape)}; set it for this batch, or conceal(None)."
+                )
+            run.concealed = self._concealed.to(kinds.device) & valid
         self._run, self.last_records = run, run.records
         run.sample_index, run.draw = sample_index, draw
         run.position = valid.long().cumsum(1) - 1
@@ -518,7 +534,7 @@ class MLLMPruningHandle:
             new_embeds = embeds
         else:
             state = self._state(run, pre_llm, embeds, layout)
-            keep, new_embeds = self._select(state, counts[pre_llm.name])
+            keep, new_embeds = self._select(state, counts[pre_llm.name], layout.slot_valid)
             target, site_name = counts[pre_llm.name], pre_llm.name
         new_layout, source = _relayout(layout, keep, start_layer=0)
         run.layouts = [new_layout]
@@ -749,7 +765,7 @@ class MLLMPruningHandle:
     def _prune_in_llm(self, run: _Run, site: Site, hidden: Tensor, kwargs: dict) -> Tensor:
         current = run.layouts[-1]
         state = self._llm_site_state(run, site, hidden, kwargs, current)
-        keep, new_hidden = self._select(state, run.counts[site.name])
+        keep, new_hidden = self._select(state, run.counts[site.name], current.slot_valid)
         run.capture, run.keys = None, None
         layout, source = _relayout(current, keep, start_layer=site.index)
         if layout is current:
@@ -806,6 +822,8 @@ class MLLMPruningHandle:
     def _state(self, run: _Run, site: Site, hidden: Tensor, layout: _Layout) -> TokenState:
         index = layout.slot_orig.clamp(min=0)
         valid = layout.slot_valid
+        if run.concealed is not None:  # what the method may read: a teacher-forced answer is padding to it
+            valid = valid & ~run.concealed.gather(1, index)
         kind = run.kinds.gather(1, index).masked_fill(~valid, TEXT)
         text = valid & (kind == TEXT)
         positions = torch.arange(index.shape[1], device=index.device)
@@ -837,12 +855,13 @@ class MLLMPruningHandle:
             token_key=run.position.gather(1, index),
         )
 
-    def _select(self, state: TokenState, num_keep: Tensor) -> tuple[Tensor, Tensor]:
+    def _select(self, state: TokenState, num_keep: Tensor, slot_valid: Tensor) -> tuple[Tensor, Tensor]:
         check_site_input(state.hidden, state.valid, self.method.name, state.site)
         decision = self.method.reduce(state, num_keep)
         check_decision(decision, state, self.method.name)
         hidden = state.hidden if decision.hidden is None else decision.hidden
-        return (decision.keep & state.valid) | state.protected, hidden
+        concealed = slot_valid & ~state.valid  # tokens the method did not see stay (a teacher-forced answer)
+        return (decision.keep & state.valid) | state.protected | concealed, hidden
 
     def _record(self, run: _Run, site: str, layout: _Layout, target: Tensor, hidden: Tensor) -> None:
         kinds = run.kinds.gather(1, layout.slot_orig.clamp(min=0))

@@ -30,7 +30,7 @@ from tokensift.backbones.lora import add_lora, is_lora_parameter, lora_modules
 from tokensift.backbones.vqa import mllm_inputs, padded_position_ids
 from tokensift.scorers import TokenMethod, get_method_class
 from tokensift.scorers.registry import methods as registered_methods
-from tokensift.trainer.losses import answered
+from tokensift.trainer.losses import IGNORE_INDEX, answered
 from tokensift.trainer.reliability import (
     RNG_KEY,
     AtomicCheckpointIO,
@@ -424,6 +424,10 @@ class FrozenBackboneTrainer(L.LightningModule):
         """
         if not self.multimodal:
             return {"pixel_values": batch["pixel_values"]}
+        # a teacher-forced batch holds its answer; the method chooses before any answer exists at inference, so it
+        # must not read it (the model still does): the handle conceals the label tokens from the method's state
+        labels = batch.get("labels")
+        self.handle.conceal(None if labels is None else labels != IGNORE_INDEX)
         if self.adapter.family.multimodal_rope and "image_grid_thw" not in batch:
             return mllm_inputs(self.backbone, batch)  # digit-VQA images -> Qwen2-VL's patches and grids
         inputs = {key: batch[key] for key in MLLM_INPUTS if key in batch}

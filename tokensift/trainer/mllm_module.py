@@ -104,7 +104,9 @@ class MLLMScorerTrainer(FrozenBackboneTrainer):
             lora_lr_factor=lora_lr_factor,
             gradient_checkpointing=gradient_checkpointing,
         )
-        self.save_hyperparameters()
+        # not ``seed``: a data module's own ``seed`` (which fixes the task, not the run) would clash with it when
+        # Lightning merges the two hyperparameter sets; the run's seed lives in the checkpoint's random state
+        self.save_hyperparameters(ignore=["seed"])
         self.eval_keep_ratios = eval_keep_ratios
         self.answer_weight, self.distill_weight, self.temperature = answer_weight, distill_weight, temperature
         self.budget_weight = (
