@@ -659,15 +659,13 @@ def test_d2pruner_independent_sets_skip_neighbours_then_take_another_round():
         (dict(method="divprune", keep_ratio=0.5, sites=["vit.0", "llm.2"]), "vit"),
         (dict(method="divprune", keep_ratio=0.5, sites=["llm.2", "llm.2"]), "distinct"),
         (dict(method="divprune", keep_ratio=0.5, mode="train"), "gather"),
-        (dict(method="random", keep_ratio=0.5, sites=["vit.0"], mode="mask"), "packed"),
         (dict(method="divprune", keep_ratio={"llm.1": 0.5}, sites=["llm.2"]), "keep_ratio"),
         (dict(method="tome", keep_ratio=0.5, sites=["pre_llm"]), "tome"),
         (dict(method="fastv", keep_ratio=0), "keep_ratio"),
     ],
 )
 def test_bad_inputs_raise_value_error_naming_the_field(saved_mllms, kwargs, needle):
-    family = "qwen2_vl" if needle == "packed" else "llava"
-    model, batch = load(saved_mllms, family), make_batch(family)
+    model, batch = load(saved_mllms, "llava"), make_batch("llava")
     reference, hooks = logits(model, batch.inputs()), hook_count(model)
     with pytest.raises(ValueError) as info:
         ts.apply(model, **kwargs)

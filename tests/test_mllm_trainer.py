@@ -8,6 +8,7 @@ own next token: the objective falls, the backbone stays bit-identical, and the e
 from __future__ import annotations
 
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -188,3 +189,33 @@ def test_two_process_ddp_reaches_the_single_process_weights(digit_vqa_llava, tmp
     for key, value in single_state.items():
         if key != blind:
             torch.testing.assert_close(ddp_state[key], value, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_second_vqa_task_trains_and_benches_through_the_cli(tmp_path):
+    """Shape VQA (other visuals, question types and two-token answers) through the console commands only: a tiny
+    LLaVA pretrained on it, the question selector fitted from the digit-VQA recipe with the data swapped, exported
+    and benched beside random."""
+    data = {"class_path": "tokensift.data.ShapeVQADataModule",
+            "init_args": {"train_samples": 256, "val_samples": 32, "test_samples": 32, "batch_size": 32}}  # fmt: skip
+    backbone = tmp_path / "shape_llava"
+    main(["pretrain-mllm", "--out", str(backbone), "--data", json.dumps(data), "--eval_batch_size", "32",
+          "--vision_hidden_size", "32", "--text_hidden_size", "32", "--text_layers", "2"])  # fmt: skip
+    save_dir = tmp_path / "fit"
+    main(["fit", f"--config={ROOT / 'configs' / 'question_selector_digit_vqa.yaml'}",
+          f"--model.init_args.backbone={backbone}", "--model.init_args.method_options={\"width\": 8}",
+          f"--data={json.dumps(data)}", "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1",
+          f"--trainer.logger.init_args.save_dir={save_dir}"])  # fmt: skip
+    run = save_dir / "lightning_logs" / "version_0"
+    with open(run / "metrics.csv") as f:
+        answer = [float(row["train/answer"]) for row in csv.DictReader(f) if row.get("train/answer")]
+    assert answer and all(math.isfinite(v) for v in answer)
+    artifact = tmp_path / "artifact"
+    main(["export", str(run / "checkpoints" / "last.ckpt"), str(artifact)])
+    out = tmp_path / "bench"
+    methods = f"question_selector:{artifact},random"
+    main(["bench", "--model", str(backbone), "--data", json.dumps(data),
+          "--methods", methods, "--keep-ratios", "1,0.5", "--out", str(out)])  # fmt: skip
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {(r["method"], r["keep_ratio"]) for r in rows} >= {("question_selector", 0.5), ("random", 0.5)}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)

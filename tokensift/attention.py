@@ -14,6 +14,8 @@ its attention function):
   for hard ones without a gradient (then exactly what gather mode computes). A straight-through hard policy goes
   to ``policy`` instead (``needs_policy_attention``), whose renormalised softmax keeps a gradient at ``p = 0``.
 - ``key_bias`` ``[B, N]``: added to every query's logits for that key (ToMe's ``log size``).
+- ``chunks`` (an iterator of such dicts): a packed sequence whose layer calls the attention function once per
+  chunk, in order (Qwen2-VL's tower, one call per ``cu_seqlens`` frame): each call takes the next entry.
 - ``capture`` (a dict): store this layer's attention probabilities and head-averaged keys, so a
   method that scores with attention pays for them at that one layer only; the layer's output still
   comes from the base kernel. With ``capture_values`` (True) also the values, per key/value head (FlowCut).
@@ -188,6 +190,10 @@ CALL_ATTRIBUTE = "tokensift_call"
 def _make(base: str):
     def tokensift_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         call = getattr(module, CALL_ATTRIBUTE, None) or {}
+        if call.get("chunks") is not None:  # a packed sequence attended chunk by chunk: this call's own entry
+            call = next(call["chunks"], None)
+            if call is None:
+                raise RuntimeError("the attention module was called more times than it was given chunk entries for")
         policy, capture, key_bias = call.get("policy"), call.get("capture"), call.get("key_bias")
         if call.get("policy_bias") is not None:
             causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))

@@ -20,12 +20,20 @@ is chosen once, in the prefill, and decoding continues on that choice:
   layer's* cache length, in the format of whatever attention kernel the model uses.
 - **Output.** The LLM's last hidden states are scattered back to the unpruned length (dropped tokens
   read zero), so logits line up with ``input_ids`` and labels, and batches keep their shape.
+- **Generated tokens' KV (a method with ``kv_eviction_layer``, ``dynamic_llava``'s output-text predictor).** In
+  decoding, the method decides at the input of that layer whether each new token's KV entry stays; the token is
+  attended to in its own step, then a dropped entry leaves the cache of that layer and every later one. Samples
+  drop different counts, so the generated part of those layers' caches holds each sample's kept entries packed to
+  the left, padded to the longest with masked slots; those layers get masks sized by their own cache, and
+  positions stay the unpruned ones. In mask (training) mode the answer tokens (``conceal()``) take the method's
+  policy as a key bias from that layer on instead, the same mechanism as visual tokens.
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +48,7 @@ from tokensift.compact import check_decision, gather_last, gather_tokens, identi
 from tokensift.reduce import PruningHandle
 from tokensift.reduce_packed import PackedTowerHandle
 from tokensift.scorers.base import TokenMethod, check_site_input
-from tokensift.state import SampleCounter, TokenState, checked_samples
+from tokensift.state import SampleCounter, TokenState, _hash_ints, checked_samples, keyed_uniform
 
 HANDLE_ATTRIBUTE = "_tokensift_handle"
 
@@ -61,6 +69,42 @@ class MLLMSiteRecord:
     @property
     def keep_fraction(self) -> Tensor:
         return self.kept_visual.float() / self.num_visual.clamp(min=1).float()
+
+
+@dataclass
+class GeneratedTokens:
+    """What a method with ``kv_eviction_layer`` sees of the tokens whose KV entries it may drop, at the input of that
+    decoder layer: the new token(s) of a decoding step, or in mask (training) mode the whole teacher-forced sequence
+    with the answer tokens as candidates."""
+
+    hidden: Tensor  # [B, T, D] the input of the eviction layer
+    candidates: Tensor  # [B, T] bool: generated (decoding) / answer (training) tokens; nothing else is ever dropped
+    step: Tensor  # [B, T] long: each candidate's index among its sample's generated / answer tokens (-1 elsewhere)
+    sample_index: Tensor  # [B] each row's sample (set_samples, else the running count; beams share)
+    draw: tuple[int, ...]
+    layer: int
+
+    def uniform(self, seed: int, stream: str = "") -> Tensor:
+        """``[B, T]`` noise in ``[0, 1)``: a hash of (seed, stream, draw, layer, the row's sample, the token's step),
+        so a sample's draw does not depend on its batch (as ``TokenState.uniform``)."""
+        prefix = _hash_ints(seed, zlib.crc32(stream.encode()), self.layer, len(self.draw), *self.draw)
+        return keyed_uniform(prefix, self.sample_index.to(self.step.device), self.step.clamp(min=0))
+
+
+@dataclass
+class MLLMGeneratedRecord:
+    """What a method with ``kv_eviction_layer`` did to the generated (decoding) or answer (mask mode) tokens."""
+
+    layer: int  # dropped entries leave the KV cache of this decoder layer and every later one
+    kept: Tensor  # [B] tokens whose KV entry stays (mask mode: the policy's sum over the answer, differentiable)
+    num: Tensor  # [B] tokens decided on (answer / generated tokens)
+    target: Tensor | None = None  # mask mode: [B] tokens the method aims to keep (its budget term)
+    policy: Tensor | None = None  # mask mode: [B, L] the keep policy over the sequence (1 off the answer)
+    keep: Tensor | None = None  # decoding: [B, T] bool, each generated token's decision in order
+
+    @property
+    def keep_fraction(self) -> Tensor:
+        return self.kept.float() / self.num.clamp(min=1).float()
 
 
 @dataclass
@@ -103,6 +147,14 @@ class _Run:
     concealed: Tensor | None = None  # [B, L] tokens the method must not read (conceal())
     # mask mode: (first decoder layer, [B, L] key bias) of each policy in force, in depth order
     policies: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
+    # generated tokens' KV eviction (a method with kv_eviction_layer): the layer it acts from
+    kv_layer: int | None = None
+    # decoding: [B, G] which slots of the generated part of layers >= kv_layer's caches hold a kept entry (the
+    # entries of each sample packed to the left); None until an entry is first dropped (those caches are unpruned)
+    gen_valid: Tensor | None = None
+    pending_keep: Tensor | None = None  # decoding: [B, steps] this step's decisions, applied after the LLM's forward
+    generated_policy: tuple[int, Tensor, Tensor] | None = None  # mask mode: (layer, [B, L] answer policy, its bias)
+    generated_records: list[MLLMGeneratedRecord] = field(default_factory=list)
 
     def policy_at(self, layer: int) -> tuple[Tensor, Tensor] | None:
         """Mask mode: the (policy, its attention bias) decoder layer ``layer`` sees, if any site acted before it."""
@@ -163,15 +215,26 @@ class MLLMPruningHandle:
                     f"({', '.join(s for s in adapter.sites() if adapter.parse_site(s).kind in method.site_kinds)})."
                 )
         kinds = {site.kind for site in parsed}
-        if mode == "mask" and "vit" in kinds and adapter.family.packed_tower:
-            raise ValueError(
-                "mask (training) mode at vit.<i> sites of a packed vision tower (Qwen2-VL) is not supported; train "
-                "at pre_llm / llm.<k> there, or at vit.<i> of a LLaVA-style tower."
-            )
         if "vit" in kinds and len(kinds) > 1:
             raise ValueError("give either vit.<i> sites or pre_llm / llm.<k> sites, not both in one handle.")
         self.sites = [site.name for site in parsed]
         self._parsed = parsed
+        self._kv_layer = getattr(method, "kv_eviction_layer", None)
+        if self._kv_layer is not None:
+            if isinstance(self._kv_layer, bool) or not isinstance(self._kv_layer, int):
+                raise ValueError(f"{method.name}.kv_eviction_layer must be a layer index, got {self._kv_layer!r}")
+            if not 1 <= self._kv_layer < adapter.num_layers:
+                raise ValueError(
+                    f"{method.name} evicts generated tokens' KV from decoder layer {self._kv_layer}; this model has "
+                    f"layers 0 .. {adapter.num_layers - 1} and the layer must be 1 .. {adapter.num_layers - 1}."
+                )
+            if "sliding_attention" in (getattr(adapter.text_config, "layer_types", None) or []):
+                raise ValueError(
+                    "evicting generated tokens' KV needs full-attention decoder layers; this model has "
+                    "sliding-window layers."
+                )
+            if "vit" in kinds:
+                raise ValueError(f"{method.name} evicts generated tokens' KV in the LLM; give it llm.<k> sites.")
         budget.counts(self.sites, 1000)  # a per-site budget must name exactly these sites: fail before hooking
         if getattr(self.model, HANDLE_ATTRIBUTE, None) is not None:
             raise ValueError("this model already has a tokensift method applied; remove() its handle first.")
@@ -181,6 +244,8 @@ class MLLMPruningHandle:
         self._vision_handle: PruningHandle | PackedTowerHandle | None = None
         self.enabled = True
         self.last_records: list[MLLMSiteRecord] = []
+        self.last_generated_records: list[MLLMGeneratedRecord] = []
+        self._reordering: Any = None  # the cache whose reorder_cache this handle wrapped (beam search)
         # [B] text (and special) tokens and visual tokens per sample of the last prefill with visual tokens
         self.last_num_text: Tensor | None = None
         self.last_num_visual: Tensor | None = None
@@ -220,7 +285,11 @@ class MLLMPruningHandle:
                 self.budget,
                 self.sites,
                 on_kept=self._keep_tower_tokens,
+                attention_modules=[self.family.tower_attention(block) for block in adapter.tower_blocks],
+                mode=self.mode,
+                on_policy=self._keep_tower_policy,
             )
+            self._wrap_attention(adapter.tower)  # mask mode hands its blocks' attention the policy, chunk by chunk
         elif parsed[0].kind == "vit":
             self._vision_handle = PruningHandle(
                 adapter.vision_adapter, self.method, self.budget, sites=self.sites, mode=self.mode
@@ -228,15 +297,17 @@ class MLLMPruningHandle:
             projector = self.family.projector(self.model)
             self._hooks.append(projector.register_forward_hook(self._expand_pruned_features))
         if self.method.needs_tower_attention:
-            self._wrap_attention(adapter.tower)
+            if not any(module is adapter.tower for module, _ in self._restore_attn):
+                self._wrap_attention(adapter.tower)
             block = adapter.tower_blocks[self.family.scored_tower_block(self.model)]
             self._hooks.append(block.register_forward_pre_hook(self._capture_tower_block))
         lm = adapter.language_model
         self._hooks.append(lm.register_forward_pre_hook(self._on_lm_call, with_kwargs=True))
         self._hooks.append(lm.register_forward_hook(self._after_lm, with_kwargs=True))
         llm_sites = [s for s in parsed if s.kind == "llm"]
-        if (llm_sites and self.method.needs_attention) or self.mode == "mask":  # mask mode: every policy_bias
-            self._wrap_attention(lm)
+        # always: mask mode (set now or later through `mode`) puts a policy on every layer's call; a call without one
+        # goes to exactly the model's own kernel, so gather mode and keep_ratio=1 are unchanged
+        self._wrap_attention(lm)
         for index, layer in enumerate(adapter.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._before_layer(index), with_kwargs=True))
         if self.method.needs_keys:
@@ -263,13 +334,9 @@ class MLLMPruningHandle:
             raise ValueError(f"mode must be 'gather' (inference) or 'mask' (training), got {value!r}")
         if value == "mask" and self.method.merges:
             raise ValueError(f"{self.method.name} merges tokens and only runs in gather mode")
-        if value == "mask" and isinstance(self._vision_handle, PackedTowerHandle):
-            raise ValueError(
-                "mask (training) mode at vit.<i> sites of a packed vision tower (Qwen2-VL) is not supported"
-            )
-        self._mode = value
-        if isinstance(self._vision_handle, PruningHandle):
+        if self._vision_handle is not None:  # first: a packed tower refuses mask mode under flash attention
             self._vision_handle.mode = value
+        self._mode = value
 
     @property
     def enabled(self) -> bool:
@@ -297,6 +364,7 @@ class MLLMPruningHandle:
                 delattr(module, attn.CALL_ATTRIBUTE)
         if getattr(self.model, HANDLE_ATTRIBUTE, None) is self:
             delattr(self.model, HANDLE_ATTRIBUTE)
+        self._unwrap_reorder()
         self._run = None
 
     def __enter__(self) -> MLLMPruningHandle:
@@ -442,6 +510,11 @@ class MLLMPruningHandle:
             )
         self._tower_calls[-1].policy = policy[:, policy.shape[1] - full :].reshape(-1)  # [CLS] dropped by the model
 
+    def _keep_tower_policy(self, policy: Tensor) -> None:
+        """A packed tower's vit sites, mask mode: the current tower call's keep policy per LLM token (merge group)."""
+        if self._tower_calls and self.enabled:
+            self._tower_calls[-1].policy = policy
+
     def _keep_tower_tokens(self, keep: Tensor) -> None:
         """vit sites: which LLM tokens of the current tower call survived the tower."""
         if self._tower_calls and self.enabled:
@@ -466,6 +539,8 @@ class MLLMPruningHandle:
             return None
         samples, self._next_samples = self._next_samples or (None, ()), None
         self.last_num_text = self.last_num_visual = None
+        self.last_generated_records = []
+        self._unwrap_reorder()
         kinds = self.family.token_kinds(self.model, inputs).to(embeds.device)
         if not bool((kinds != TEXT).any()):
             return None  # a text-only forward: nothing to prune
@@ -501,11 +576,15 @@ class MLLMPruningHandle:
             previous = torch.minimum(previous, counts[site.name])
         tower_policy = self._tower_policy(inputs, calls, kinds[::repeat]) if self.mode == "mask" else None
         forced = self._tower_keep(inputs, calls, kinds[::repeat])
-        if not active and forced is None and tower_policy is None:
+        # gather mode: the decoding that follows may evict generated tokens' KV; mask mode: the answer's policy
+        evicts = self._kv_layer is not None and (self.mode == "gather" or self._concealed is not None)
+        if not active and forced is None and tower_policy is None and not evicts:
             self.last_records = []
             return None
         layout = _Layout(0, torch.arange(length, device=kinds.device).expand(batch, -1), valid)
         run = _Run(batch, length, kinds, image_id, coords, num_visual, counts, active, cache, [layout])
+        run.kv_layer = self._kv_layer if evicts else None
+        self.last_generated_records = run.generated_records
         if self._concealed is not None:
             if self._concealed.shape != kinds.shape:
                 raise ValueError(
@@ -594,6 +673,97 @@ class MLLMPruningHandle:
         record = MLLMSiteRecord(site, None, kept, run.num_visual, run.counts.get(site, kept), None, policy)
         run.records.append(record)
 
+    # -- generated tokens' KV (a method with kv_eviction_layer) ------------------------------------------------
+    def _add_generated_policy(self, run: _Run, index: int, hidden: Tensor) -> None:
+        """Mask mode, before decoder layer ``index`` (the eviction layer): the method's keep policy over the answer
+        tokens (the concealed ones), in force as a key bias from this layer on, multiplied with the visual one."""
+        answer = run.concealed
+        step = (answer.long().cumsum(1) - 1).masked_fill(~answer, -1)
+        tokens = GeneratedTokens(hidden, answer, step, run.sample_index, run.draw, index)
+        policy = self.method.generated_keep_policy(tokens)
+        if policy.shape != answer.shape:
+            raise ValueError(
+                f"{self.method.name}.generated_keep_policy returned {tuple(policy.shape)}, "
+                f"expected {tuple(answer.shape)}"
+            )
+        policy = torch.where(answer, policy, torch.ones_like(policy))
+        run.generated_policy = (index, policy, attn.policy_bias(policy))
+        num = answer.sum(1)
+        target = self.method.generated_keep_target(num)
+        run.generated_records.append(MLLMGeneratedRecord(index, (policy * answer).sum(1), num, target, policy))
+
+    def _decide_generated(self, run: _Run, hidden: Tensor) -> None:
+        """Decoding, before the eviction layer: the method's keep decision for each new token's KV entry."""
+        steps = hidden.shape[1]
+        candidates = run.new_mask[:, -steps:]
+        step = (torch.arange(steps, device=hidden.device) + run.decoded).expand(run.batch, -1)
+        tokens = GeneratedTokens(hidden, candidates, step, run.sample_index, run.draw, run.kv_layer)
+        keep = self.method.generated_keep(tokens)
+        if keep.shape != candidates.shape or keep.dtype != torch.bool:
+            raise ValueError(
+                f"{self.method.name}.generated_keep returned {keep.dtype} {tuple(keep.shape)}, expected bool "
+                f"{tuple(candidates.shape)}"
+            )
+        run.pending_keep = keep & candidates
+
+    def _evict_generated(self, run: _Run, keep: Tensor) -> None:
+        """After a decoding step: drop from the caches of layers >= ``kv_layer`` the new entries the method dropped,
+        packing each sample's kept generated entries to the left and cutting the columns no sample needs."""
+        steps = keep.shape[1]
+        candidates = run.new_mask[:, -steps:]
+        if not run.generated_records:
+            zeros = torch.zeros(run.batch, dtype=torch.long, device=keep.device)
+            run.generated_records.append(MLLMGeneratedRecord(run.kv_layer, zeros, zeros.clone(), keep=keep[:, :0]))
+        record = run.generated_records[0]
+        record.kept, record.num = record.kept + keep.sum(1), record.num + candidates.sum(1)
+        record.keep = torch.cat([record.keep, keep], dim=1)
+        previous = run.gen_valid if run.gen_valid is not None else run.new_mask[:, : run.decoded]
+        valid = torch.cat([previous, keep], dim=1)
+        if run.gen_valid is None and bool(valid.all()):
+            return  # nothing dropped yet: those caches are still the unpruned ones
+        count = valid.sum(1)
+        width = int(count.max()) if count.numel() else 0
+        if width == valid.shape[1]:
+            run.gen_valid = valid  # every column still holds some sample's entry: the slots are masked
+            return
+        if bool(valid[:, :width].all()):  # the dropped entries are the last columns: cut them
+            source = None
+        else:  # each sample's kept entries, in order, packed to the left (padding slots copy a dropped entry)
+            source = (~valid).to(torch.uint8).argsort(dim=1, stable=True)[:, :width]
+        for layer in _cache_layers(run.cache, self.method.name)[run.kv_layer :]:
+            start = layer.keys.shape[2] - valid.shape[1]
+            layer.keys = _pack_generated(layer.keys, start, width, source)
+            layer.values = _pack_generated(layer.values, start, width, source)
+        run.gen_valid = torch.arange(width, device=valid.device).unsqueeze(0) < count.unsqueeze(1)
+
+    def _wrap_reorder(self, run: _Run) -> None:
+        """Beam search reorders the cache's rows (``Cache.reorder_cache``): the per-row generated slots follow them."""
+        cache = run.cache
+        if self._reordering is cache or not callable(getattr(cache, "reorder_cache", None)):
+            return
+        self._unwrap_reorder()
+        original = cache.reorder_cache
+
+        def reorder_cache(beam_idx: Tensor):
+            original(beam_idx)
+            current = self._run
+            if current is not None and current.cache is cache:
+                index = beam_idx.to(current.new_mask.device)
+                if current.gen_valid is not None:
+                    current.gen_valid = current.gen_valid.index_select(0, index)
+                for record in current.generated_records:
+                    record.kept, record.num = record.kept.index_select(0, index), record.num.index_select(0, index)
+                    if record.keep is not None:
+                        record.keep = record.keep.index_select(0, index)
+
+        cache.reorder_cache = reorder_cache
+        self._reordering = cache
+
+    def _unwrap_reorder(self) -> None:
+        cache, self._reordering = self._reordering, None
+        if cache is not None and "reorder_cache" in vars(cache):
+            del cache.reorder_cache
+
     def _sample_rows(self, samples: tuple, batch: int, repeat: int, device) -> tuple[Tensor, tuple[int, ...]]:
         """``[B]`` sample index of each row: what ``set_samples`` named, else the running count; a sample's
         ``generate()`` copies (beams, ``repeat`` rows each) share one."""
@@ -645,6 +815,13 @@ class MLLMPruningHandle:
             )
         else:
             run.new_mask = mask[:, run.length :].bool()
+        if run.kv_layer is not None:
+            if steps != 1:
+                raise ValueError(
+                    f"{self.method.name} decides per generated token whether its KV entry stays: decode one token per "
+                    f"forward (generate()'s default), got {steps} (assisted / speculative decoding is not supported)."
+                )
+            self._wrap_reorder(run)
         first = run.layouts[0]
         if first.slot_orig.shape[1] != run.length or not bool(first.slot_valid.all()):
             kwargs["attention_mask"] = torch.cat([first.slot_valid, run.new_mask], dim=1).long()
@@ -655,6 +832,9 @@ class MLLMPruningHandle:
         if run is None:
             return None
         if not run.prefill:
+            if run.pending_keep is not None:
+                keep, run.pending_keep = run.pending_keep, None
+                self._evict_generated(run, keep)
             run.decoded += kwargs["inputs_embeds"].shape[1]
             return None
         run.prefill = False
@@ -699,13 +879,18 @@ class MLLMPruningHandle:
                 if wrapped and any(s.kind == "llm" and s.index == index + 1 for s in run.active):
                     run.capture = {}
                     setattr(attention_module, attn.CALL_ATTRIBUTE, {"capture": run.capture})
+            elif index == run.kv_layer:
+                self._decide_generated(run, hidden)
             which = run.layout_of(index)
             layout = run.layouts[which]
-            if layout.start_layer == 0:
+            # decoding after a generated entry left the caches of layers >= kv_layer: those are shorter
+            evicted = not run.prefill and run.gen_valid is not None and index >= run.kv_layer
+            if layout.start_layer == 0 and not evicted:
                 return (hidden, *args[1:]), kwargs  # the LLM built its mask and positions for this layout
-            if which not in run.masks:
-                run.masks[which] = self._layout_mask(run, layout, hidden, kwargs.get("past_key_values"))
-            kwargs["attention_mask"] = run.masks[which]
+            if (which, evicted) not in run.masks:
+                cache = kwargs.get("past_key_values")
+                run.masks[which, evicted] = self._layout_mask(run, layout, hidden, cache, evicted)
+            kwargs["attention_mask"] = run.masks[which, evicted]
             if run.prefill:
                 kwargs["position_embeddings"] = layout.rotary
                 if "position_ids" in kwargs:
@@ -735,8 +920,10 @@ class MLLMPruningHandle:
             state = self._llm_site_state(run, site, hidden, kwargs, run.layouts[0])
             self._add_policy(run, site.name, index, self._masked_policy(run, site, state))
             run.capture, run.keys = None, None
+        if index == run.kv_layer and run.concealed is not None and bool(run.concealed.any()):
+            self._add_generated_policy(run, index, hidden)
         call = {}
-        found = run.policy_at(index)
+        found = _policy_in_force(run, index)
         if found is not None:
             policy, bias = found
             if attn.needs_policy_attention(policy):  # straight-through zeros: the renormalised policy softmax
@@ -807,15 +994,22 @@ class MLLMPruningHandle:
         allowed = state.valid & (torch.arange(slots, device=hidden.device) <= last.unsqueeze(1))
         return logits.masked_fill(~allowed.unsqueeze(1), float("-inf")).softmax(dim=-1)
 
-    def _layout_mask(self, run: _Run, layout: _Layout, hidden: Tensor, cache):
-        mask_2d = layout.slot_valid if run.prefill else torch.cat([layout.slot_valid, run.new_mask], dim=1)
+    def _layout_mask(self, run: _Run, layout: _Layout, hidden: Tensor, cache, evicted: bool = False):
+        layer = layout.start_layer
+        if run.prefill:
+            mask_2d = layout.slot_valid
+        elif evicted:  # [layout slots, kept generated entries (padded), this step's tokens]
+            mask_2d = torch.cat([layout.slot_valid, run.gen_valid, run.new_mask[:, -hidden.shape[1] :]], dim=1)
+            layer = max(layer, run.kv_layer)
+        else:
+            mask_2d = torch.cat([layout.slot_valid, run.new_mask], dim=1)
         return create_causal_mask(
             config=self.adapter.text_config,
             inputs_embeds=hidden,
             attention_mask=mask_2d,
             past_key_values=cache,
             position_ids=None,
-            layer_idx=layout.start_layer,  # sized by this layer's own (shorter) cache
+            layer_idx=layer,  # sized by this layer's own (shorter) cache
         )
 
     # -- the method -----------------------------------------------------------------------------
@@ -882,6 +1076,44 @@ def _rotate(attention: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor
     return rotated
 
 
+def _policy_in_force(run: _Run, layer: int) -> tuple[Tensor, Tensor] | None:
+    """Mask mode: the (policy, bias) decoder layer ``layer`` sees: the visual policy in force times, from the eviction
+    layer on, the answer tokens' policy."""
+    found = run.policy_at(layer)
+    generated = run.generated_policy
+    if generated is None or generated[0] > layer:
+        return found
+    if found is None:
+        return generated[1], generated[2]
+    policy = found[0] * generated[1]
+    return policy, attn.policy_bias(policy)
+
+
+def _cache_layers(cache, method: str) -> list:
+    """The cache's per-layer storage, if it is transformers' dynamic one (the only one whose layers can shrink)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(isinstance(layer, DynamicLayer) and not layer.is_sliding for layer in layers):
+        raise ValueError(
+            f"{method} evicts generated tokens' KV entries, which needs transformers' DynamicCache (generate()'s "
+            f"default); got {type(cache).__name__}."
+        )
+    return list(layers)
+
+
+def _pack_generated(states: Tensor, start: int, width: int, source: Tensor | None) -> Tensor:
+    """``[B, H, S, d]`` cache states with the generated part (from slot ``start``) cut to ``width`` slots: its first
+    ``width`` (``source`` None) or each row's ``source`` slots ``[B, width]``."""
+    generated = states[:, :, start:]
+    if source is None:
+        kept = generated[:, :, :width]
+    else:
+        index = source[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
+        kept = generated.gather(2, index.to(states.device))
+    return torch.cat([states[:, :, :start], kept], dim=2)
+
+
 def _cache_length(cache) -> int:
     return int(cache.get_seq_length()) if cache is not None else 0
 
@@ -929,4 +1161,4 @@ def _relayout(layout: _Layout, keep: Tensor, start_layer: int) -> tuple[_Layout,
     return _Layout(start_layer, slot_orig, slot_valid), source
 
 
-__all__ = ["MLLMPruningHandle", "MLLMSiteRecord"]
+__all__ = ["GeneratedTokens", "MLLMGeneratedRecord", "MLLMPruningHandle", "MLLMSiteRecord"]

@@ -9,6 +9,14 @@ block gets the kept patches with their own rotary embeddings and new ``cu_seqlen
 the kept groups, and its output is put back at full length so the model's own placeholder check passes.
 Which LLM tokens survive is reported through ``on_kept`` per tower call; the multimodal handle drops the
 others from the LLM's input.
+
+In mask (training) mode nothing leaves the sequence: the method's ``keep_policy`` over the merge groups (one
+padded row per image, the previous site's policy in ``state.policy``) becomes, for every later block, a key bias
+per patch (each group's policy repeated over its ``m × m`` patches). The blocks attend frame by frame (one call
+of the attention function per ``cu_seqlens`` chunk, in order), so each block's attention module gets one call
+entry per chunk (``chunks``, see ``tokensift.attention``). The merger's output keeps its length, and the group
+policy is reported per tower call through ``on_policy``: the multimodal handle makes it the LLM's key bias from
+decoder layer 0. Flash attention runs the whole packed sequence in one call, with no mask: refused in mask mode.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from tokensift import attention as attn
 from tokensift.backbones.mllm import IMAGE, VIDEO
 from tokensift.budget import Budget
 from tokensift.compact import check_decision, packed_cu_seqlens
@@ -40,6 +49,9 @@ class _TowerRun:
     rotary: tuple[Tensor, Tensor] | None = None  # the unpruned (cos, sin) of every patch
     patch_index: Tensor | None = None  # [N'] original index of each patch left; None: nothing dropped yet
     cu_seqlens: Tensor | None = None
+    policy: Tensor | None = None  # mask mode: [G] cumulative keep policy of each merge group
+    patch_call: tuple[str, Tensor] | None = None  # mask mode: ("policy" | "policy_bias", [N] per patch)
+    chunk_calls: tuple[Tensor, list[dict]] | None = None  # mask mode: a block's cu_seqlens, its chunks' call entries
     sample_index: Tensor | None = None  # [images] whose draw each image's random choices are
     draw: tuple[int, ...] = ()
 
@@ -57,6 +69,9 @@ class PackedTowerHandle:
         budget: Budget,
         sites: list[str],
         on_kept: Callable[[Tensor], None],
+        attention_modules: list[nn.Module] | None = None,
+        mode: str = "gather",
+        on_policy: Callable[[Tensor], None] | None = None,
     ):
         reason = (
             "merges tokens"
@@ -74,17 +89,47 @@ class PackedTowerHandle:
         self.group = merge_size * merge_size
         self.merge_size = merge_size
         self.enabled = True
+        self._tower = tower
+        # each block's attention module (mask mode hands it the policy); the caller wraps their attention function
+        self._attention = list(attention_modules) if attention_modules is not None else [None] * len(blocks)
+        self.mode = mode
         self._on_kept = on_kept
+        self._on_policy = on_policy
         self._run: _TowerRun | None = None
         self._samples = SampleCounter()  # images of calls without set_samples, numbered in arrival order
         self._next_samples: tuple[Tensor | None, tuple[int, ...]] | None = None
         site_blocks = {int(site.split(".")[1]): site for site in self.sites}
         self._hooks = [tower.register_forward_pre_hook(self._start, with_kwargs=True)]
         for index, block in enumerate(blocks):
-            self._hooks.append(block.register_forward_pre_hook(self._block_inputs, with_kwargs=True))
+            self._hooks.append(block.register_forward_pre_hook(self._block_inputs(index), with_kwargs=True))
             if index in site_blocks:
                 self._hooks.append(block.register_forward_hook(self._prune_after(site_blocks[index], index)))
         self._hooks.append(merger.register_forward_hook(self._expand))
+
+    @property
+    def mode(self) -> str:
+        """``gather`` (dropped merge groups leave the sequence) or ``mask`` (a key bias per patch, nothing dropped)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in ("gather", "mask"):
+            raise ValueError(f"mode must be 'gather' (inference) or 'mask' (training), got {value!r}")
+        if value == "mask":
+            if any(module is None for module in self._attention):
+                raise ValueError("mask mode at a packed vision tower needs its blocks' attention modules")
+            self._check_kernel()
+        self._mode = value
+
+    def _check_kernel(self) -> None:
+        name = attn.base_name(str(getattr(self._tower.config, "_attn_implementation", None)))
+        if "flash" in name:
+            raise ValueError(
+                f"mask (training) mode at vit.<i> sites of a packed vision tower (Qwen2-VL) needs an attention kernel "
+                f"that runs frame by frame (sdpa or eager); the tower uses {name!r}, which attends to the whole packed "
+                "sequence in one call and takes no per-key bias. Load the model with attn_implementation='sdpa' (or "
+                "set the tower's), or use gather mode."
+            )
 
     def set_samples(self, index: Tensor | None, draw: int | tuple[int, ...] = ()) -> None:
         """Name the images of the next tower call (one per sample): their random draws follow the sample."""
@@ -131,24 +176,38 @@ class PackedTowerHandle:
             num_frames=frame,
         )
 
-    def _block_inputs(self, module: nn.Module, args: tuple, kwargs: dict):
-        run = self._run
-        if run is None:
-            return None
-        if run.rotary is None:
-            run.rotary = kwargs.get("position_embeddings")
-        if run.patch_index is None:
-            return None
-        kwargs["position_embeddings"] = tuple(t[run.patch_index] for t in run.rotary)
-        kwargs["cu_seqlens"] = run.cu_seqlens
-        if kwargs.get("max_seqlen") is not None:  # flash attention reads it
-            kwargs["max_seqlen"] = int((run.cu_seqlens[1:] - run.cu_seqlens[:-1]).max())
-        return args, kwargs
+    def _block_inputs(self, index: int):
+        attention = self._attention[index]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            run = self._run
+            if attention is not None:  # nothing left from an earlier forward (a disabled handle's teacher pass)
+                setattr(attention, attn.CALL_ATTRIBUTE, None)
+            if run is None:
+                return None
+            if run.rotary is None:
+                run.rotary = kwargs.get("position_embeddings")
+            if run.patch_call is not None:  # mask mode, after a site: one call entry per frame chunk, in order
+                self._check_kernel()
+                setattr(attention, attn.CALL_ATTRIBUTE, {"chunks": iter(self._chunk_calls(run, kwargs))})
+                return None
+            if run.patch_index is None:
+                return None
+            kwargs["position_embeddings"] = tuple(t[run.patch_index] for t in run.rotary)
+            kwargs["cu_seqlens"] = run.cu_seqlens
+            if kwargs.get("max_seqlen") is not None:  # flash attention reads it
+                kwargs["max_seqlen"] = int((run.cu_seqlens[1:] - run.cu_seqlens[:-1]).max())
+            return args, kwargs
+
+        return hook
 
     def _prune_after(self, site: str, layer: int):
         def hook(module: nn.Module, args: tuple, output: Tensor):
             run = self._run
             if run is None:
+                return None
+            if self.mode == "mask":
+                self._mask(run, site, layer, output)
                 return None
             return self._prune(run, site, layer, output)
 
@@ -161,9 +220,7 @@ class PackedTowerHandle:
         groups = patch_index.view(-1, g)[:, 0] // g  # [G'] original group of each group still here
         image = run.group_image[groups]
         original = run.image_groups
-        num_keep = torch.tensor(
-            [self.budget.counts(self.sites, int(n))[site] for n in original.tolist()], device=hidden.device
-        )
+        num_keep = self._num_keep(original, site)
         if bool((num_keep >= torch.bincount(image, minlength=len(run.grids))).all()):
             return None  # this budget drops nothing here
         state, slot = self._state(run, site, layer, hidden, groups, image, num_keep / original.clamp(min=1))
@@ -177,6 +234,51 @@ class PackedTowerHandle:
         run.patch_index = patch_index[keep_patch]
         run.cu_seqlens = packed_cu_seqlens(run.group_frame[run.patch_index // g], run.num_frames)
         return hidden[keep_patch]
+
+    def _num_keep(self, image_groups: Tensor, site: str) -> Tensor:
+        """``[images]`` merge groups each image keeps after ``site``: the budget on the image's own count."""
+        counts = [self.budget.counts(self.sites, int(n))[site] for n in image_groups.tolist()]
+        return torch.tensor(counts, device=image_groups.device)
+
+    def _mask(self, run: _TowerRun, site: str, layer: int, hidden: Tensor) -> None:
+        """Mask mode: the method's keep policy over every merge group (the previous one in ``state.policy``) becomes
+        the cumulative group policy, and each later block's attention its key bias, chunk by chunk."""
+        groups = torch.arange(run.group_image.numel(), device=hidden.device)
+        image = run.group_image
+        original = run.image_groups
+        num_keep = self._num_keep(original, site)
+        alive = image if run.policy is None else image[run.policy > 0]
+        learned = self.method.kind == "learned"  # a learned policy acts at every budget (it trains there)
+        if not learned and bool((num_keep >= torch.bincount(alive, minlength=len(run.grids))).all()):
+            return  # this budget drops nothing here
+        state, slot = self._state(run, site, layer, hidden, groups, image, num_keep / original.clamp(min=1))
+        if run.policy is not None:
+            previous = torch.ones(state.valid.shape, dtype=run.policy.dtype, device=hidden.device)
+            state.policy = previous.index_put((image, slot), run.policy)
+        check_site_input(state.hidden, state.valid, self.method.name, site)
+        policy = self.method.keep_policy(state, num_keep)
+        if policy.shape != state.valid.shape:
+            raise ValueError(
+                f"{self.method.name}.keep_policy returned {tuple(policy.shape)}, expected {tuple(state.valid.shape)}"
+            )
+        run.policy = policy[image, slot]
+        patch_policy = run.policy.repeat_interleave(self.group)
+        if attn.needs_policy_attention(patch_policy):  # straight-through zeros: the renormalised policy softmax
+            run.patch_call = ("policy", patch_policy)
+        else:
+            run.patch_call = ("policy_bias", attn.policy_bias(patch_policy))
+        run.chunk_calls = None
+
+    @staticmethod
+    def _chunk_calls(run: _TowerRun, kwargs: dict) -> list[dict]:
+        """Mask mode: a block's attention call entries, one per chunk of its ``cu_seqlens`` (the order its attention
+        function is called in), each with the patch policy (or bias) of that chunk's keys."""
+        cu_seqlens = kwargs.get("cu_seqlens")
+        if run.chunk_calls is None or run.chunk_calls[0] is not cu_seqlens:  # the same tensor for every block
+            key, per_patch = run.patch_call
+            lengths = [per_patch.numel()] if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+            run.chunk_calls = (cu_seqlens, [{key: chunk.unsqueeze(0)} for chunk in per_patch.split(lengths)])
+        return run.chunk_calls[1]
 
     def _state(
         self,
@@ -228,6 +330,10 @@ class PackedTowerHandle:
     def _expand(self, module: nn.Module, args: tuple, output: Tensor):
         """Back to one row per merge group of the call (dropped ones zero), and report which ones are real."""
         run = self._run
+        if run is not None and run.policy is not None:  # mask mode: nothing dropped, the policy goes to the LLM
+            if self._on_policy is not None:
+                self._on_policy(run.policy)
+            return None
         if run is None or run.patch_index is None:
             return None
         kept = run.patch_index.view(-1, self.group)[:, 0] // self.group

@@ -1,3 +1,3 @@
-from tokensift.scorers.dynamic_llava.model import DynamicLLaVAConfig, DynamicLLaVAMethod, VisionPredictor
+from tokensift.scorers.dynamic_llava.model import DynamicLLaVAConfig, DynamicLLaVAMethod, TextPredictor, VisionPredictor
 
-__all__ = ["DynamicLLaVAConfig", "DynamicLLaVAMethod", "VisionPredictor"]
+__all__ = ["DynamicLLaVAConfig", "DynamicLLaVAMethod", "TextPredictor", "VisionPredictor"]

@@ -14,8 +14,20 @@ at a temperature annealed geometrically from ``tau_start`` to ``tau_end`` over t
 what inference keeps), ``selection="threshold"`` is Dynamic-LLaVA's per-token ``gumbel_softmax(hard=True)``
 (a variable count, held to the target by the budget term, weight ``budget_weight``, the paper's 100).
 
-Reference: Osilly/dynamic_llava ``llava/model/language_model/dynamic_modeling_llama.py`` ``VisionPredictor``;
-deliberate differences in ``docs/methods.md``. Its output-text (KV-cache) predictors are not part of this method.
+With ``text_predictor`` the method also has Dynamic-LLaVA's *output-text* predictor (``TextPredictor``:
+``LayerNorm → Linear(d → w) → GELU → Linear(→ w/2) → GELU → Linear(→ w/4) → GELU → Linear(→ 2)``, per token, no
+attention) at the input of decoder layer ``text_layer`` (default: the first site's layer, the reference's
+``sparse_layer``). It decides, for each generated token, whether that token's KV entry stays in the cache of layers
+``text_layer`` and later: in ``generate()`` (gather mode) a dropped token is attended to in its own step and then
+leaves those layers' caches (``tokensift.reduce_mllm``: per-sample padding and masks, positions unchanged); in training
+(mask mode, teacher-forced answers) each answer token's decision (a hard binary Gumbel, straight-through) enters
+the later answer tokens' attention there as a key policy, and a budget term pulls each answer's kept fraction to
+``text_keep_ratio`` (answers shorter than ``text_min_length`` are kept whole, as the reference's
+``output_text_len_for_training``). Inference keeps a token when its keep logit is above its drop logit.
+
+Reference: Osilly/dynamic_llava ``llava/model/language_model/dynamic_modeling_llama.py`` ``VisionPredictor`` and
+``TextPredictor`` (``output_text_score_predictor``); deliberate differences in ``docs/methods.md``. Its instruction
+(``instruct_score_predictor``) predictor is not part of this method.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ from tokensift.scorers.registry import register
 from tokensift.state import SampleCounter, TokenState, with_sample_index
 
 GUMBEL_STREAM = "dynamic_llava.gumbel"
+TEXT_GUMBEL_STREAM = "dynamic_llava.text_gumbel"
 SELECTIONS = ("topk", "threshold")
 
 
@@ -82,6 +95,35 @@ class DynamicLLaVAConfig(MethodConfig):
     budget_conditioned: bool = field(
         default=False, metadata={"help": "The head also reads log(keep target) (not in Dynamic-LLaVA)."}
     )
+    text_predictor: bool = field(
+        default=False,
+        metadata={
+            "help": "Also build Dynamic-LLaVA's output-text predictor: each generated token (an answer token in "
+            "training) gets a keep / drop decision at the input of decoder layer text_layer, and a dropped token's "
+            "KV entry leaves the cache of that layer and every later one after its own step."
+        },
+    )
+    text_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Decoder layer whose input the output-text predictor reads and from which dropped KV entries "
+            "leave the cache (null: the first site's layer, as Dynamic-LLaVA's shared sparse_layer)."
+        },
+    )
+    text_keep_ratio: float = field(
+        default=0.5,
+        metadata={
+            "help": "Training target of each answer's kept fraction of tokens (the budget term; Dynamic-LLaVA's "
+            "output_text_keep_rate 0.5). Inference keeps a token when its keep logit wins, whatever this is."
+        },
+    )
+    text_min_length: int = field(
+        default=50,
+        metadata={
+            "help": "Answers with fewer tokens are kept whole in training and add no budget error "
+            "(Dynamic-LLaVA's output_text_len_for_training, 50)."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_int(self, "hidden_size", optional=True)
@@ -94,6 +136,10 @@ class DynamicLLaVAConfig(MethodConfig):
         check_float(self, "budget_weight", low_open=False)
         check_choice(self, "selection", SELECTIONS)
         check_bool(self, "budget_conditioned")
+        check_bool(self, "text_predictor")
+        check_int(self, "text_layer", optional=True)
+        check_float(self, "text_keep_ratio", high=1.0)
+        check_int(self, "text_min_length")
         if self.width is not None and (self.width % self.num_heads or self.width % 4):
             raise ValueError(
                 f"DynamicLLaVAConfig.width ({self.width}) must be a multiple of num_heads ({self.num_heads}) and of 4; "
@@ -132,6 +178,27 @@ class PredictorBlock(nn.Module):
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid.view(b, 1, 1, m))
         x = x + self.proj(attended.transpose(1, 2).reshape(b, m, c))
         return x + self.mlp(self.norm2(x))
+
+
+class TextPredictor(nn.Module):
+    """``[..., 2]`` (keep, drop) logits of each token's hidden state ``[..., d]``: Dynamic-LLaVA's ``TextPredictor``
+    (an MLP per token, no attention)."""
+
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, width),
+            nn.GELU(),
+            nn.Linear(width, width // 2),
+            nn.GELU(),
+            nn.Linear(width // 2, width // 4),
+            nn.GELU(),
+            nn.Linear(width // 4, 2),
+        )
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.mlp(hidden)
 
 
 class VisionPredictor(nn.Module):
@@ -194,6 +261,10 @@ class DynamicLLaVAMethod(TokenMethod):
             )
             for _ in cfg.sites
         )
+        if cfg.text_predictor:
+            if cfg.text_layer is None:
+                cfg.text_layer = int(cfg.sites[0].split(".")[1])
+            self.output_text_predictor = TextPredictor(cfg.hidden_size, cfg.width)
         self.tau = cfg.tau_start
         self._samples = SampleCounter()  # Gumbel noise for states without a sample index: rows in arrival order
 
@@ -212,7 +283,63 @@ class DynamicLLaVAMethod(TokenMethod):
                 )
             config.sites = [f"llm.{config.layer}"]
         check_llm_sites(config, adapter.num_layers)
+        if config.text_predictor and config.text_layer is not None and config.text_layer >= adapter.num_layers:
+            raise ValueError(
+                f"DynamicLLaVAConfig.text_layer={config.text_layer} is not a decoder layer of this model: give 1 .. "
+                f"{adapter.num_layers - 1} (or null: the first site's layer)."
+            )
         return cls(config)
+
+    # -- the output-text predictor: which generated tokens' KV entries stay ---------------------------------
+    @property
+    def kv_eviction_layer(self) -> int | None:
+        """The decoder layer from which the output-text predictor's dropped tokens leave the KV cache (``None``
+        without ``text_predictor``); ``tokensift.reduce_mllm`` reads it."""
+        return self.config.text_layer if self.config.text_predictor else None
+
+    @property
+    def has_unused_parameters(self) -> bool:
+        """With the output-text predictor, a step whose answers are all shorter than ``text_min_length`` gives it
+        no gradient (DDP must look for unused parameters)."""
+        return self.config.text_predictor
+
+    def generated_keep_logits(self, tokens) -> Tensor:
+        """``[B, T]`` keep logit (keep minus drop) of each token of ``tokens`` (a ``GeneratedTokens``: the hidden
+        states at the input of ``text_layer``, detached)."""
+        predictor = self._text_predictor()
+        dtype = predictor.mlp[1].weight.dtype
+        pair = predictor(tokens.hidden.detach().to(dtype))
+        return pair[..., 0] - pair[..., 1]
+
+    def generated_keep(self, tokens) -> Tensor:
+        """Inference: ``[B, T]`` bool, keep the candidate's KV entry when its keep logit wins (Dynamic-LLaVA's
+        ``logit[keep] > logit[drop]``)."""
+        return (self.generated_keep_logits(tokens) > 0) & tokens.candidates
+
+    def generated_keep_policy(self, tokens) -> Tensor:
+        """Training: ``[B, T]`` keep policy over the sequence, 1 off the candidates (the answer tokens). In train
+        mode a hard binary Gumbel decision per answer token (``tokens.uniform``, temperature ``tau``; Dynamic-LLaVA's
+        two-class ``gumbel_softmax(hard=True)``), straight-through; answers shorter than ``text_min_length`` are
+        kept whole. In eval mode the inference decision, as 0 / 1."""
+        candidates = tokens.candidates
+        logits = self.generated_keep_logits(tokens)
+        if self.training:
+            decision = binary_gumbel(logits, tokens.uniform(0, TEXT_GUMBEL_STREAM).to(logits.device), self.tau)
+        else:
+            decision = (logits > 0).to(logits.dtype)
+        short = (candidates.sum(1) < self.config.text_min_length).unsqueeze(1)
+        return torch.where(candidates & ~short, decision, torch.ones_like(decision))
+
+    def generated_keep_target(self, num: Tensor) -> Tensor:
+        """``[B]`` answer tokens each sample should keep in training: ``text_keep_ratio`` of an answer of at least
+        ``text_min_length`` tokens, every token of a shorter one (kept whole, so its budget error is 0)."""
+        num = num.float()
+        return torch.where(num >= self.config.text_min_length, num * self.config.text_keep_ratio, num)
+
+    def _text_predictor(self) -> TextPredictor:
+        if not self.config.text_predictor:
+            raise ValueError("this dynamic_llava has no output-text predictor; build it with text_predictor=True.")
+        return self.output_text_predictor
 
     @property
     def keeps_budget_count(self) -> bool:
