@@ -393,7 +393,9 @@ class MLLMPruningHandle:
         """Tokens ``[B, L]`` (bool, over the model's input) the method must not read in the coming prefills: a
         teacher-forced answer, which inference never has when it chooses (``None``: none). The model still runs on
         them and nothing drops them; the method's state marks them as padding. The trainers set it per batch
-        (``FrozenBackboneTrainer.model_inputs``); a prefill of another shape is refused while it is set."""
+        (``FrozenBackboneTrainer.model_inputs``); a prefill of another shape is refused while it is set. In mask mode
+        they are also the answer whose KV entries a method with ``kv_eviction_layer`` decides on (token by token, as
+        in decoding: each reads only what precedes it)."""
         self._concealed = None if tokens is None else torch.as_tensor(tokens).bool()
 
     def site_counts(self, num_visual: int) -> dict[str, int]:

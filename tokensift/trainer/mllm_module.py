@@ -9,7 +9,9 @@ sequence keeps its length, text is never masked (``tokensift.reduce_mllm``). One
 - the objective: ``answer`` cross-entropy on the answer tokens (``labels`` ≠ -100), ``distill`` KL(teacher ‖
   student) on the same positions, and a ``budget`` term (kept fraction vs target, squared, per sample and site)
   only where the method's count is not fixed (``method.keeps_budget_count`` false: ``atp``, ``threshold``
-  selections), weighted by the method's own ``budget_weight`` when its config has one.
+  selections), weighted by the method's own ``budget_weight`` when its config has one; and, for a method that
+  evicts generated tokens' KV (``dynamic_llava`` with ``text_predictor``), whose policy then covers the answer tokens
+  too, ``text_budget``: each answer's kept fraction vs the method's target, squared, with the same weight.
 
 Validation and test report answer accuracy unpruned and in gather mode (the inference path, hard top-k) at each
 ``eval_keep_ratios``. Data: any module whose batches carry the model's processor outputs (``input_ids``,
@@ -147,6 +149,9 @@ class MLLMScorerTrainer(FrozenBackboneTrainer):
         if self.needs_budget_term:
             terms["budget"] = budget_error(self.handle.last_records)
             loss = loss + self.budget_weight * terms["budget"]
+        if self.handle.last_generated_records:  # the answer tokens' KV policy (a variable count)
+            terms["text_budget"] = generated_budget_error(self.handle.last_generated_records)
+            loss = loss + self.budget_weight * terms["text_budget"]
         return {"loss": loss, **terms}
 
     def validation_metrics(self, batch: dict, stage: str) -> None:
@@ -211,8 +216,24 @@ def budget_error(records: list) -> Tensor:
     return torch.stack(errors).mean()
 
 
+def generated_budget_error(records: list) -> Tensor:
+    """Mean over records and samples with answer tokens of ((kept − target) / answer tokens)², as Dynamic-LLaVA's
+    output-text mask loss (an answer the method keeps whole has target = kept, so adds 0)."""
+    errors = []
+    for record in records:
+        scored = record.num > 0
+        if not bool(scored.any()):
+            continue
+        total = record.num.clamp(min=1).float()
+        kept, target = record.kept.float() / total, record.target.to(record.kept.device).float() / total
+        errors.append(((kept - target) ** 2)[scored].mean())
+    if not errors:
+        return torch.zeros(())
+    return torch.stack(errors).mean()
+
+
 def _key(ratio) -> str:
     return "full" if ratio == "full" else f"keep{ratio:g}".replace(".", "_")
 
 
-__all__ = ["MLLMScorerTrainer", "answer_distillation", "budget_error"]
+__all__ = ["MLLMScorerTrainer", "answer_distillation", "budget_error", "generated_budget_error"]
