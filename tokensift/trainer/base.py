@@ -196,8 +196,21 @@ class FrozenBackboneTrainer(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement validation_metrics(batch, stage)")
 
     def log_validation_metrics(self, stage: str) -> None:
-        """Compute, log (``<stage>/...``, ``sync_dist=True``) and reset the metrics of ``stage``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement log_validation_metrics(stage)")
+        """Compute, log (``<stage>/...``, ``sync_dist=True``) and reset the metrics of ``stage``.
+
+        By default for trainers that keep accuracy per budget in ``val_acc`` / ``test_acc`` (``nn.ModuleDict`` keyed
+        by :func:`budget_key`): ``<stage>/acc_<budget>`` each, and ``<stage>/acc``, the mean over the pruned budgets
+        (what the checkpoint callback monitors). ``compute()`` gathers every rank's state, so each rank logs the
+        whole set's value; ``sync_dist`` only averages those equal values (and keeps Lightning from warning).
+        """
+        metrics = self.val_acc if stage == "val" else self.test_acc
+        values = {name: metric.compute() for name, metric in metrics.items()}
+        for name, value in values.items():
+            self.log(f"{stage}/acc_{name}", value, prog_bar=name != "full", sync_dist=True)
+        pruned = [value for name, value in values.items() if name != "full"]
+        self.log(f"{stage}/acc", torch.stack(pruned).mean(), sync_dist=True)
+        for metric in metrics.values():
+            metric.reset()
 
     def default_budget(self) -> dict:
         """The artifact's default budget (``{"keep_ratio": r}``, ``{"threshold": t}``)."""
@@ -570,6 +583,11 @@ class FrozenBackboneTrainer(L.LightningModule):
 
 def _learned_on(cls: type[TokenMethod], site_kinds: set[str]) -> bool:
     return cls.kind == "learned" and bool(set(cls.site_kinds) & site_kinds)
+
+
+def budget_key(ratio) -> str:
+    """The metric name of a budget: ``"full"`` (unpruned) or ``keep<r>`` with ``.`` as ``_`` (``keep0_25``)."""
+    return "full" if ratio == "full" else f"keep{ratio:g}".replace(".", "_")
 
 
 def _check_optimizer_args(lr: float, weight_decay: float, warmup_fraction: float) -> None:

@@ -31,7 +31,7 @@ from torchmetrics import MeanMetric
 from tokensift.budget import Budget
 from tokensift.reduce_mllm import MLLMPruningHandle
 from tokensift.scorers import TokenMethod
-from tokensift.trainer.base import FrozenBackboneTrainer
+from tokensift.trainer.base import FrozenBackboneTrainer, budget_key
 from tokensift.trainer.losses import IGNORE_INDEX, answer_accuracy, answer_loss, answered
 
 
@@ -115,8 +115,8 @@ class MLLMScorerTrainer(FrozenBackboneTrainer):
             budget_weight if budget_weight is not None else getattr(self.method.config, "budget_weight", 2.0)
         )
         budgets = ["full", *eval_keep_ratios]
-        self.val_acc = nn.ModuleDict({_key(r): MeanMetric() for r in budgets})
-        self.test_acc = nn.ModuleDict({_key(r): MeanMetric() for r in budgets})
+        self.val_acc = nn.ModuleDict({budget_key(r): MeanMetric() for r in budgets})
+        self.test_acc = nn.ModuleDict({budget_key(r): MeanMetric() for r in budgets})
 
     # -- FrozenBackboneTrainer hooks ------------------------------------------------------------
     def check_method(self, cls: type[TokenMethod]) -> None:
@@ -163,26 +163,15 @@ class MLLMScorerTrainer(FrozenBackboneTrainer):
             return
         inputs = self.model_inputs(batch)
         with self.teacher():
-            metrics[_key("full")].update(answer_accuracy(self.logits(inputs), labels)[rows])
+            metrics[budget_key("full")].update(answer_accuracy(self.logits(inputs), labels)[rows])
         self.handle.mode = "gather"
         try:
             for ratio in self.eval_keep_ratios:
                 self.handle.set_budget(keep_ratio=ratio)
                 self.name_samples(batch)
-                metrics[_key(ratio)].update(answer_accuracy(self.logits(inputs), labels)[rows])
+                metrics[budget_key(ratio)].update(answer_accuracy(self.logits(inputs), labels)[rows])
         finally:
             self.handle.mode = "mask"
-
-    def log_validation_metrics(self, stage: str) -> None:
-        """``<stage>/acc_<budget>`` per budget, and ``<stage>/acc``: the mean over the pruned budgets (monitored)."""
-        metrics = self._accuracy(stage)
-        values = {name: metric.compute() for name, metric in metrics.items()}
-        for name, value in values.items():
-            self.log(f"{stage}/acc_{name}", value, prog_bar=name != "full", sync_dist=True)
-        pruned = [value for name, value in values.items() if name != "full"]
-        self.log(f"{stage}/acc", torch.stack(pruned).mean(), sync_dist=True)
-        for metric in metrics.values():
-            metric.reset()
 
     def default_budget(self) -> dict:
         return {"keep_ratio": self.eval_keep_ratios[0]}
@@ -230,10 +219,6 @@ def generated_budget_error(records: list) -> Tensor:
     if not errors:
         return torch.zeros(())
     return torch.stack(errors).mean()
-
-
-def _key(ratio) -> str:
-    return "full" if ratio == "full" else f"keep{ratio:g}".replace(".", "_")
 
 
 __all__ = ["MLLMScorerTrainer", "answer_distillation", "budget_error", "generated_budget_error"]

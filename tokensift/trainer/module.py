@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from tokensift.budget import Budget
 from tokensift.reduce import PruningHandle
-from tokensift.trainer.base import FrozenBackboneTrainer, checkpoint_blocks
+from tokensift.trainer.base import FrozenBackboneTrainer, budget_key, checkpoint_blocks
 from tokensift.trainer.losses import LossWeights, scorer_objective
 
 # their home is tokensift.trainer.reliability; configs and scripts written before name them here
@@ -96,8 +95,10 @@ class ScorerTrainer(FrozenBackboneTrainer):
         num_classes = int(self.backbone.config.num_labels)
         budgets = ["full", *eval_keep_ratios]
         # micro: the fraction of correct samples, what `tokensift bench` reports (torchmetrics defaults to macro)
-        self.val_acc = nn.ModuleDict({_key(r): MulticlassAccuracy(num_classes, average="micro") for r in budgets})
-        self.test_acc = nn.ModuleDict({_key(r): MulticlassAccuracy(num_classes, average="micro") for r in budgets})
+        self.val_acc = nn.ModuleDict({budget_key(r): MulticlassAccuracy(num_classes, average="micro") for r in budgets})
+        self.test_acc = nn.ModuleDict(
+            {budget_key(r): MulticlassAccuracy(num_classes, average="micro") for r in budgets}
+        )
 
     # -- FrozenBackboneTrainer hooks ------------------------------------------------------------
     def build_handle(self) -> PruningHandle:
@@ -127,25 +128,12 @@ class ScorerTrainer(FrozenBackboneTrainer):
         metrics = self._accuracy(stage)
         inputs, labels = self.model_inputs(batch), batch["labels"]
         self.handle.enabled = False
-        metrics[_key("full")].update(self.logits(inputs), labels)
+        metrics[budget_key("full")].update(self.logits(inputs), labels)
         self.handle.enabled, self.handle.mode = True, "gather"
         for ratio in self.eval_keep_ratios:
             self.handle.set_budget(keep_ratio=ratio)
-            metrics[_key(ratio)].update(self.logits(inputs), labels)
+            metrics[budget_key(ratio)].update(self.logits(inputs), labels)
         self.handle.mode = "mask"
-
-    def log_validation_metrics(self, stage: str) -> None:
-        """``<stage>/acc_<budget>`` per budget, and ``<stage>/acc``: the mean over pruned budgets (monitored)."""
-        metrics = self._accuracy(stage)
-        # compute() gathers every rank's counts, so each rank logs the whole set's accuracy; sync_dist only
-        # averages those equal values (and keeps Lightning from warning about unsynced epoch-level logs)
-        values = {name: metric.compute() for name, metric in metrics.items()}
-        for name, value in values.items():
-            self.log(f"{stage}/acc_{name}", value, prog_bar=name != "full", sync_dist=True)
-        pruned = [v for name, v in values.items() if name != "full"]
-        self.log(f"{stage}/acc", torch.stack(pruned).mean(), sync_dist=True)
-        for metric in metrics.values():
-            metric.reset()
 
     def default_budget(self) -> dict:
         return {"keep_ratio": self.eval_keep_ratios[0]}
@@ -156,10 +144,6 @@ class ScorerTrainer(FrozenBackboneTrainer):
 
     def _grab_final_tokens(self, module: nn.Module, args: tuple, output) -> None:
         self._final_tokens = output[0] if isinstance(output, tuple) else output
-
-
-def _key(ratio) -> str:
-    return "full" if ratio == "full" else f"keep{ratio:g}".replace(".", "_")
 
 
 __all__ = ["ScorerTrainer", "checkpoint_blocks"]
