@@ -18,17 +18,15 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, ViTConfig, 
 
 import tokensift as ts
 from tokensift.backbones import adapt
+from tokensift.calibration import calibrate, flow_similarity, schedule
 from tokensift.flops import SiteShape, scorer_flops, site_flops, vit_site_shape
 from tokensift.scorers.flowcut import FlowCutConfig, FlowCutMethod, flow_score
 from tokensift.scorers.vflowopt import (
     VFlowOptConfig,
     VFlowOptMethod,
-    calibrate,
     entropy_prior,
-    flow_similarity,
     global_token_attention,
     patch_entropy,
-    schedule,
 )
 from tokensift.state import TokenState
 

@@ -219,3 +219,36 @@ def test_the_second_vqa_task_trains_and_benches_through_the_cli(tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert {(r["method"], r["keep_ratio"]) for r in rows} >= {("question_selector", 0.5), ("random", 0.5)}
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+
+
+def test_lora_on_the_llm_trains_exports_and_applies(saved_mllms, tmp_path):
+    """LoRA adapters on the LLM train with the selector; the artifact carries them as a peft folder and ts.apply
+    loads them onto a fresh model, which then computes what the trained one computes."""
+    L.seed_everything(0)
+    module = MLLMScorerTrainer(
+        saved_mllms["llava"],
+        method_options={"width": 16},
+        keep_ratio_range=(0.3, 0.5),
+        eval_keep_ratios=[0.5],
+        lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        lr=3e-2,
+    )
+    batch = labelled_batch(module, "llava")
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader([batch] * 4, batch_size=None))
+    checkpoint = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    out = tmp_path / "artifact"
+    main(["export", str(checkpoint), str(out)])
+    assert (out / "adapter").is_dir()
+    inputs = module.model_inputs(batch)
+    module.handle.set_budget(keep_ratio=0.4)
+    module.handle.mode = "gather"
+    module.eval()
+    with torch.no_grad():
+        trained = module.backbone(**inputs).logits
+    fresh = build_tiny_mllm("llava").eval()
+    with ts.apply(fresh, str(out), keep_ratio=0.4), torch.no_grad():
+        from_disk = fresh(**inputs).logits
+    torch.testing.assert_close(from_disk, trained, atol=1e-5, rtol=1e-5)

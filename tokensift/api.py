@@ -15,7 +15,7 @@ from tokensift.backbones.lora import load_adapter
 from tokensift.budget import Budget
 from tokensift.export.artifact import Artifact, FingerprintMismatch, check_fingerprint, load_artifact
 from tokensift.reduce import Mode, PruningHandle
-from tokensift.reduce_mllm import MLLMPruningHandle
+from tokensift.reduce_mllm import HANDLE_ATTRIBUTE, MLLMPruningHandle
 from tokensift.scorers import TokenMethod, build_method, get_method_class
 from tokensift.scorers import methods as _methods
 
@@ -137,17 +137,19 @@ def apply(
             f"{method.name} runs inside a multimodal LLM (sites {list(method.site_kinds)}); "
             f"{type(model).__name__} is a vision model. Methods for it: vit sites in ts.methods()."
         )
-    if isinstance(adapter, MLLMAdapter):
-        if lora_path is not None:
-            raise ValueError("artifacts with a LoRA adapter apply to vision backbones only, for now.")
-        return MLLMPruningHandle(adapter, method, budget, sites=sites, mode=mode)
+    handle_class = MLLMPruningHandle if isinstance(adapter, MLLMAdapter) else PruningHandle
     if lora_path is None:
-        return PruningHandle(adapter, method, budget, sites=sites, mode=mode)
-    if attn.base_name(adapter.config._attn_implementation) != adapter.config._attn_implementation:
+        return handle_class(adapter, method, budget, sites=sites, mode=mode)
+    applied = (
+        getattr(model, HANDLE_ATTRIBUTE, None) is not None
+        if isinstance(adapter, MLLMAdapter)
+        else attn.base_name(adapter.config._attn_implementation) != adapter.config._attn_implementation
+    )
+    if applied:
         raise ValueError("this model already has a tokensift method applied; remove() its handle first.")
     lora_model = load_adapter(model, lora_path)
     try:
-        handle = PruningHandle(adapter, method, budget, sites=sites, mode=mode)
+        handle = handle_class(adapter, method, budget, sites=sites, mode=mode)
     except BaseException:
         lora_model.unload()
         raise

@@ -260,6 +260,7 @@ class MLLMPruningHandle:
         self._next_samples: tuple[Tensor | None, tuple[int, ...]] | None = None
         self._concealed: Tensor | None = None  # conceal(): tokens the method must not read (a teacher-forced answer)
         self._hooks: list = []
+        self._on_remove: list = []
         self._restore_attn: list[tuple[nn.Module, str]] = []
         self._forward_signature = inspect.signature(self.model.forward)
         setattr(self.model, HANDLE_ATTRIBUTE, self)
@@ -366,6 +367,12 @@ class MLLMPruningHandle:
             delattr(self.model, HANDLE_ATTRIBUTE)
         self._unwrap_reorder()
         self._run = None
+        while self._on_remove:
+            self._on_remove.pop()()
+
+    def on_remove(self, callback) -> None:
+        """Call ``callback`` when ``remove()`` runs (``ts.apply`` unloads the LoRA adapter it loaded)."""
+        self._on_remove.append(callback)
 
     def __enter__(self) -> MLLMPruningHandle:
         return self
@@ -878,7 +885,7 @@ class MLLMPruningHandle:
                 site = next((s for s in run.active if s.kind == "llm" and s.index == index), None)
                 if site is not None:
                     hidden = self._prune_in_llm(run, site, hidden, kwargs)
-                if wrapped and any(s.kind == "llm" and s.index == index + 1 for s in run.active):
+                if self.method.needs_attention and any(s.kind == "llm" and s.index == index + 1 for s in run.active):
                     run.capture = {}
                     setattr(attention_module, attn.CALL_ATTRIBUTE, {"capture": run.capture})
             elif index == run.kv_layer:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tokensift.backbones import adapt, load_backbone
+from tokensift.backbones.loading import load_mllm_backbone
 from tokensift.backbones.lora import ADAPTER_DIR, is_lora_parameter, save_adapter
 from tokensift.export.artifact import MANIFEST, FingerprintMismatch, check_fingerprint, save_artifact
 from tokensift.export.zero import load_shard, read_zero_checkpoint
@@ -113,8 +114,9 @@ def _check_metadata(meta: object, checkpoint: Path) -> None:
 def _backbone_files(meta: dict, backbone_state: dict[str, torch.Tensor], source: str | None):
     """The backbone-side files of an artifact: a peft adapter folder and/or the fine-tuned backbone."""
     source = source or meta["backbone"]
+    loader = load_mllm_backbone if meta.get("multimodal") else load_backbone  # older checkpoints: vision
     try:
-        model = load_backbone(source)
+        model = loader(source)
     except (OSError, ValueError) as error:
         raise FileNotFoundError(
             f"this checkpoint trained LoRA adapters or the backbone, so export rebuilds its backbone from "

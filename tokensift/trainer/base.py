@@ -511,6 +511,7 @@ class FrozenBackboneTrainer(L.LightningModule):
             "backbone": self.backbone_name,
             "lora": self.lora_options,
             "backbone_trained": self.backbone_lr_factor is not None,
+            "multimodal": self.multimodal,  # export rebuilds a LoRA / trained backbone with the matching loader
         }
         if self.keep_ratio_range is not None:
             meta["trained_keep_ratio_range"] = list(self.keep_ratio_range)

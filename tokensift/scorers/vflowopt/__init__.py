@@ -1,4 +1,3 @@
-from tokensift.scorers.vflowopt.calibrate import calibrate, flow_similarity, schedule
 from tokensift.scorers.vflowopt.model import (
     VFlowOptConfig,
     VFlowOptMethod,
@@ -10,10 +9,7 @@ from tokensift.scorers.vflowopt.model import (
 __all__ = [
     "VFlowOptConfig",
     "VFlowOptMethod",
-    "calibrate",
     "entropy_prior",
-    "flow_similarity",
     "global_token_attention",
     "patch_entropy",
-    "schedule",
 ]

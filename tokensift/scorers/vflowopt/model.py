@@ -12,7 +12,7 @@ rounded, a 256-bin histogram, ``−Σ p log₂(p + 1e-10)``), a softmax over the
 handle (``needs_pixels``: each token's patch of the forward's ``pixel_values``, in the tower's dtype as the
 reference casts them). The hyperparameters (``t``, ``alpha``, the keep ratio of each pruning stage) are then fitted
 on a few samples to keep the pruned model's last-token representation close to the unpruned one's:
-``tokensift.scorers.vflowopt.calibrate``.
+``tokensift.calibration.calibrate``.
 
 Where tokensift differs (``docs/methods.md``): the entropy softmax runs over the live patches (the reference prunes
 once, when all are live: the same there), with the model's patch size (the reference: 14, SigLIP's), and [CLS] /

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tokensift import api
+from tokensift.backbones import adapt
 from tokensift.scorers.vflowopt.model import VFlowOptConfig, VFlowOptMethod
 
 _VIT_SITE = re.compile(r"^vit\.(\d+)$")
@@ -70,7 +72,6 @@ def calibrate(
     ``VFlowOptConfig`` with ``sites``, ``global_threshold``, ``alpha`` and ``keep_ratios`` set; apply it with
     ``ts.apply(model, VFlowOptMethod(config), keep_ratio=config.keep_ratios)``.
     """
-    from tokensift.backbones import adapt
 
     adapter = adapt(model)
     base = config if config is not None else VFlowOptConfig()
@@ -149,8 +150,6 @@ def flow_similarity(
     ``config.keep_ratios``; ``batches`` are as for :func:`calibrate`; ``references`` (the unpruned
     representations, one ``[B, D]`` per batch) are computed when not given.
     """
-    import tokensift.api as api
-    from tokensift.backbones import adapt
 
     if config.keep_ratios is None:
         raise ValueError("flow_similarity: config.keep_ratios is None; give the per-site budget to evaluate.")
