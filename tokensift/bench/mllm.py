@@ -283,6 +283,8 @@ class _MLLMEvaluator:
             "kind": kind,
             "keep_ratio": keep_ratio,
             "keep_count": float(torch.cat(kept_last).mean()),  # visual tokens reaching the last layer, mean
+            # their spread over samples: 0 for a fixed count, atp's per-sample thresholds, DyVTE's exits
+            "keep_count_sd": float(torch.cat(kept_last).std()) if samples > 1 else 0.0,
             "num_patches": max(int(b.visual_positions.shape[1]) for b in self.batches),
             "accuracy": float(per_sample.mean()),
             "oracle_recall": hits / total if total else None,
@@ -333,6 +335,7 @@ _MEASURE_NOTES = {
     "flops_model": "analytic prefill, see tokensift.flops: (vision tower + LLM + scorer) / "
     "(vision tower + unpruned LLM); 2 FLOPs per multiply-add",
     "keep_count": "mean visual tokens per sample entering the last LLM layer",
+    "keep_count_sd": "their standard deviation over samples (0 when every sample keeps the budget's count)",
     "matched_flops": MATCHED_FLOPS_NOTE,
 }
 

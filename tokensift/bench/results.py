@@ -31,6 +31,7 @@ FIELDS = (
     "kind",
     "keep_ratio",
     "keep_count",
+    "keep_count_sd",
     "num_patches",
     "accuracy",
     "accuracy_low",
