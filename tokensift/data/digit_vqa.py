@@ -56,6 +56,7 @@ from tokensift.data.digits import (
     NUM_CLASSES,
     SOURCE_SIZE,
     SPLITS,
+    check_integers,
     is_int,
     load_sources,
     normalize,
@@ -190,17 +191,17 @@ def _validate(
     seed: int,
 ) -> None:
     """Raise ``ValueError`` naming the offending field (and how to fix it) for an invalid configuration."""
-    for name, value, minimum in (
-        ("canvas_size", canvas_size, 2),
-        ("patch_size", patch_size, 1),
-        ("digit_scale", digit_scale, 1),
-        ("min_digits", min_digits, 1),
-        ("max_digits", max_digits, 1),
-        ("num_channels", num_channels, 1),
-        ("seed", seed, 0),
-    ):
-        if not is_int(value) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    check_integers(
+        (
+            ("canvas_size", canvas_size, 2),
+            ("patch_size", patch_size, 1),
+            ("digit_scale", digit_scale, 1),
+            ("min_digits", min_digits, 1),
+            ("max_digits", max_digits, 1),
+            ("num_channels", num_channels, 1),
+            ("seed", seed, 0),
+        )
+    )
     if num_image_tokens is not None and (not is_int(num_image_tokens) or num_image_tokens < 1):
         raise ValueError(f"num_image_tokens must be None (one per patch) or an integer >= 1, got {num_image_tokens!r}")
     if canvas_size % (2 * patch_size) != 0:

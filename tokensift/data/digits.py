@@ -112,6 +112,13 @@ def is_int(value: object) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
+def check_integers(fields: Sequence[tuple[str, object, int]]) -> None:
+    """Raise ``ValueError`` naming the first ``(name, value, minimum)`` whose value is not an integer >= minimum."""
+    for name, value, minimum in fields:
+        if not is_int(value) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
 def paste_max(canvas: np.ndarray, layer: np.ndarray, pos: Sequence[int], what: str) -> None:
     """Composite ``layer`` into ``canvas`` in place (pixel-wise max) with its top-left corner at ``pos``.
 
@@ -205,15 +212,15 @@ def validate_config(
     clutter_scale: int | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the offending field (and how to fix it) for an invalid configuration."""
-    for name, value, minimum in (
-        ("canvas_size", canvas_size, 1),
-        ("patch_size", patch_size, 1),
-        ("target_scale", target_scale, 1),
-        ("num_clutter", num_clutter, 0),
-        ("num_channels", num_channels, 1),
-    ):
-        if not is_int(value) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    check_integers(
+        (
+            ("canvas_size", canvas_size, 1),
+            ("patch_size", patch_size, 1),
+            ("target_scale", target_scale, 1),
+            ("num_clutter", num_clutter, 0),
+            ("num_channels", num_channels, 1),
+        )
+    )
     if clutter_scale is not None and (not is_int(clutter_scale) or clutter_scale < 1):
         raise ValueError(f"clutter_scale must be None (same as target_scale) or an integer >= 1, got {clutter_scale!r}")
     fragment_scale = target_scale if clutter_scale is None else clutter_scale

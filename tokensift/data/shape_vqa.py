@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from tokensift.data.base import SeededSplitDataset, check_loader_args
-from tokensift.data.digits import SPLITS, is_int, patch_mask
+from tokensift.data.digits import SPLITS, check_integers, is_int, patch_mask
 from tokensift.data.shapes import SHAPES, shape_alpha
 from tokensift.data.vqa import (
     ANSWER_CUE,
@@ -199,17 +199,17 @@ def _validate(
     seed: int,
 ) -> None:
     """Raise ``ValueError`` naming the offending field (and how to fix it) for an invalid configuration."""
-    for name, value, minimum in (
-        ("canvas_size", canvas_size, 8),
-        ("patch_size", patch_size, 1),
-        ("min_size", min_size, 4),
-        ("max_size", max_size, 4),
-        ("min_shapes", min_shapes, 1),
-        ("max_shapes", max_shapes, 1),
-        ("seed", seed, 0),
-    ):
-        if not is_int(value) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    check_integers(
+        (
+            ("canvas_size", canvas_size, 8),
+            ("patch_size", patch_size, 1),
+            ("min_size", min_size, 4),
+            ("max_size", max_size, 4),
+            ("min_shapes", min_shapes, 1),
+            ("max_shapes", max_shapes, 1),
+            ("seed", seed, 0),
+        )
+    )
     if num_image_tokens is not None and (not is_int(num_image_tokens) or num_image_tokens < 1):
         raise ValueError(f"num_image_tokens must be None (one per patch) or an integer >= 1, got {num_image_tokens!r}")
     if canvas_size % (2 * patch_size) != 0:

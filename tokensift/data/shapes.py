@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from tokensift.data.base import SeededSplitDataset, SplitDataModule, check_loader_args
-from tokensift.data.digits import SPLITS, is_int, patch_mask
+from tokensift.data.digits import SPLITS, check_integers, is_int, patch_mask
 
 __all__ = [
     "PHOTOS",
@@ -228,15 +228,15 @@ def validate_config(
     align_object: bool = True,
 ) -> None:
     """Raise ``ValueError`` naming the offending field (and how to fix it) for an invalid configuration."""
-    for name, value, minimum in (
-        ("canvas_size", canvas_size, 1),
-        ("patch_size", patch_size, 1),
-        ("num_classes", num_classes, 2),
-        ("num_distractors", num_distractors, 0),
-        ("tile_size", tile_size, 1),
-    ):
-        if not is_int(value) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    check_integers(
+        (
+            ("canvas_size", canvas_size, 1),
+            ("patch_size", patch_size, 1),
+            ("num_classes", num_classes, 2),
+            ("num_distractors", num_distractors, 0),
+            ("tile_size", tile_size, 1),
+        )
+    )
     if num_classes > len(SHAPES):
         raise ValueError(f"num_classes must be <= {len(SHAPES)} (the shapes {SHAPES}), got {num_classes}")
     if num_channels not in (1, 3):
