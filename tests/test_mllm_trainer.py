@@ -173,12 +173,15 @@ def question_selector_fit(backbone: Path, save_dir: Path, batch_size: int, *extr
 
 
 @pytest.mark.slow
-def test_two_process_ddp_reaches_the_single_process_weights(digit_vqa_llava, tmp_path):
-    ddp = question_selector_fit(digit_vqa_llava, tmp_path / "ddp", 8, "--trainer.devices=2", "--trainer.strategy=ddp")
+def test_two_process_ddp_and_zero2_reach_the_single_process_weights(digit_vqa_llava, tmp_path):
+    two = ("--trainer.devices=2",)
+    ddp = question_selector_fit(digit_vqa_llava, tmp_path / "ddp", 8, *two, "--trainer.strategy=ddp")
+    zero2 = question_selector_fit(digit_vqa_llava, tmp_path / "zero2", 8, *two, "--trainer.strategy=deepspeed_stage_2")
     single = question_selector_fit(digit_vqa_llava, tmp_path / "single", 16, "--trainer.devices=1")
-    for name, path in (("ddp", ddp), ("single", single)):
-        main(["export", str(path), str(tmp_path / f"{name}_artifact")])
+    for name, path in (("ddp", ddp), ("zero2", zero2), ("single", single)):
+        main(["export", str(path), str(tmp_path / f"{name}_artifact")])  # a ZeRO checkpoint is a directory
     ddp_state = ts.load(tmp_path / "ddp_artifact").method.state_dict()
+    zero2_state = ts.load(tmp_path / "zero2_artifact").method.state_dict()
     single_state = ts.load(tmp_path / "single_artifact").method.state_dict()
     L.seed_everything(0)  # as the fits: the method starts from these weights
     start = MLLMScorerTrainer(str(digit_vqa_llava), method_options={"width": 32}).method.state_dict()
@@ -189,6 +192,7 @@ def test_two_process_ddp_reaches_the_single_process_weights(digit_vqa_llava, tmp
     for key, value in single_state.items():
         if key != blind:
             torch.testing.assert_close(ddp_state[key], value, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(zero2_state[key], value, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.slow
