@@ -139,12 +139,12 @@ def plot_pareto(rows: Sequence[dict], path: Path, title: str = "", matched: Sequ
         pad = max(0.02, 0.08 * (high - low))
         ax.set_ylim(max(0.0, low - pad), min(1.02, high + pad))
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(
-        handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False, bbox_to_anchor=(0.5, -0.08)
-    )
     if title:
         fig.suptitle(title, fontsize=12)
     fig.tight_layout()
+    # hung below the figure (savefig's tight bounding box takes it in): however many rows it needs, it never
+    # covers the axes' labels
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 5), frameon=False, bbox_to_anchor=(0.5, 0.0))
     return save_figure(fig, path)
 
 
