@@ -73,6 +73,7 @@ from tokensift.data.vqa import (
     VQADataModule,
     build_word_tokenizer,
     check_family,
+    check_vqa_grid,
     encode_sample,
     vocabulary,
 )
@@ -202,13 +203,7 @@ def _validate(
             ("seed", seed, 0),
         )
     )
-    if num_image_tokens is not None and (not is_int(num_image_tokens) or num_image_tokens < 1):
-        raise ValueError(f"num_image_tokens must be None (one per patch) or an integer >= 1, got {num_image_tokens!r}")
-    if canvas_size % (2 * patch_size) != 0:
-        raise ValueError(
-            f"canvas_size ({canvas_size}) must be a multiple of 2 * patch_size ({2 * patch_size}) so every "
-            f"quadrant is whole patches; e.g. canvas_size={(canvas_size // (2 * patch_size) + 1) * 2 * patch_size}"
-        )
+    check_vqa_grid(canvas_size, patch_size, num_image_tokens, "every quadrant is whole patches")
     digit_size = SOURCE_SIZE * digit_scale
     if digit_size > canvas_size // 2:
         raise ValueError(

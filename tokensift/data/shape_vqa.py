@@ -56,6 +56,7 @@ from tokensift.data.vqa import (
     VQADataModule,
     build_word_tokenizer,
     check_family,
+    check_vqa_grid,
     encode_sample,
     vocabulary,
 )
@@ -210,13 +211,7 @@ def _validate(
             ("seed", seed, 0),
         )
     )
-    if num_image_tokens is not None and (not is_int(num_image_tokens) or num_image_tokens < 1):
-        raise ValueError(f"num_image_tokens must be None (one per patch) or an integer >= 1, got {num_image_tokens!r}")
-    if canvas_size % (2 * patch_size) != 0:
-        raise ValueError(
-            f"canvas_size ({canvas_size}) must be a multiple of 2 * patch_size ({2 * patch_size}) so the grid "
-            f"splits into halves; e.g. canvas_size={(canvas_size // (2 * patch_size) + 1) * 2 * patch_size}"
-        )
+    check_vqa_grid(canvas_size, patch_size, num_image_tokens, "the grid splits into halves")
     if not min_size <= max_size <= canvas_size // 2 - GAP:
         raise ValueError(
             f"min_size ({min_size}) and max_size ({max_size}) must satisfy min_size <= max_size <= "
