@@ -180,6 +180,7 @@ class FrozenBackboneTrainer(L.LightningModule):
         self.handle = self.build_handle()
         self._rng = random.Random(seed)
         self._step_keep_ratio: float | None = None
+        self.schedule_steps: int | None = None  # optimizer steps of the fit, once configure_optimizers ran
 
     # -- hooks: what a subclass says ------------------------------------------------------------
     def build_handle(self):
@@ -195,6 +196,10 @@ class FrozenBackboneTrainer(L.LightningModule):
         """Update the metrics of ``stage`` (``"val"`` or ``"test"``) with one batch."""
         raise NotImplementedError(f"{type(self).__name__} must implement validation_metrics(batch, stage)")
 
+    def budget_metrics(self, stage: str) -> nn.ModuleDict:
+        """The per-budget accuracy metrics of ``stage`` (``val_acc`` or ``test_acc``, keyed by :func:`budget_key`)."""
+        return self.val_acc if stage == "val" else self.test_acc
+
     def log_validation_metrics(self, stage: str) -> None:
         """Compute, log (``<stage>/...``, ``sync_dist=True``) and reset the metrics of ``stage``.
 
@@ -203,7 +208,7 @@ class FrozenBackboneTrainer(L.LightningModule):
         (what the checkpoint callback monitors). ``compute()`` gathers every rank's state, so each rank logs the
         whole set's value; ``sync_dist`` only averages those equal values (and keeps Lightning from warning).
         """
-        metrics = self.val_acc if stage == "val" else self.test_acc
+        metrics = self.budget_metrics(stage)
         values = {name: metric.compute() for name, metric in metrics.items()}
         for name, value in values.items():
             self.log(f"{stage}/acc_{name}", value, prog_bar=name != "full", sync_dist=True)
@@ -263,7 +268,8 @@ class FrozenBackboneTrainer(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, weight_decay=self.weight_decay)
-        schedule = warmup_cosine(optimizer, self._total_steps(), warmup_fraction=self.warmup_fraction)
+        self.schedule_steps = self._total_steps()  # read each step (set_progress): Lightning recomputes it per call
+        schedule = warmup_cosine(optimizer, self.schedule_steps, warmup_fraction=self.warmup_fraction)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

@@ -140,7 +140,7 @@ class MLLMScorerTrainer(FrozenBackboneTrainer):
             teacher = self.logits(inputs)
         self.prepare_pruned_pass(batch)
         self.method.train()
-        self.method.set_progress(min(1.0, self.global_step / max(1, self._total_steps())))
+        self.method.set_progress(min(1.0, self.global_step / self.schedule_steps) if self.schedule_steps else 0.0)
         logits = self.logits(inputs)
         answer = answer_loss(logits, labels)[rows].mean()
         distill = answer_distillation(logits, teacher, labels, self.temperature)[rows].mean()
@@ -156,7 +156,7 @@ class MLLMScorerTrainer(FrozenBackboneTrainer):
 
     def validation_metrics(self, batch: dict, stage: str) -> None:
         """Answer accuracy unpruned and at each ``eval_keep_ratios`` (gather mode: hard top-k, the inference path)."""
-        metrics = self._accuracy(stage)
+        metrics = self.budget_metrics(stage)
         labels = batch["labels"]
         rows = answered(labels)
         if not bool(rows.any()):
@@ -175,9 +175,6 @@ class MLLMScorerTrainer(FrozenBackboneTrainer):
 
     def default_budget(self) -> dict:
         return {"keep_ratio": self.eval_keep_ratios[0]}
-
-    def _accuracy(self, stage: str) -> nn.ModuleDict:
-        return self.val_acc if stage == "val" else self.test_acc
 
 
 def answer_distillation(logits: Tensor, teacher: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:

@@ -125,7 +125,7 @@ class ScorerTrainer(FrozenBackboneTrainer):
 
     def validation_metrics(self, batch: dict, stage: str) -> None:
         """Accuracy unpruned and at each ``eval_keep_ratios`` (hard top-k, gather mode)."""
-        metrics = self._accuracy(stage)
+        metrics = self.budget_metrics(stage)
         inputs, labels = self.model_inputs(batch), batch["labels"]
         self.handle.enabled = False
         metrics[budget_key("full")].update(self.logits(inputs), labels)
@@ -139,9 +139,6 @@ class ScorerTrainer(FrozenBackboneTrainer):
         return {"keep_ratio": self.eval_keep_ratios[0]}
 
     # -- helpers --------------------------------------------------------------------------------
-    def _accuracy(self, stage: str) -> nn.ModuleDict:
-        return self.val_acc if stage == "val" else self.test_acc
-
     def _grab_final_tokens(self, module: nn.Module, args: tuple, output) -> None:
         self._final_tokens = output[0] if isinstance(output, tuple) else output
 
