@@ -29,12 +29,16 @@ class KeepDecision:
     ``keep``: bool, the protected live tokens and ``num_keep[b]`` prunable tokens of sample ``b``.
     ``hidden``: ``[B, N, D]`` when a merge wrote merged values into kept tokens; ``None``: ``state.hidden`` unchanged.
     ``size``: ``[B, N]`` how many original tokens each kept token stands for (ToMe); ``None``: ``state.size``.
+    ``key_bias``: ``[B, N]`` additive attention bias on these tokens as keys in the *next* block, compaction deferred
+    until after that block (STTS: ``log(score)``, the path by which the answer loss reaches a scorer whose tokens are
+    then removed, in training as at inference); ``None``: compact right away.
     Values at dropped tokens are never read.
     """
 
     keep: Tensor
     hidden: Tensor | None = None
     size: Tensor | None = None
+    key_bias: Tensor | None = None
 
 
 @dataclass
