@@ -26,6 +26,7 @@ from tokensift.scorers.atp import ATPConfig, ATPMethod
 from tokensift.scorers.dynamic_llava import DynamicLLaVAConfig, DynamicLLaVAMethod
 from tokensift.scorers.learned import binary_gumbel, straight_through_top_k
 from tokensift.scorers.question_selector import QuestionSelectorConfig, QuestionSelectorMethod
+from tokensift.scorers.stts import STTSConfig  # vit.<i> on video: its own tests in test_stts.py
 from tokensift.state import TokenState
 
 D = 32
@@ -301,6 +302,9 @@ def test_binary_gumbel_keep_rate_is_the_sigmoid():
         (ATPConfig, {"min_keep": -1}, "min_keep"),
         (ATPConfig, {"tau": "warm"}, "tau"),
         (ATPConfig, {"sites": ["llm.3", "llm.1"]}, "sites"),
+        (STTSConfig, {"sites": ["vit.1", "vit.3"]}, "sites"),
+        (STTSConfig, {"rescale_scope": "video"}, "rescale_scope"),
+        (STTSConfig, {"aux_weight": -0.5}, "aux_weight"),
     ],
 )
 def test_bad_config_names_the_field(config_class, options, field):
@@ -309,7 +313,7 @@ def test_bad_config_names_the_field(config_class, options, field):
 
 
 def test_config_fields_document_themselves():
-    for config_class in (QuestionSelectorConfig, DynamicLLaVAConfig, ATPConfig):
+    for config_class in (QuestionSelectorConfig, DynamicLLaVAConfig, ATPConfig, STTSConfig):
         for f in config_class.__dataclass_fields__.values():
             if f.name != "sites":
                 assert f.metadata.get("help"), f"{config_class.__name__}.{f.name}"

@@ -31,6 +31,9 @@ MLLM_METHODS = sorted(
 )
 # selection that depends only on the tokens up to the image, so uncached decoding re-selects the same set
 PREFIX_STABLE = {"divprune", "visionzip"}
+# merges what it chose from the last token's attention: keeping the same tokens (PinnedKeep) does not recompute the
+# merged values; tests/test_video_methods.py replays its choice with its own merge instead
+MERGES_BY_TEXT = {"holitom"}
 NEW_TOKENS = 4
 
 
@@ -354,7 +357,7 @@ def uncached_greedy(model, inputs: dict, family: str, steps: int) -> tuple[torch
     return torch.cat(tokens, dim=1), step_logits
 
 
-@pytest.mark.parametrize("method", MLLM_METHODS)
+@pytest.mark.parametrize("method", [m for m in MLLM_METHODS if m not in MERGES_BY_TEXT])
 @pytest.mark.parametrize("family", MLLM_FAMILIES)
 def test_cached_decoding_matches_uncached_recomputation(saved_mllms, family, method):
     model, batch = load(saved_mllms, family), make_batch(family)

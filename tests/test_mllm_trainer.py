@@ -126,7 +126,9 @@ def test_bad_trainer_arguments_name_the_field(saved_mllms):
             MLLMScorerTrainer(saved_mllms["llava"], **kwargs)
 
 
-@pytest.mark.parametrize("recipe", ["question_selector_digit_vqa", "dynamic_llava_digit_vqa", "atp_digit_vqa"])
+@pytest.mark.parametrize(
+    "recipe", ["question_selector_digit_vqa", "dynamic_llava_digit_vqa", "atp_digit_vqa", "stts_video_vqa"]
+)
 def test_recipes_parse(recipe, capsys):
     with pytest.raises(SystemExit) as exit_info:
         TokensiftCLI(args=["fit", "-c", str(ROOT / "configs" / f"{recipe}.yaml"), "--print_config"])

@@ -171,3 +171,72 @@ def test_bad_recipe_arguments(tmp_path):
     with pytest.raises(ValueError, match="model_type"):
         mllm_inputs(torch.nn.Linear(1, 1), {"input_ids": None, "attention_mask": None})
     assert not (tmp_path / "x").exists()
+
+
+def _video_data(family: str, **kwargs):
+    from tokensift.data.video_vqa import VideoDigitVQADataModule
+
+    options = dict(
+        family=family, batch_size=8, train_samples=32, val_samples=8, test_samples=16, seed=1, min_frames=2,
+        max_frames=4, max_digits=2, frame_size=42 if family == "molmo2" else 56,
+        question_types=("first", "last", "count_frames"),
+    )  # fmt: skip
+    return VideoDigitVQADataModule(**(options | kwargs))
+
+
+@pytest.mark.parametrize("family", ["molmo2", "qwen2_vl"])
+def test_video_models_train_save_and_answer(tmp_path, family):
+    from transformers import AutoTokenizer
+
+    data = _video_data(family)
+    recorder = LossRecorder()
+    out, accuracy = pretrain_mllm(
+        tmp_path / family, data, max_epochs=2, trainer_kwargs=QUIET | {"callbacks": [recorder]}, seed=0,
+        family=family, vision_hidden_size=32, vision_layers=4, text_hidden_size=32, text_layers=1, eval_batch_size=8,
+    )  # fmt: skip
+    assert len(recorder.losses) == 8 and all(np.isfinite(recorder.losses))
+    model, tokenizer, image_processor, report = load_mllm(out)
+    assert model.config.model_type == family == report["family"] and image_processor is None
+    assert report["data_class"].endswith("VideoDigitVQADataModule") and report["data"]["family"] == family
+    assert report["test_accuracy"] == accuracy and report["forward_generate_agreement"] == 1.0
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(out, local_files_only=True).get_vocab()
+    visual = model.config.video_token_id  # Molmo2: its image_patch_id; Qwen2-VL: its video token
+    assert visual == data.image_token_id
+    if family == "molmo2":
+        assert model.config.adapter_config.vision_feature_layer == [-1]
+        assert model.config.vision_config.num_hidden_layers == 4
+    # the report's data options rebuild the test split the saved weights were scored on
+    rebuilt = type(data)(**report["data"])
+    result = answer_accuracy(model, rebuilt, batch_size=8)
+    assert result["accuracy"] == pytest.approx(accuracy) and result["agreement"] == 1.0
+
+
+def test_video_recipe_refuses_a_mismatched_family(tmp_path):
+    with pytest.raises(ValueError, match="family"):
+        build_mllm("qwen2_vl", _video_data("molmo2"), **TINY)
+    with pytest.raises(ValueError, match="molmo2"):
+        build_mllm("molmo2", _data(), **TINY)
+
+
+@pytest.mark.parametrize("family", ["molmo2", "qwen2_vl"])
+def test_video_recipe_configs_build_their_model(family):
+    from pathlib import Path
+
+    import yaml
+
+    from tokensift.backbones.pretrain_mllm import pretrain_mllm_command
+    from tokensift.data.resolve import resolve_datamodule
+
+    path = Path(__file__).parent.parent / "configs" / f"pretrain_video_{family}.yaml"
+    config = yaml.safe_load(path.read_text())
+    unknown = set(config) - set(pretrain_mllm_command.__code__.co_varnames)
+    assert not unknown and config["family"] == family == config["data"]["init_args"]["family"]
+    data, _ = resolve_datamodule(config["data"])
+    sizes = ("vision_hidden_size", "vision_layers", "text_hidden_size", "text_layers", "num_attention_heads")
+    model = build_mllm(family, data, **{key: config[key] for key in sizes})
+    assert data.image_size == 84 and data.patch_size == 7 and data.max_frames == 8
+    if family == "molmo2":  # 144 patches per frame pooled 3x3 into 16 tokens; blocks after a vit.3 site
+        assert model.config.vision_config.num_position_embeddings == 144 and data.tokens_per_frame == 16
+        assert model.config.vision_config.num_hidden_layers > 4
+    else:  # 2x2 merge over a temporal patch of 2: 36 tokens per frame pair
+        assert model.config.vision_config.depth > 4 and data.tokens_per_frame == 36

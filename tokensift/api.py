@@ -43,7 +43,7 @@ def apply(
 ) -> PruningHandle | MLLMPruningHandle:
     """Prune ``model``'s tokens with ``method`` at a budget chosen now.
 
-    ``model`` is a vision transformer (sites ``vit.<i>``) or a multimodal LLM, LLaVA or Qwen2-VL (sites
+    ``model`` is a vision transformer (sites ``vit.<i>``) or a multimodal LLM, LLaVA, Qwen2-VL or Molmo2 (sites
     ``vit.<i>``, ``pre_llm``, ``llm.<k>``; the budget counts each sample's visual tokens).
 
     ``method`` is a registered name (``ts.methods()``), an artifact directory or ``Artifact``, or a

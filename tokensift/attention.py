@@ -16,6 +16,12 @@ its attention function):
 - ``key_bias`` ``[B, N]``: added to every query's logits for that key (ToMe's ``log size``).
 - ``chunks`` (an iterator of such dicts): a packed sequence whose layer calls the attention function once per
   chunk, in order (Qwen2-VL's tower, one call per ``cu_seqlens`` frame): each call takes the next entry.
+- ``segments`` (a ``Segments``): a frame-batched tower's packed rows (Molmo2 after a ``vit.<i>`` site): the rows hold
+  the frames' kept patches, and a patch attends only to its own frame's (block-diagonal attention, one block per
+  original frame, over the rows read end to end); with ``key_bias`` ``[rows, length]`` in that layout.
+  ``Segments.kernel`` says how: ``"sdpa"`` one call of the model's own kernel per segment (what Qwen2-VL's tower does
+  per frame without flash), ``"flex"`` one ``flex_attention`` call per layer with a document mask (compiled; see
+  ``docs/design.md``).
 - ``capture`` (a dict): store this layer's attention probabilities and head-averaged keys, so a
   method that scores with attention pays for them at that one layer only; the layer's output still
   comes from the base kernel. With ``capture_values`` (True) also the values, per key/value head (FlowCut).
@@ -32,6 +38,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -185,6 +192,78 @@ def _find_model_eager(cls: type) -> Callable:
 
 
 CALL_ATTRIBUTE = "tokensift_call"
+SEGMENT_KERNELS = ("sdpa", "flex")
+
+
+@dataclass
+class Segments:
+    """Block-diagonal attention over packed rows read end to end (slot ``row * length + column``): ``spans``
+    ``[(start, end), ...]`` of every segment there, ``segment`` ``[rows, length]`` the segment id of each slot (-1
+    padding), ``kernel`` one of ``SEGMENT_KERNELS``."""
+
+    spans: list[tuple[int, int]]
+    segment: Tensor
+    kernel: str = "sdpa"
+
+
+def _end_to_end(states: Tensor) -> Tensor:
+    """``[rows, heads, length, d]`` as one sequence ``[1, heads, rows * length, d]``."""
+    rows, heads, length, dim = states.shape
+    return states.transpose(0, 1).reshape(1, heads, rows * length, dim)
+
+
+def segment_attention(module, query, key, value, segments: Segments, key_bias, fn, scaling, dropout, **kwargs):
+    """Attention of packed rows, each query seeing only the keys of its own segment (padding slots are never read).
+    ``key_bias`` ``[rows, length]`` or None is added to each key's logits. Returns ``[rows, length, heads, d]``."""
+    rows, heads, length, _ = query.shape
+    query, key, value = _end_to_end(query), _end_to_end(key), _end_to_end(value)
+    bias = None if key_bias is None else key_bias.reshape(1, rows * length).to(query.dtype)
+    if segments.kernel == "flex":
+        out = _flex_segments(query, key, value, segments.segment.reshape(1, rows * length), bias, scaling)
+        return out.view(rows, length, heads, -1), None
+    out = query.new_zeros(1, rows * length, heads, value.shape[-1])
+    for start, end in segments.spans:
+        piece, _ = fn(
+            module,
+            query[:, :, start:end],
+            key[:, :, start:end],
+            value[:, :, start:end],
+            None if bias is None else bias[:, None, None, start:end],
+            scaling=scaling,
+            dropout=dropout,
+            **kwargs,
+        )
+        out[:, start:end] = piece
+    return out.view(rows, length, heads, -1), None
+
+
+_FLEX: dict[str, Callable] = {}
+
+
+def _flex_segments(query, key, value, segment: Tensor, bias: Tensor | None, scaling):
+    """One ``flex_attention`` call over the end-to-end sequence: a document mask by ``segment`` ``[1, L]`` (padding
+    slots see padding slots) and the key bias as a ``score_mod``."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "attention" not in _FLEX:  # compiled once per process; the first call of each shape compiles (~26 s on CPU)
+        _FLEX["attention"] = torch.compile(flex_attention, dynamic=False)
+    length = segment.shape[1]
+
+    def same_segment(b, h, q_index, kv_index):
+        return segment[b, q_index] == segment[b, kv_index]
+
+    block_mask = create_block_mask(same_segment, 1, None, length, length, device=query.device)
+    score_mod = None
+    if bias is not None:
+
+        def score_mod(score, b, h, q_index, kv_index):
+            return score + bias[b, kv_index]
+
+    groups = query.shape[1] != key.shape[1]
+    out = _FLEX["attention"](
+        query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=groups
+    )
+    return out.transpose(1, 2).contiguous()
 
 
 def _make(base: str):
@@ -195,6 +274,16 @@ def _make(base: str):
             if call is None:
                 raise RuntimeError("the attention module was called more times than it was given chunk entries for")
         policy, capture, key_bias = call.get("policy"), call.get("capture"), call.get("key_bias")
+        if call.get("segments") is not None:
+            if attention_mask is not None:  # the rows are ours: a mask the model built for its own layout is stale
+                raise ValueError(
+                    "packed rows (segments) reached an attention call that carries the model's own mask; the "
+                    "frame-batched tower driver supports towers that attend without one (Molmo2)."
+                )
+            fn = model_eager(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+            return segment_attention(
+                module, query, key, value, call["segments"], key_bias, fn, scaling, dropout, **kwargs
+            )
         if call.get("policy_bias") is not None:
             causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
             attention_mask = masked_with_policy(attention_mask, query, key, call["policy_bias"], causal)

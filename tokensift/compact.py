@@ -13,11 +13,14 @@ call it and carry the result through their model.
   (``gather_tokens``, ``gather_last``, ``identity_index``).
 - **packed** (one sequence of every image and frame, attention per frame through ``cu_seqlens``): the new chunk
   boundaries of the kept tokens (``packed_cu_seqlens``).
+- **packed rows** (a frame-batched tower, Molmo2: ``[frames, patches]``): each frame's kept tokens one segment,
+  segments first-fit-decreasing into fixed-length rows (``first_fit_decreasing``, ``pack_rows``), attention
+  block-diagonal per segment; ``pack_tokens`` / ``unpack_tokens`` move values between the two layouts.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -134,13 +137,134 @@ def packed_cu_seqlens(frame_of_kept: Tensor, num_frames: int) -> Tensor:
     return boundaries.unique_consecutive().to(torch.int32)
 
 
+def first_fit_decreasing(lengths: Tensor | list[int], capacity: int) -> tuple[Tensor, Tensor]:
+    """Bin packing of segments into rows of ``capacity`` slots: longest first (ties: lower index first), each into
+    the first row with room. Returns ``row`` and ``offset`` (``[n]`` long): where each segment starts; an empty
+    segment gets row -1. A segment longer than ``capacity`` raises a ValueError (a frame is never split: its
+    patches attend to each other, and a row is one attention call)."""
+    lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
+    if capacity < 1:
+        raise ValueError(f"row length (capacity) must be at least 1, got {capacity}")
+    if lengths.numel() and int(lengths.max()) > capacity:
+        raise ValueError(
+            f"a segment of {int(lengths.max())} tokens does not fit rows of {capacity} slots; set the row length to at "
+            "least one frame's kept patches (the default is one frame's patches)."
+        )
+    row = torch.full_like(lengths, -1)
+    offset = torch.zeros_like(lengths)
+    used: list[int] = []  # slots filled in each row so far
+    for item in sorted(range(lengths.numel()), key=lambda i: (-int(lengths[i]), i)):
+        length = int(lengths[item])
+        if length == 0:
+            continue
+        target = next((r for r, filled in enumerate(used) if filled + length <= capacity), len(used))
+        if target == len(used):
+            used.append(0)
+        row[item], offset[item] = target, used[target]
+        used[target] += length
+    return row, offset
+
+
+@dataclass
+class PackedRows:
+    """Where the kept tokens of a ``[frames, patches]`` layout sit in fixed-length rows (``pack_rows``).
+
+    ``source`` ``[K]``: each kept token's flat index ``frame * patches + patch``, in ascending order; ``row`` and
+    ``column`` ``[K]``: its slot. ``segment`` ``[rows, length]``: the frame of each slot (-1 padding), which is what
+    attention separates; ``spans`` ``[S, 2]`` (start, end) of every segment in the rows read end to end (slot
+    ``row * length + column``; a segment is contiguous there in either packing), for per-segment attention calls.
+    """
+
+    frames: int
+    patches: int
+    length: int
+    source: Tensor
+    row: Tensor
+    column: Tensor
+    segment: Tensor
+    spans: Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.segment.shape[0]
+
+    @property
+    def padding(self) -> int:
+        """Slots no token fills."""
+        return self.rows * self.length - self.source.numel()
+
+    @property
+    def waste(self) -> float:
+        """Padding slots over all slots (0 when nothing was packed)."""
+        total = self.rows * self.length
+        return self.padding / total if total else 0.0
+
+
+PACKINGS = ("ffd", "contiguous")
+
+
+def pack_rows(keep: Tensor, length: int, packing: str = "ffd") -> PackedRows:
+    """The packed layout of the kept tokens ``keep`` (``[frames, patches]`` bool): each frame's kept tokens, in
+    order, form one segment.
+
+    ``packing="ffd"``: segments go first-fit-decreasing into rows of ``length`` slots, a segment never split (the
+    reference's layout, whose dense attention mask is per row). ``"contiguous"``: segments follow each other frame by
+    frame and the sequence is cut every ``length`` slots, so a segment may continue on the next row and only the last
+    row has padding; attention that reads the rows end to end (``tokensift.attention.Segments``) needs no more.
+    """
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
+    frames, patches = keep.shape
+    counts = keep.sum(1)
+    source = keep.reshape(-1).nonzero().flatten()
+    frame = source // patches
+    if packing == "ffd":
+        row_of, offset_of = first_fit_decreasing(counts, length)
+        row_of, offset_of = row_of.to(keep.device), offset_of.to(keep.device)
+        start_of = row_of * length + offset_of  # each segment's first slot, rows end to end
+    else:
+        if length < 1:
+            raise ValueError(f"row length must be at least 1, got {length}")
+        start_of = counts.cumsum(0) - counts
+    rank = (keep.cumsum(1) - 1).reshape(-1)[source]  # position of the token among its frame's kept ones
+    slot = start_of[frame] + rank
+    row, column = slot // length, slot % length
+    rows = int(row.max()) + 1 if source.numel() else 0
+    segment = torch.full((rows, length), -1, dtype=torch.long, device=keep.device)
+    segment[row, column] = frame
+    used = (counts > 0).nonzero().flatten()
+    spans = torch.stack([start_of[used], start_of[used] + counts[used]], dim=1)
+    spans = spans[torch.argsort(spans[:, 0])]
+    return PackedRows(frames, patches, length, source, row, column, segment, spans)
+
+
+def pack_tokens(values: Tensor, layout: PackedRows) -> Tensor:
+    """``[frames, patches, ...]`` values into the packed ``[rows, length, ...]`` layout (padding slots zero)."""
+    flat = values.reshape(layout.frames * layout.patches, *values.shape[2:])
+    out = flat.new_zeros(layout.rows, layout.length, *values.shape[2:])
+    return out.index_put((layout.row, layout.column), flat[layout.source])
+
+
+def unpack_tokens(packed: Tensor, layout: PackedRows) -> Tensor:
+    """The packed ``[rows, length, ...]`` values back to ``[frames, patches, ...]``, dropped tokens zero."""
+    flat = packed.new_zeros(layout.frames * layout.patches, *packed.shape[2:])
+    flat = flat.index_put((layout.source,), packed[layout.row, layout.column])
+    return flat.view(layout.frames, layout.patches, *packed.shape[2:])
+
+
 __all__ = [
+    "PACKINGS",
+    "PackedRows",
     "check_decision",
     "compact_state",
     "equal_count_index",
+    "first_fit_decreasing",
     "gather_last",
     "gather_tokens",
     "identity_index",
+    "pack_rows",
+    "pack_tokens",
     "packed_cu_seqlens",
     "padded_layout",
+    "unpack_tokens",
 ]

@@ -439,6 +439,12 @@ def _tower_geometry(adapter, visual_tokens: int) -> dict[str, int]:
     """One image's tower: ``patches``, ``tokens`` ([CLS] included), ``width``, ``heads``; ``per_image`` LLM tokens."""
     model, family = adapter.model, adapter.family
     vision = model.config.vision_config
+    if family.name == "molmo2":
+        raise ValueError(
+            "Molmo2's tower cost per sample depends on its crops / frames and the processor's pooling window (how many "
+            "LLM tokens a crop gives), which its config does not hold; the analytic tower FLOPs (pre_llm sites, "
+            "mllm_vision_flops) do not cover Molmo2 yet. llm.<k> sites' LLM FLOPs do."
+        )
     if family.name == "qwen2_vl":
         patches = int(visual_tokens) * int(vision.spatial_merge_size) ** 2
         width, heads = int(vision.embed_dim), int(vision.num_heads)

@@ -3,7 +3,11 @@ its sites.
 
 - gather mode (inference): after a site's block the method decides what stays (a ``KeepDecision``, every sample
   keeping the budget's count) and the sequence *shrinks* (``tokensift.compact.compact_state``: gathered in
-  ascending original order, merged values included); every later block runs on fewer tokens.
+  ascending original order, merged values included); every later block runs on fewer tokens. A decision with a
+  ``key_bias`` (STTS; DynamicViT's ``train_by_removal``) defers the compaction by one block: the next block runs on
+  every token with that bias added to each query's logits for its keys, and the sequence shrinks after it. The bias
+  stays in the graph, so a loss on the pruned forward trains the scorer whose tokens it removes (every site has a
+  next block: ``vit.<i>`` stops one block before the last).
 - mask mode (training): the sequence keeps its length; the method's keep policy enters every later
   block's attention (``tokensift.attention``), and the head's pooling sees only kept tokens.
 
@@ -19,7 +23,7 @@ the last site still has tokens to remove, with that block's captures (FlowCut's 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -29,7 +33,7 @@ from tokensift import attention as attn
 from tokensift.backbones.vision import VisionAdapter
 from tokensift.budget import Budget
 from tokensift.compact import check_decision, compact_state
-from tokensift.scorers.base import TokenMethod, check_site_input
+from tokensift.scorers.base import KeepDecision, TokenMethod, check_site_input
 from tokensift.state import SampleCounter, TokenState, checked_samples
 
 Mode = Literal["gather", "mask"]
@@ -52,6 +56,16 @@ class SiteRecord:
 
 
 @dataclass
+class _Deferred:
+    """A site's keep decision whose compaction waits for the next block (``KeepDecision.key_bias``)."""
+
+    site: str
+    state: TokenState  # the site's state; its hidden states are replaced by the next block's output
+    decision: KeepDecision
+    target: float
+
+
+@dataclass
 class _Run:
     grid: tuple[int, int]
     protected: Tensor | None = None
@@ -69,6 +83,8 @@ class _Run:
     records: list[SiteRecord] = field(default_factory=list)
     sample_index: Tensor | None = None  # [B] what set_samples named, else the handle's running count
     draw: tuple[int, ...] = ()
+    deferred: _Deferred | None = None  # gather mode: a decision to apply after the block now running
+    key_bias: Tensor | None = None  # [B, N] the deferred decision's key bias, for the next block's attention only
 
 
 class PruningHandle:
@@ -109,7 +125,8 @@ class PruningHandle:
         last_site = max(self._site_layers)
         for index, layer in enumerate(adapter.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._before_layer(index), with_kwargs=True))
-            if index in self._site_layers or (method.observes_every_block and index < last_site):
+            after_site = index - 1 in self._site_layers  # where a decision with a key bias is compacted
+            if index in self._site_layers or after_site or (method.observes_every_block and index < last_site):
                 self._hooks.append(layer.register_forward_hook(self._after_layer(index)))
         self._hooks.append(adapter.final_token_module.register_forward_hook(self._pool_kept_only))
         self.model = adapter.model
@@ -214,6 +231,15 @@ class PruningHandle:
                     call["policy"] = run.policy
                 if run.merged:
                     call["key_bias"] = run.size.log()  # ToMe's proportional attention
+                if run.key_bias is not None:  # the previous site's decision, compacted after this block
+                    if tuple(run.key_bias.shape) != tuple(hidden.shape[:2]):
+                        raise ValueError(
+                            f"{self.method.name}'s key_bias covers {tuple(run.key_bias.shape)} tokens but block "
+                            f"{index} gets {tuple(hidden.shape[:2])}"
+                        )
+                    bias = run.key_bias.float()
+                    call["key_bias"] = bias if "key_bias" not in call else call["key_bias"] + bias
+                    run.key_bias = None
                 site = self._site_layers.get(index)
                 method = self.method
                 wants_capture = method.needs_attention or method.needs_keys or method.needs_values
@@ -276,12 +302,23 @@ class PruningHandle:
             hidden = output[0] if isinstance(output, tuple) else output
             capture = run.capture or {}
             run.capture = None
+            shrunk = run.deferred is not None
+            if shrunk:  # the previous site's decision: its key bias was this block's, the compaction is now
+                deferred, run.deferred = run.deferred, None
+                state = replace(deferred.state, hidden=hidden)
+                hidden = self._compact(run, state, deferred.decision, deferred.site, deferred.target)
+                if capture:
+                    raise ValueError(
+                        f"{self.method.name} returned a key_bias at {deferred.site} and reads block {index}'s "
+                        "attention, which covers the tokens before the deferred compaction: put its sites at least "
+                        "two blocks apart, or return no key_bias."
+                    )
             if run.observing:  # a block the method observes (a site with nothing to remove included)
                 run.observing = False
                 self.method.observe(self._state(run, hidden, index, f"vit.{index}", capture, None))
-                return None
+                return _with_hidden(output, hidden) if shrunk else None
             if site is None or not self._site_is_active(run, site):
-                return None
+                return _with_hidden(output, hidden) if shrunk else None
             count = run.counts[site]
             target = count / run.num_prunable
             state = self._state(run, hidden, index, site, capture, target)
@@ -296,18 +333,24 @@ class PruningHandle:
                 return None
             decision = self.method.reduce(state, num_keep)
             check_decision(decision, state, self.method.name)
-            reduced = compact_state(state, decision, f"{self.method.name} at site {site}")
-            run.protected, run.orig_index, run.size = reduced.protected, reduced.orig_index, reduced.size
-            run.merged = run.merged or self.method.merges
-            kept = (~reduced.protected).sum(1).float()
-            run.records.append(
-                SiteRecord(site, reduced.orig_index, None, kept / run.num_prunable, target, reduced.hidden)
-            )
-            if isinstance(output, tuple):
-                return (reduced.hidden, *output[1:])
-            return reduced.hidden
+            if decision.key_bias is not None:  # compacted after the next block, which adds the bias
+                _check_key_bias(decision.key_bias, state, self.method)
+                run.deferred = _Deferred(site, state, decision, target)
+                run.key_bias = decision.key_bias
+                return _with_hidden(output, hidden) if shrunk else None
+            return _with_hidden(output, self._compact(run, state, decision, site, target))
 
         return hook
+
+    def _compact(self, run: _Run, state: TokenState, decision: KeepDecision, site: str, target: float) -> Tensor:
+        """Shrink the sequence to ``decision``'s kept tokens (gather mode), record the site, return the survivors'
+        hidden states."""
+        reduced = compact_state(state, decision, f"{self.method.name} at site {site}")
+        run.protected, run.orig_index, run.size = reduced.protected, reduced.orig_index, reduced.size
+        run.merged = run.merged or self.method.merges
+        kept = (~reduced.protected).sum(1).float()
+        run.records.append(SiteRecord(site, reduced.orig_index, None, kept / run.num_prunable, target, reduced.hidden))
+        return reduced.hidden
 
     def _pool_kept_only(self, module: nn.Module, args: tuple, output):
         """Mask mode: give dropped tokens the mean of the kept ones, so a mean-pooling head sees only those."""
@@ -335,6 +378,30 @@ def _patch_pixels(run: _Run, patch: int, dtype: torch.dtype) -> Tensor:
     patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b, rows * cols, c, patch * patch)
     prefix = patches.new_zeros(b, run.num_prefix, c, patch * patch)
     return torch.cat([prefix, patches], dim=1).to(run.orig_index.device)
+
+
+def _with_hidden(output, hidden: Tensor):
+    """A block's ``output`` (a tensor or a tuple led by one) with ``hidden`` as its hidden states."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _check_key_bias(key_bias: Tensor, state: TokenState, method: TokenMethod) -> None:
+    """Raise a ValueError naming the method and site unless ``key_bias`` is a finite float ``[B, N]`` over the state's
+    tokens (a blocked key is the next block's to decide by the keep mask, not by ``-inf``)."""
+    shape = tuple(state.hidden.shape[:2])
+    if not isinstance(key_bias, Tensor) or not key_bias.is_floating_point() or tuple(key_bias.shape) != shape:
+        got = f"{key_bias.dtype} {tuple(key_bias.shape)}" if isinstance(key_bias, Tensor) else type(key_bias).__name__
+        raise ValueError(f"{method.name} at site {state.site} returned a key_bias of {got}, expected float {shape}")
+    if method.observes_every_block:
+        raise ValueError(
+            f"{method.name} observes every block and returned a key_bias at {state.site}: a deferred compaction "
+            "would hand its next observation tokens that its accumulated evidence does not cover; return no key_bias."
+        )
+    if not bool(torch.isfinite(key_bias.detach()).all()):
+        raise FloatingPointError(
+            f"{method.name} at site {state.site} returned a key_bias with NaN / inf: the next block's attention "
+            "would be undefined. Check the method's scores (log of a score of 0 is -inf)."
+        )
 
 
 def _alive_prunable(run: _Run) -> int:

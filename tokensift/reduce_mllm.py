@@ -46,7 +46,7 @@ from tokensift.backbones.mllm import TEXT, MLLMAdapter, Site, TowerCall
 from tokensift.budget import Budget
 from tokensift.compact import check_decision, gather_last, gather_tokens, identity_index, padded_layout
 from tokensift.reduce import PruningHandle
-from tokensift.reduce_packed import PackedTowerHandle
+from tokensift.reduce_packed import FrameTower, PackedTowerHandle
 from tokensift.scorers.base import TokenMethod, check_site_input
 from tokensift.state import SampleCounter, TokenState, _hash_ints, checked_samples, keyed_uniform
 
@@ -115,6 +115,9 @@ class _Layout:
     slot_orig: Tensor  # [B, S] long: index of the token in the unpruned input, -1 for a padding slot
     slot_valid: Tensor  # [B, S] bool
     rotary: tuple[Tensor, Tensor] | None = None  # prefill: the model's (cos, sin), gathered to this layout
+    # prefill: id of a layer's unpruned (cos) -> its (cos, sin) gathered, for LMs whose layers use different rotary
+    # tables (Molmo2's scaled / unscaled layers); the site layer's own is ``rotary``
+    rotary_by_source: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     position_ids: Any = None  # prefill: the position ids the model passes its layers, gathered
 
 
@@ -147,6 +150,8 @@ class _Run:
     concealed: Tensor | None = None  # [B, L] tokens the method must not read (conceal())
     # mask mode: (first decoder layer, [B, L] key bias) of each policy in force, in depth order
     policies: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
+    # [B, L] the prefill's bidirectional blocks (MLLMFamily.block_sequence_ids: Molmo2's multimodal tokens), or None
+    blocks: Tensor | None = None
     # generated tokens' KV eviction (a method with kv_eviction_layer): the layer it acts from
     kv_layer: int | None = None
     # decoding: [B, G] which slots of the generated part of layers >= kv_layer's caches hold a kept entry (the
@@ -256,6 +261,10 @@ class MLLMPruningHandle:
         # forward pass and is cleared only when the tower runs again after a prefill used it
         self._tower_calls: list[TowerCall] = []
         self._tower_used = False
+        # what the model's feature method was given for the coming tower call (families with watch_feature_calls)
+        self._encoding: tuple[int, Tensor, Tensor] | None = None
+        self._stop_watching = None
+        self._model_inputs: dict | None = None  # the last model call's inputs, enabled or not (decoding reads its mask)
         self._samples = SampleCounter()  # rows of prefills without set_samples, numbered in arrival order
         self._next_samples: tuple[Tensor | None, tuple[int, ...]] | None = None
         self._concealed: Tensor | None = None  # conceal(): tokens the method must not read (a teacher-forced answer)
@@ -276,12 +285,18 @@ class MLLMPruningHandle:
         self._hooks.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         # registered before the vision handle's, so a tower call is on record when the tower's blocks run
         self._hooks.append(adapter.tower.register_forward_pre_hook(self._on_tower_call, with_kwargs=True))
+        if hasattr(self.family, "watch_feature_calls"):  # the tower's arguments do not say what it encodes (Molmo2)
+            self._stop_watching = self.family.watch_feature_calls(self.model, self._on_feature_call)
         if parsed[0].kind == "vit" and self.family.packed_tower:
+            frames = None
+            if self.family.frame_batched_tower:  # Molmo2: frames batched, LLM tokens pooled from processor windows
+                model, family = self.model, self.family
+                frames = FrameTower(lambda on_call: family.watch_feature_calls(model, on_call), family.pooled_layout)
             self._vision_handle = PackedTowerHandle(
                 adapter.tower,
                 adapter.tower_blocks,
                 self.family.projector(self.model),
-                self.family.merge_size(self.model),
+                None if frames is not None else self.family.merge_size(self.model),
                 self.method,
                 self.budget,
                 self.sites,
@@ -289,6 +304,7 @@ class MLLMPruningHandle:
                 attention_modules=[self.family.tower_attention(block) for block in adapter.tower_blocks],
                 mode=self.mode,
                 on_policy=self._keep_tower_policy,
+                frames=frames,
             )
             self._wrap_attention(adapter.tower)  # mask mode hands its blocks' attention the policy, chunk by chunk
         elif parsed[0].kind == "vit":
@@ -354,6 +370,9 @@ class MLLMPruningHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self._stop_watching is not None:
+            self._stop_watching()
+            self._stop_watching = None
         if self._vision_handle is not None:
             self._vision_handle.remove()
             self._vision_handle = None
@@ -446,6 +465,7 @@ class MLLMPruningHandle:
         inputs = {**bound.pop("kwargs", {}), **bound}
         # disabled: no new prefill is pruned, but a decode already running on a pruned cache keeps its layout
         self._inputs = inputs if self.enabled else None
+        self._model_inputs = inputs
         run, cache = self._run, inputs.get("past_key_values")
         if run is None or cache is None or cache is not run.cache or _cache_length(cache) == 0:
             return None
@@ -467,10 +487,13 @@ class MLLMPruningHandle:
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         tokens = self.family.encoded_tokens(self.model, args, kwargs)
         self._tower_calls.append(TowerCall(grid_thw=grid, tokens=tokens, attention=[], keys=[]))
+        if self._encoding is not None:
+            self.family.describe_call(self._tower_calls[-1], *self._encoding)
+            self._encoding = None
         pixel_values = kwargs.get("pixel_values", args[0] if args else None)
         index = self._next_samples[0] if self._next_samples is not None else None
-        if isinstance(self._vision_handle, PackedTowerHandle):  # one grid row per image
-            rows = None if grid is None else grid.shape[0]
+        if isinstance(self._vision_handle, PackedTowerHandle):  # one grid row per image / video
+            rows = self._vision_handle.call_items(args, kwargs)
         else:  # one pixel row per image
             rows = None if pixel_values is None else pixel_values.shape[0]
         if self._vision_handle is not None and index is not None and rows == index.shape[0]:  # draws follow samples
@@ -530,12 +553,18 @@ class MLLMPruningHandle:
             self._tower_calls[-1].kept = keep
 
     # -- the language model ---------------------------------------------------------------------
+    def _on_feature_call(self, kind: int, pooling: Tensor, grids: Tensor) -> None:
+        """The model's feature method is about to run the tower (``watch_feature_calls``)."""
+        if self._encoding is None:  # get_video_features calls get_image_features: the outer call names the kind
+            self._encoding = (kind, pooling, grids)
+
     def _on_lm_call(self, module: nn.Module, args: tuple, kwargs: dict):
         inputs, self._inputs = self._inputs, None
+        model_inputs, self._model_inputs = self._model_inputs, None
         cache = kwargs.get("past_key_values")
         run = self._run
         if run is not None and cache is not None and cache is run.cache and _cache_length(cache) > 0:
-            return self._continue_decoding(run, kwargs)
+            return self._continue_decoding(run, kwargs, model_inputs)
         self._run = None
         self._tower_used = True  # this forward read the tower's last encoding: the next tower call starts afresh
         if inputs is None:
@@ -559,7 +588,7 @@ class MLLMPruningHandle:
                 f"pruning needs a dynamic KV cache (generate()'s default); got {type(cache).__name__}, whose "
                 "layers cannot hold different lengths."
             )
-        mask = kwargs.get("attention_mask")
+        mask = self.family.lm_padding_mask(inputs, kwargs)
         if mask is not None and mask.dim() != 2:
             raise ValueError("pass a 2-D attention_mask [batch, tokens]; tokensift builds the 4-D masks itself.")
         batch, length = kinds.shape
@@ -593,6 +622,8 @@ class MLLMPruningHandle:
         layout = _Layout(0, torch.arange(length, device=kinds.device).expand(batch, -1), valid)
         run = _Run(batch, length, kinds, image_id, coords, num_visual, counts, active, cache, [layout])
         run.kv_layer = self._kv_layer if evicts else None
+        blocks = self.family.block_sequence_ids(self.model, inputs)
+        run.blocks = None if blocks is None else blocks.to(kinds.device)
         self.last_generated_records = run.generated_records
         if self._concealed is not None:
             if self._concealed.shape != kinds.shape:
@@ -635,6 +666,8 @@ class MLLMPruningHandle:
                 position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         kwargs["inputs_embeds"] = gathered
         kwargs["attention_mask"] = new_layout.slot_valid.long()
+        if run.blocks is not None:  # the model's bidirectional blocks, over the kept tokens: the LM takes a 4-D mask
+            kwargs["attention_mask"] = self._layout_mask(run, new_layout, gathered, kwargs.get("past_key_values"))
         kwargs["position_ids"] = gather_last(position_ids, new_layout.slot_orig, batch)
         return (), kwargs
 
@@ -803,7 +836,7 @@ class MLLMPruningHandle:
             keep[kinds == kind] = torch.cat([p.to(kinds.device) for p in parts])  # the models' fill order
         return keep
 
-    def _continue_decoding(self, run: _Run, kwargs: dict):
+    def _continue_decoding(self, run: _Run, kwargs: dict, model_inputs: dict | None):
         if self.mode == "mask":
             raise ValueError(
                 "decoding with a KV cache in mask (training) mode: the policy holds for one forward pass; use gather "
@@ -812,7 +845,7 @@ class MLLMPruningHandle:
         run.prefill, run.masks = False, {}
         embeds = kwargs["inputs_embeds"]
         steps = embeds.shape[1]
-        mask = kwargs.get("attention_mask")
+        mask = self.family.lm_padding_mask(model_inputs, kwargs)
         expected = run.length + run.decoded + steps
         if mask is None:
             run.new_mask = torch.ones(run.batch, run.decoded + steps, dtype=torch.bool, device=embeds.device)
@@ -854,6 +887,7 @@ class MLLMPruningHandle:
             return None
         for layout in run.layouts:
             layout.rotary, layout.position_ids = None, None  # prefill-only; decoding computes its own
+            layout.rotary_by_source = {}
         last = run.layouts[-1]
         if last.slot_orig.shape[1] == run.length and bool((last.slot_orig == identity_index(last.slot_orig)).all()):
             # nothing was dropped (an exit method that let every sample keep its tokens): the output is already the
@@ -901,7 +935,7 @@ class MLLMPruningHandle:
                 run.masks[which, evicted] = self._layout_mask(run, layout, hidden, cache, evicted)
             kwargs["attention_mask"] = run.masks[which, evicted]
             if run.prefill:
-                kwargs["position_embeddings"] = layout.rotary
+                kwargs["position_embeddings"] = _layer_rotary(run, layout, kwargs.get("position_embeddings"))
                 if "position_ids" in kwargs:
                     kwargs["position_ids"] = layout.position_ids
             if args:
@@ -946,7 +980,7 @@ class MLLMPruningHandle:
     def _llm_site_state(self, run: _Run, site: Site, hidden: Tensor, kwargs: dict, current: _Layout) -> TokenState:
         """The state a method sees at ``llm.<k>``, with what it asked for computed on the current layout."""
         state = self._state(run, site, hidden, current)
-        rotary = kwargs.get("position_embeddings") if current.start_layer == 0 else current.rotary
+        rotary = _layer_rotary(run, current, kwargs.get("position_embeddings"))
         if self.method.needs_query_attention:
             state.query_attention = self._last_query_attention(site.index, state, rotary)
         if state.keys is not None and rotary is not None:  # layer k-1's keys as its attention uses them (DART)
@@ -966,11 +1000,10 @@ class MLLMPruningHandle:
         layout, source = _relayout(current, keep, start_layer=site.index)
         if layout is current:
             return hidden
-        rotary = kwargs.get("position_embeddings")
-        layout.rotary = tuple(gather_tokens(t.expand(run.batch, -1, -1), layout.slot_orig) for t in rotary)
+        layout.rotary = _layer_rotary(run, layout, kwargs.get("position_embeddings"))
         position_ids = kwargs.get("position_ids")
-        if isinstance(position_ids, Tensor) and position_ids.shape[-1] == run.length:
-            layout.position_ids = gather_last(position_ids, layout.slot_orig, run.batch)
+        if isinstance(position_ids, Tensor) and position_ids.shape[-1] == run.layouts[0].slot_orig.shape[1]:
+            layout.position_ids = gather_last(position_ids, _index_in_lm_input(run, layout), run.batch)
         run.layouts.append(layout)
         gathered = gather_tokens(new_hidden, source)
         self._record(run, site.name, layout, run.counts[site.name], gathered)
@@ -1012,12 +1045,16 @@ class MLLMPruningHandle:
             layer = max(layer, run.kv_layer)
         else:
             mask_2d = torch.cat([layout.slot_valid, run.new_mask], dim=1)
+        blocks = None  # the model's bidirectional blocks hold in the prefill only (decoded tokens are causal)
+        if run.prefill and run.blocks is not None:
+            blocks = run.blocks.gather(1, layout.slot_orig.clamp(min=0)).masked_fill(~layout.slot_valid, -1)
         return create_causal_mask(
             config=self.adapter.text_config,
             inputs_embeds=hidden,
             attention_mask=mask_2d,
             past_key_values=cache,
             position_ids=None,
+            block_sequence_ids=blocks,
             layer_idx=layer,  # sized by this layer's own (shorter) cache
         )
 
@@ -1083,6 +1120,32 @@ def _rotate(attention: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor
     apply = getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
     rotated, _ = (apply or modeling_llama.apply_rotary_pos_emb)(x, x, cos.to(x.dtype), sin.to(x.dtype))
     return rotated
+
+
+def _layer_rotary(run: _Run, layout: _Layout, rotary: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor] | None:
+    """A decoder layer's rotary ``(cos, sin)`` for ``layout`` in the prefill: the LM's own on its own input (layout
+    0), else the table the LM computed for that layer over its input, gathered to the layout's slots, once per table
+    (Molmo2's layers use a scaled or an unscaled one)."""
+    if layout.start_layer == 0 or rotary is None:
+        return rotary if layout.start_layer == 0 else layout.rotary
+    key = id(rotary[0])
+    if key not in layout.rotary_by_source:
+        index = _index_in_lm_input(run, layout)
+        layout.rotary_by_source[key] = tuple(gather_tokens(t.expand(run.batch, -1, -1), index) for t in rotary)
+    return layout.rotary_by_source[key]
+
+
+def _index_in_lm_input(run: _Run, layout: _Layout) -> Tensor:
+    """``[B, S]`` each slot's index in the LM's own input (layout 0: the unpruned input, or pre_llm's kept tokens),
+    where the LM computed its positions and rotary tables; padding slots read slot 0."""
+    first = run.layouts[0]
+    if first.slot_orig.shape[1] == run.length and bool((first.slot_orig == identity_index(first.slot_orig)).all()):
+        return layout.slot_orig.clamp(min=0)
+    inverse = torch.zeros(run.batch, run.length, dtype=torch.long, device=layout.slot_orig.device)
+    rows = torch.arange(run.batch, device=inverse.device).unsqueeze(1).expand_as(first.slot_orig)
+    slots = identity_index(first.slot_orig)
+    inverse[rows[first.slot_valid], first.slot_orig[first.slot_valid]] = slots[first.slot_valid]
+    return inverse.gather(1, layout.slot_orig.clamp(min=0))
 
 
 def _policy_in_force(run: _Run, layer: int) -> tuple[Tensor, Tensor] | None:

@@ -42,6 +42,11 @@ class TokenState:
     kind: Tensor | None = None  # long: 0 text / special, 1 image, 2 video
     image_id: Tensor | None = None  # long: which image or video of the batch a visual token is from, -1 text
     coords: Tensor | None = None  # [B, N, 3] long: (t, h, w) of a visual token in its image's token grid
+    # [B, N, P, D] vit.<i> on a packed tower, on request (``needs_group_patches``): the patches of each group (Qwen2-VL:
+    # its m×m merge group; Molmo2: its pooling window, in the pooling index order), zero at padded slots (STTS's
+    # attention pooling and temporal cosine read them); ``group_patch_valid`` [B, N, P] bool: which slots are patches
+    group_patches: Tensor | None = None
+    group_patch_valid: Tensor | None = None
     tower_attention: Tensor | None = None  # [B, N] importance from the vision tower ([CLS] attention), on request
     tower_keys: Tensor | None = None  # [B, N, Dk] vision-tower keys of each visual token, on request
     text_mean: Tensor | None = None  # [B, D] mean hidden state of the text tokens at this site
@@ -89,7 +94,7 @@ class TokenState:
         for name in ("valid", "kind", "image_id", "tower_attention", "token_key"):
             if getattr(self, name) is not None:
                 fields[name] = getattr(self, name).gather(1, index)
-        for name in ("coords", "tower_keys", "patch_pixels"):
+        for name in ("coords", "tower_keys", "patch_pixels", "group_patches", "group_patch_valid"):
             value = getattr(self, name)
             if value is not None:
                 by_token = index.view(*index.shape, *[1] * (value.dim() - 2)).expand(-1, -1, *value.shape[2:])

@@ -1,4 +1,4 @@
-"""Adapters for multimodal LLMs: LLaVA (CLIP / SigLIP tower + projector + Llama / Qwen2 LM) and Qwen2-VL.
+"""Adapters for multimodal LLMs: LLaVA (CLIP / SigLIP tower + projector + Llama / Qwen2 LM), Qwen2-VL and Molmo2.
 
 Like the vision adapter, this only *names* things in an unmodified transformers model: its vision tower,
 projector, language model and decoder layers, the sites, and how to read each sample's visual tokens from
@@ -15,9 +15,12 @@ Sites, in depth order:
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -55,6 +58,13 @@ class TowerCall:
     keys: list[Tensor]  # head-averaged keys, one tensor per attention call
     kept: Tensor | None = None  # vit.<i> sites: [tokens] bool, which of this call's LLM tokens the tower kept
     policy: Tensor | None = None  # vit.<i> sites in mask mode: [tokens] float, the tower's keep policy per LLM token
+    # families whose tower arguments do not say what the call encodes (Molmo2: the grids and pooling indices reach
+    # get_image_features / get_video_features): IMAGE or VIDEO, [items] LLM tokens per image / video, [tokens, 3]
+    # (t, h, w) of each token in its item's grid (MLLMFamily.describe_call)
+    kind: int | None = None
+    item_tokens: Tensor | None = None
+    coords: Tensor | None = None
+    pooling: Tensor | None = None  # Molmo2: [tokens, k] the call's patches (flattened over crops) each token pools
 
 
 class MLLMFamily:
@@ -66,6 +76,9 @@ class MLLMFamily:
     # the tower runs every image as one packed sequence and merges patch groups into LLM tokens (Qwen2-VL):
     # vit.<i> sites run through tokensift.reduce_packed instead of the vision adapter
     packed_tower: ClassVar[bool] = False
+    # of the packed towers, one that runs frames / crops as a [frames, patches, D] batch and pools windows of patches
+    # named by the processor into LLM tokens (Molmo2): ``watch_feature_calls`` / ``pooled_layout`` describe its calls
+    frame_batched_tower: ClassVar[bool] = False
 
     # -- parts --------------------------------------------------------------------------------
     def tower(self, model: nn.Module) -> nn.Module:
@@ -137,6 +150,20 @@ class MLLMFamily:
     def decode_position_ids(self, model: nn.Module, positions: Tensor) -> Tensor:
         """Position ids the LM expects for 1-D text positions ``[B, q]`` of newly decoded tokens."""
         return positions
+
+    def lm_padding_mask(self, inputs: dict | None, lm_kwargs: dict) -> Tensor | None:
+        """The 2-D ``[B, L]`` padding mask of the LLM's input: the LM's own ``attention_mask`` argument, unless the
+        model builds the 4-D mask before calling the LM (Molmo2), in which case the model's input carries it."""
+        return lm_kwargs.get("attention_mask")
+
+    def block_sequence_ids(self, model: nn.Module, inputs: dict) -> Tensor | None:
+        """``[B, L]`` long for ``create_causal_mask``: tokens sharing an id ``>= 0`` attend to each other both ways in
+        the prefill (Molmo2's multimodal block), ``-1`` causal; ``None`` for a purely causal LM."""
+        return None
+
+    def describe_call(self, call: TowerCall, kind: int, pooling: Tensor, grids: Tensor) -> None:
+        """Complete ``call`` from what the model's feature method was given (``watch_feature_calls`` families)."""
+        raise NotImplementedError
 
 
 def _scatter_visual(values: Tensor, kinds: Tensor, kind: int, fill: float = 0.0) -> Tensor:
@@ -377,8 +404,223 @@ class Qwen2VLFamily(MLLMFamily):
         return positions.unsqueeze(0).expand(3, -1, -1)
 
 
+class Molmo2Family(MLLMFamily):
+    """Molmo2: a SigLIP-style ViT over image crops / video frames, an attention-pooling adapter
+    (``multi_modal_projector``: each LLM token cross-attends to the patches ``*_token_pooling`` names) and a
+    1-D-RoPE LM in which a sample's multimodal tokens (``mm_token_type_ids == 1``: patches, column, start and
+    end tokens of every image or frame) attend to each other bidirectionally.
+
+    Images and videos share one placeholder (``image_patch_id``) and never come in one call together, so a
+    token's kind (IMAGE or VIDEO) is the kind of the pixels the call carries.
+    """
+
+    name = "molmo2"
+    model_classes = ("Molmo2ForConditionalGeneration",)
+    packed_tower = True  # vit.<i> sites by pooled windows, through tokensift.reduce_packed
+    frame_batched_tower = True
+
+    def tower(self, model):
+        return model.model.vision_tower
+
+    def language_model(self, model):
+        return model.model.language_model
+
+    def tower_blocks(self, model):
+        return self.tower(model).layers
+
+    def tower_attention(self, block):
+        return block.self_attn
+
+    def projector(self, model):
+        return model.model.multi_modal_projector
+
+    def feature_layers(self, model) -> list[int]:
+        """Tower blocks (0-based) whose outputs the adapter concatenates, in the adapter's order."""
+        num_blocks = len(self.tower_blocks(model))
+        layers = model.config.adapter_config.vision_feature_layer
+        return [layer if layer >= 0 else num_blocks + layer for layer in layers]
+
+    def scored_tower_block(self, model) -> int:
+        return max(self.feature_layers(model))  # the deepest block the adapter reads
+
+    def token_kinds(self, model, inputs):
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise ValueError(
+                "tokensift finds Molmo2's visual tokens from input_ids (image_patch_id); pass input_ids, not "
+                "inputs_embeds."
+            )
+        # generate() encodes before the first forward and passes the features as mm_encoder_outputs["video" | "image"]
+        encoded = inputs.get("mm_encoder_outputs") or {}
+        videos = any(inputs.get(name) is not None for name in ("pixel_values_videos", "video_grids"))
+        kind = VIDEO if videos or encoded.get("video") is not None else IMAGE
+        return (input_ids == model.config.image_patch_id).long() * kind
+
+    def encoded_tokens(self, model, args, kwargs):
+        return 0  # the tower sees pixels only; describe_call sets the count from the grids of the feature call
+
+    def describe_call(self, call, kind, pooling, grids):
+        counts, coords = self.pooled_layout(kind, pooling, grids)
+        call.kind, call.grid_thw, call.item_tokens, call.coords = kind, grids, counts, coords
+        call.tokens, call.pooling = int(counts.sum()), pooling
+
+    def call_kinds(self, model, inputs, calls, kinds):
+        fallback = VIDEO if bool((kinds == VIDEO).any()) else IMAGE
+        return [fallback if call.kind is None else call.kind for call in calls]
+
+    def lm_padding_mask(self, inputs, lm_kwargs):
+        # Molmo2Model builds the 4-D mask (with its multimodal block) before the LM: the 2-D one is the model's input
+        return lm_kwargs.get("attention_mask") if inputs is None else inputs.get("attention_mask")
+
+    def block_sequence_ids(self, model, inputs):
+        # what Molmo2Model.forward passes create_causal_mask in the prefill: one bidirectional block per sample over
+        # its multimodal tokens (patches and their start / end / column tokens), the rest causal
+        types = inputs.get("mm_token_type_ids")
+        return None if types is None else torch.where(types == 1, 0, -1)
+
+    def token_layout(self, model, inputs, kinds, calls):
+        kind = VIDEO if bool((kinds == VIDEO).any()) else IMAGE
+        name = "video" if kind == VIDEO else "image"
+        described = [call for call in calls if call.coords is not None and call.kind == kind]
+        if described:
+            counts = torch.cat([call.item_tokens for call in described])
+            flat = torch.cat([call.coords for call in described])
+        elif inputs.get(f"{name}_grids") is not None and inputs.get(f"{name}_token_pooling") is not None:
+            counts, flat = self.pooled_layout(kind, inputs[f"{name}_token_pooling"], inputs[f"{name}_grids"])
+        else:
+            raise ValueError(
+                f"tokensift reads Molmo2's {name} token grids from {name}_grids and {name}_token_pooling, or from the "
+                f"model's get_{name}_features call; pass them with the pixels (as the processor returns them)."
+            )
+        visual = kinds != TEXT
+        per_sample = visual.sum(1).cpu()
+        if int(counts.sum()) != int(per_sample.sum()):
+            raise ValueError(
+                f"the inputs hold {int(per_sample.sum())} {name} tokens but the {name} grids describe "
+                f"{int(counts.sum())}; the placeholders must match the {name}s passed."
+            )
+        item_ends = set(counts.cpu().cumsum(0).tolist())
+        sample_ends = [end for end in per_sample.cumsum(0).tolist() if end > 0]
+        if not set(sample_ends) <= item_ends:
+            raise ValueError(
+                f"a {name} straddles two samples: the samples hold {per_sample.tolist()} {name} tokens, the {name}s "
+                f"{counts.tolist()}; each sample's placeholders must cover whole {name}s."
+            )
+        image_id = torch.full(kinds.shape, -1, dtype=torch.long, device=kinds.device)
+        coords = torch.full((*kinds.shape, 3), -1, dtype=torch.long, device=kinds.device)
+        items = torch.arange(counts.numel(), device=kinds.device)
+        image_id[visual] = items.repeat_interleave(counts.to(kinds.device))  # row-major batch order, as the model fills
+        coords[visual] = flat.to(kinds.device)
+        return image_id, coords
+
+    def tower_token_scores(self, model, calls, kinds, inputs):
+        by_kind = {}
+        for call, kind in zip(calls, self.call_kinds(model, inputs, calls, kinds), strict=True):
+            if call.pooling is None or len(call.attention) != 1:
+                raise ValueError(
+                    "Molmo2 runs the tower once per get_image_features / get_video_features call, all crops as one "
+                    "batch; call the model (or generate()), not its vision tower directly."
+                )
+            # the scored block (the deepest the adapter reads) runs every crop at once: [crops, H, P, P]; a patch's
+            # score is the attention it receives (no [CLS]), its key the head-averaged key
+            score = call.attention[0].float().sum(dim=1).mean(dim=1).reshape(-1)
+            keys = call.keys[0].float().reshape(-1, call.keys[0].shape[-1])
+            # an LLM token pools a window of patches (-1: padding): its score is their sum, its key their mean
+            pooling = call.pooling.to(score.device)
+            valid = pooling >= 0
+            index = pooling.clamp(min=0)
+            token_score = (score[index] * valid).sum(dim=1)
+            token_keys = (keys[index] * valid.unsqueeze(-1)).sum(dim=1) / valid.sum(1, keepdim=True).clamp(min=1)
+            by_kind[kind] = (token_score[valid.any(1)], token_keys[valid.any(1)])
+        scores = torch.zeros(kinds.shape, device=kinds.device)
+        dim = next(iter(by_kind.values()))[1].shape[-1]
+        keys = torch.zeros((*kinds.shape, dim), device=kinds.device)
+        for kind, (score, key) in by_kind.items():
+            scores = scores + _scatter_visual(score.to(kinds.device), kinds, kind)
+            keys = keys + _scatter_visual(key.to(kinds.device), kinds, kind)
+        return scores, keys
+
+    # -- the tower's calls (vit.<i> sites through tokensift.reduce_packed) ----------------------------------------
+    def watch_feature_calls(self, model, on_call) -> Callable[[], None]:
+        """Call ``on_call(kind, pooling, grids)`` before each tower call that encodes features for the LLM; returns
+        the function that stops watching.
+
+        The tower is called with pixels only; which patches each LLM token pools (``*_token_pooling``) and the grids
+        reach ``get_image_features`` / ``get_video_features`` (``generate()`` calls them before the first forward), so
+        those two methods of the ``Molmo2Model`` instance are wrapped, one wrapper for every watcher.
+        """
+        base = model.model
+        watchers = base.__dict__.get("_tokensift_feature_watchers")
+        if watchers is None:
+            watchers = base._tokensift_feature_watchers = []
+            running: list[int] = []  # get_video_features calls get_image_features: only the outer call is told
+            for name, kind in (("get_image_features", IMAGE), ("get_video_features", VIDEO)):
+                setattr(base, name, _watched(getattr(base, name), kind, watchers, running))
+        watchers.append(on_call)
+
+        def stop() -> None:
+            if on_call in watchers:
+                watchers.remove(on_call)
+            if not watchers and base.__dict__.get("_tokensift_feature_watchers") is watchers:
+                for name in ("get_image_features", "get_video_features", "_tokensift_feature_watchers"):
+                    base.__dict__.pop(name, None)
+
+        return stop
+
+    def pooled_layout(self, kind: int, pooling: Tensor, grids: Tensor) -> tuple[Tensor, Tensor]:
+        """``[items]`` LLM tokens of each image / video of a call (the model's own split sizes) and ``[G, 3]`` the
+        (t, h, w) of each token in its item's token grid: a video's frame, row, column; an image's low-res crop
+        (t = 0) then its high-res crops' pooled canvas (t = 1)."""
+        coords, counts = [], []
+        for grid in grids.tolist():
+            if kind == VIDEO:  # (frames, rows, cols)
+                parts = [(t, grid[1], grid[2]) for t in range(grid[0])]
+            else:  # (low-res rows, cols, high-res rows, cols), low-res tokens first
+                parts = [(0, grid[0], grid[1]), (1, grid[2], grid[3])]
+            count = 0
+            for t, rows, cols in parts:
+                h, w = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+                coords.append(torch.stack([torch.full_like(h, t), h, w], dim=-1).reshape(-1, 3))
+                count += rows * cols
+            counts.append(count)
+        total = sum(counts)
+        if total != pooling.shape[0]:
+            name = "video" if kind == VIDEO else "image"
+            raise ValueError(
+                f"{name}_token_pooling has {pooling.shape[0]} rows but {name}_grids describe {total} tokens; pass the "
+                "processor's pooling indices and grids together."
+            )
+        device = pooling.device
+        return torch.tensor(counts, device=device), torch.cat(coords).to(device)
+
+
+def _watched(method, kind: int, watchers: list, running: list):
+    """``method`` (a bound ``get_*_features``) telling each watcher its kind, pooling indices and grids first, unless
+    it runs inside another watched call (``running``): Molmo2's video features are its image features of the frames,
+    with the video grids rewritten as image grids."""
+
+    # generate() calls it by keyword, with the names of its signature (pixel_values_videos, video_token_pooling, ...),
+    # which functools.wraps exposes: bind whatever arrives to the original's parameters, in order
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def features(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        _, token_pooling, grids = list(bound.arguments.values())[:3]
+        if not running:
+            for on_call in list(watchers):
+                on_call(kind, token_pooling, grids)
+        running.append(kind)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            running.pop()
+
+    return features
+
+
 FAMILIES: dict[str, MLLMFamily] = {}
-for _family in (LlavaFamily(), Qwen2VLFamily()):
+for _family in (LlavaFamily(), Qwen2VLFamily(), Molmo2Family()):
     for _cls in _family.model_classes:
         FAMILIES[_cls] = _family
 
@@ -456,7 +698,7 @@ class MLLMAdapter:
     # -- identity -------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
         cfg = {k: v for k, v in self.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-        for sub in ("text_config", "vision_config"):
+        for sub in ("text_config", "vision_config", "adapter_config"):
             if isinstance(cfg.get(sub), dict):
                 cfg[sub] = {k: v for k, v in cfg[sub].items() if k not in _VOLATILE_CONFIG_KEYS}
         config_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]

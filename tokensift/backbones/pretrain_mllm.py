@@ -72,13 +72,41 @@ MODEL_DATA_ATTRIBUTES = (
     "num_image_tokens",
 )
 """What :func:`build_mllm` reads off a data module to shape the model (the batches follow the VQA contract)."""
+VIDEO_DATA_ATTRIBUTES = (
+    "tokenizer",
+    "image_token_id",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "max_frames",
+    "tokens_per_frame",
+    "family",
+)
+"""What :func:`build_mllm` reads off a video data module (:class:`~tokensift.data.video_vqa.VideoDigitVQADataModule`):
+frames of ``image_size`` px cut into ``patch_size`` patches, ``family``'s layout, the visual placeholder."""
+MLLM_FAMILIES = (*FAMILIES, "molmo2")
+"""Families :func:`build_mllm` builds: LLaVA and Qwen2-VL on image or video data, Molmo2 on video data."""
 
 
 def _check_family(family: str) -> None:
-    check_family(family)
+    if family not in MLLM_FAMILIES:
+        check_family(family)  # names the image families
+
+
+def is_video_data(data: Any) -> bool:
+    """Whether ``data`` gives one video per sample (it names its longest video: ``max_frames``)."""
+    return hasattr(data, "max_frames")
 
 
 def _check_model_data(data: Any) -> None:
+    if is_video_data(data):
+        missing = [name for name in VIDEO_DATA_ATTRIBUTES if not hasattr(data, name)]
+        if missing:
+            raise ValueError(
+                f"data: {type(data).__name__} lacks {missing}, which shape a video model; give a video data module "
+                "such as tokensift.data.VideoDigitVQADataModule"
+            )
+        return
     missing = [name for name in MODEL_DATA_ATTRIBUTES if not hasattr(data, name)]
     if missing:
         raise ValueError(
@@ -115,6 +143,24 @@ def build_mllm(
     ):
         if value % num_attention_heads:
             raise ValueError(f"{name} ({value}) must be divisible by num_attention_heads ({num_attention_heads})")
+    if is_video_data(data):
+        return _finish(
+            _build_video_mllm(
+                family,
+                data,
+                vision_hidden_size=vision_hidden_size,
+                vision_layers=vision_layers,
+                text_hidden_size=text_hidden_size,
+                text_layers=text_layers,
+                num_attention_heads=num_attention_heads,
+            ),
+            data.tokenizer,
+        )
+    if family == "molmo2":
+        raise ValueError(
+            f"family='molmo2' is built for video data (Molmo2's video layout); {type(data).__name__} gives images: "
+            "use tokensift.data.VideoDigitVQADataModule(family='molmo2') or family='llava' / 'qwen2_vl'"
+        )
     if data.num_image_tokens != data.num_patches:
         raise ValueError(
             f"data.num_image_tokens ({data.num_image_tokens}) must equal data.num_patches ({data.num_patches}): "
@@ -194,10 +240,126 @@ def build_mllm(
             tie_word_embeddings=True,
         )
         model = Qwen2VLForConditionalGeneration(config)
+    return _finish(model, tokenizer)
+
+
+def _finish(model, tokenizer):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def _text_config(tokenizer, hidden_size: int, layers: int, heads: int, max_positions: int) -> dict:
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def _build_video_mllm(
+    family: str,
+    data: Any,
+    *,
+    vision_hidden_size: int,
+    vision_layers: int,
+    text_hidden_size: int,
+    text_layers: int,
+    num_attention_heads: int,
+):
+    """A random-init Qwen2-VL or Molmo2 for a video data module: the tower cuts frames of ``data.image_size`` px
+    into ``data.patch_size`` patches (Qwen2-VL merges 2x2 over a temporal patch of 2, Molmo2 pools
+    ``data.pool_size``-square windows per frame), one LLM token per placeholder the data writes."""
+    if data.family != family:
+        raise ValueError(
+            f"data: its prompts carry {data.family}'s video placeholders but family is {family!r}; build the data "
+            f"module with family={family!r}"
+        )
+    tokenizer = data.tokenizer
+    unused = tokenizer.unk_token_id  # markers this vocabulary has no word for point at an id never in a prompt
+    # visual tokens of the longest video plus its frame markers and the question
+    max_positions = 2 ** int(data.max_frames * (data.tokens_per_frame + 2) + 64).bit_length()
+    text = _text_config(tokenizer, text_hidden_size, text_layers, num_attention_heads, max_positions)
+    head_dim = text_hidden_size // num_attention_heads
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        if head_dim % 2:
+            raise ValueError(f"text_hidden_size / num_attention_heads ({head_dim}) must be even for rotary positions")
+        half = head_dim // 2
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [half - 2 * (half // 3), half // 3, half // 3],
+        }
+        vision = dict(
+            depth=vision_layers,
+            embed_dim=vision_hidden_size,
+            hidden_size=text_hidden_size,
+            num_heads=num_attention_heads,
+            mlp_ratio=2,
+            in_channels=data.num_channels,
+            patch_size=data.patch_size,
+            spatial_merge_size=QWEN2_VL_MERGE,
+            temporal_patch_size=QWEN2_VL_TEMPORAL,
+        )
+        config = Qwen2VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),  # no still images in a video prompt
+            video_token_id=data.image_token_id,
+            vision_start_token_id=unused,
+            vision_end_token_id=unused,
+            tie_word_embeddings=True,
+        )
+        return Qwen2VLForConditionalGeneration(config)
+    from transformers import Molmo2Config, Molmo2ForConditionalGeneration
+
+    if vision_layers < 1:
+        raise ValueError(f"vision_layers must be >= 1, got {vision_layers}")
+    vision_head_dim = vision_hidden_size // num_attention_heads
+    frame_start, frame_end = data.frame_token_ids
+    config = Molmo2Config(
+        vision_config=dict(
+            hidden_size=vision_hidden_size,
+            intermediate_size=2 * vision_hidden_size,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_attention_heads,
+            head_dim=vision_head_dim,
+            image_size=[data.image_size, data.image_size],
+            patch_size=data.patch_size,
+            num_channels=data.num_channels,
+        ),
+        adapter_config=dict(
+            # the last block only: every tower block then feeds the LLM, so a vit.<i> site prunes real work
+            vision_feature_layer=[-1],
+            hidden_size=vision_hidden_size,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_attention_heads,
+            head_dim=vision_head_dim,
+            intermediate_size=2 * text_hidden_size,
+            text_hidden_size=text_hidden_size,
+        ),
+        text_config=dict(text, head_dim=head_dim, additional_vocab_size=0),
+        image_patch_id=data.image_token_id,
+        frame_start_token_id=frame_start,
+        frame_end_token_id=frame_end,
+        image_start_token_id=unused,
+        image_end_token_id=unused,
+        low_res_image_start_token_id=unused,
+        tie_word_embeddings=True,
+    )
+    return Molmo2ForConditionalGeneration(config)
 
 
 def build_image_processor_for(family: str, data: Any):
@@ -234,8 +396,10 @@ def _save_input_pipeline(family: str, data: Any, out: Path) -> None:
     then rebuilds the prompt with its image tokens). ``Qwen2VLProcessor`` cannot be built without
     torchvision (it insists on a video processor), so Qwen2-VL gets the two parts only. A data module without
     ``image_processor()`` gets the tokenizer only."""
-    image_processor = build_image_processor_for(family, data)
     data.tokenizer.save_pretrained(out)
+    if is_video_data(data):  # the video processors need torchvision: the data module's collator rebuilds inputs
+        return
+    image_processor = build_image_processor_for(family, data)
     if image_processor is None:
         return
     image_processor.save_pretrained(out)
@@ -263,13 +427,18 @@ def load_mllm(path: str | os.PathLike):
         AutoImageProcessor,
         AutoTokenizer,
         LlavaForConditionalGeneration,
+        Molmo2ForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
     )
 
     path = Path(path)
     if not (path / REPORT).is_file():
         raise FileNotFoundError(f"{path} holds no {REPORT}; pass a directory written by pretrain_mllm")
-    classes = {"llava": LlavaForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}
+    classes = {
+        "llava": LlavaForConditionalGeneration,
+        "qwen2_vl": Qwen2VLForConditionalGeneration,
+        "molmo2": Molmo2ForConditionalGeneration,
+    }
     model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
     if model_type not in classes:
         raise ValueError(f"{path} holds a {model_type!r} model; expected one of {sorted(classes)}")
@@ -365,12 +534,15 @@ class MLLMPretrainer(L.LightningModule):
     def alignment_loss(
         self, image_states: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> torch.Tensor:
-        """Cross-entropy of image tokens [B, P, D] against the word embeddings of each group's words
-        (``targets``: ``(word ids [K], target index [B, P])`` per group, -100 skipped), summed over groups."""
+        """Cross-entropy of image tokens against the word embeddings of each group's words, summed over groups.
+
+        ``image_states``: ``[B, P, D]``, or ``[N, D]``, every row's visual tokens in order (rows of different
+        counts, e.g. videos of different lengths); ``targets``: ``(word ids [K], target index)`` per group, the
+        index ``[B, P]`` or ``[N]`` alike (-100 skipped)."""
         words = self.model.get_input_embeddings().weight
 
         def choose(word_ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            logits = (image_states @ words[word_ids].T).flatten(0, 1)
+            logits = (image_states @ words[word_ids].T).reshape(-1, len(word_ids))
             return torch.nn.functional.cross_entropy(logits, target.reshape(-1), ignore_index=IGNORE_INDEX)
 
         losses = [choose(word_ids, target) for word_ids, target in targets]
@@ -390,8 +562,15 @@ class MLLMPretrainer(L.LightningModule):
         self.log("train/answer_loss", loss, batch_size=size)
         if align:
             embeddings = outputs.hidden_states[0]  # the LM's input: image features spliced into the text
-            image_states = embeddings[batch["input_ids"] == self.image_token_id].reshape(size, -1, embeddings.shape[-1])
-            alignment = self.alignment_loss(image_states, self._alignment_targets(batch))
+            is_image = batch["input_ids"] == self.image_token_id
+            image_states = embeddings[is_image]  # [N, D]: each row's visual tokens, row after row
+            # targets are [B, P_max], each row's tokens first: keep the first count_b entries of row b
+            counts = is_image.sum(1, keepdim=True)
+            targets = [
+                (word_ids, target[torch.arange(target.shape[1], device=target.device) < counts])
+                for word_ids, target in self._alignment_targets(batch)
+            ]
+            alignment = self.alignment_loss(image_states, targets)
             self.log("train/alignment_loss", alignment, batch_size=size)
             loss = loss + self.hparams.alignment_loss_weight * alignment
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
@@ -516,7 +695,7 @@ def _pretrain(out, data, max_epochs, trainer_kwargs, seed, family, eval_batch_si
 
 def pretrain_mllm_command(
     out: str,
-    data: str = "tokensift.data.DigitVQADataModule",
+    data: str | dict = "tokensift.data.DigitVQADataModule",
     family: str = "llava",
     max_epochs: int = 1,
     batch_size: int | None = None,
@@ -534,16 +713,18 @@ def pretrain_mllm_command(
     alignment_loss_weight: float = 1.0,
     enable_progress_bar: bool = True,
 ) -> dict:
-    """Train a tiny LLaVA / Qwen2-VL from scratch on a VQA data module and save it to ``out``.
+    """Train a tiny LLaVA / Qwen2-VL (image or video data) or Molmo2 (video data) from scratch on a VQA data module
+    and save it to ``out``. ``--config configs/pretrain_video_molmo2.yaml`` reads every option from a YAML file.
 
     Args:
         out: output folder (model, tokenizer, image processor, tokensift_mllm.json); absent, empty or an
             earlier output of this command.
         data: the data module: a class path built with its defaults (tokensift.data.ShapeVQADataModule), a YAML
             file with class_path / init_args (or a `tokensift fit` config's data: section), or that mapping as
-            JSON text ('{"class_path": "tokensift.data.ShapeVQADataModule", "init_args": {"canvas_size": 32}}').
-            Its batches must follow the VQA batch contract (tokensift.data.contract).
-        family: llava or qwen2_vl.
+            JSON text ('{"class_path": "tokensift.data.ShapeVQADataModule", "init_args": {"canvas_size": 32}}'), or
+            in a --config file that mapping itself. Its batches must follow the VQA batch contract
+            (tokensift.data.contract).
+        family: llava or qwen2_vl; molmo2 on video data (tokensift.data.VideoDigitVQADataModule).
         max_epochs: passes over the train split.
         batch_size: overrides the data module's batch size.
         seed: seeds weights, data order and dropout.

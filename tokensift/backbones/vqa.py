@@ -40,7 +40,12 @@ __all__ = [
     "teacher_forced_answers",
 ]
 
-SUPPORTED_MODEL_TYPES = ("llava", "qwen2_vl")
+SUPPORTED_MODEL_TYPES = ("llava", "qwen2_vl", "molmo2")
+VIDEO_INPUTS = {
+    "qwen2_vl": ("pixel_values_videos", "video_grid_thw"),
+    "molmo2": ("pixel_values_videos", "video_token_pooling", "video_grids"),
+}
+"""The processor's video fields each family's forward takes (tokensift.data.video_vqa writes them)."""
 
 
 def model_family(model: torch.nn.Module) -> str:
@@ -64,6 +69,8 @@ def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def mllm_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], generation: bool = False) -> dict:
     """Forward keyword arguments for ``model`` from a VQA batch (no ``labels``).
 
+    Video batches (``pixel_values_videos``; Qwen2-VL and Molmo2): the processor's video fields
+    (:data:`VIDEO_INPUTS`) and ``mm_token_type_ids`` as they are, plus Molmo2's padding-aware ``position_ids``.
     LLaVA: ``input_ids``, ``attention_mask``, ``pixel_values`` and, unless ``generation`` (``generate``
     derives the same itself), padding-aware ``position_ids``. Qwen2-VL: the processor's ``pixel_values`` and
     ``image_grid_thw`` as they are, or images ``[B, C, H, W]`` patched with the model's vision config, and
@@ -72,6 +79,12 @@ def mllm_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], generati
     """
     model_type = model_family(model)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "pixel_values_videos" in batch:  # a video batch: the processor's fields as they are
+        inputs.update({key: batch[key] for key in VIDEO_INPUTS.get(model_type, ("pixel_values_videos",))})
+        inputs["mm_token_type_ids"] = batch["mm_token_type_ids"]
+        if model_type == "molmo2" and not generation:  # 1-D positions, as llava's
+            inputs["position_ids"] = padded_position_ids(batch["attention_mask"])
+        return inputs
     if model_type == "llava":
         inputs["pixel_values"] = batch["pixel_values"]
         if not generation:
@@ -227,7 +240,9 @@ def answer_accuracy(
         for number, batch in enumerate(DataLoader(subset, batch_size=batch_size, collate_fn=collate)):
             batch = {key: value.to(device) if isinstance(value, Tensor) else value for key, value in batch.items()}
             if number == 0:
-                check_vqa_batch(batch, family, image_token_id=model.config.image_token_id)
+                video = "pixel_values_videos" in batch  # Qwen2-VL's video placeholder differs from its image one
+                token = model.config.video_token_id if video else model.config.image_token_id
+                check_vqa_batch(batch, family, image_token_id=token)
             prompt, answers = split_answers(batch, pad)
             logits = model(**mllm_inputs(model, prompt)).logits[:, -1]
             predicted = restricted_argmax(logits, answer_ids).unsqueeze(1)

@@ -5,6 +5,7 @@ from tokensift.data.digit_vqa import DigitVQA, DigitVQADataModule
 from tokensift.data.digits import ClutteredDigits, ClutteredDigitsDataModule
 from tokensift.data.shape_vqa import ShapeVQA, ShapeVQADataModule
 from tokensift.data.shapes import TexturedShapes, TexturedShapesDataModule
+from tokensift.data.video_vqa import VideoDigitVQA, VideoDigitVQADataModule
 
 __all__ = [
     "VQA_BATCH_CONTRACT",
@@ -17,5 +18,7 @@ __all__ = [
     "TexturedShapes",
     "TexturedShapesDataModule",
     "VQABatchError",
+    "VideoDigitVQA",
+    "VideoDigitVQADataModule",
     "check_vqa_batch",
 ]

@@ -13,11 +13,13 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from tokensift.data.vqa import IGNORE_INDEX, check_family
+from tokensift.data.vqa import IGNORE_INDEX
 
 __all__ = [
+    "CONTRACT_FAMILIES",
     "OPTIONAL_FIELDS",
     "REQUIRED_FIELDS",
+    "VIDEO_FIELDS",
     "VQA_BATCH_CONTRACT",
     "VQABatchError",
     "answer_tokens",
@@ -27,6 +29,9 @@ __all__ = [
 
 REQUIRED_FIELDS = ("input_ids", "attention_mask", "pixel_values", "labels", "index")
 OPTIONAL_FIELDS = ("image_grid_thw", "mm_token_type_ids", "oracle_mask", "question_type")
+VIDEO_FIELDS = {"qwen2_vl": ("video_grid_thw",), "molmo2": ("video_token_pooling", "video_grids")}
+"""What a video batch carries beside ``pixel_values_videos`` (which stands in for ``pixel_values``), per family."""
+CONTRACT_FAMILIES = ("llava", "qwen2_vl", "molmo2")
 
 VQA_BATCH_CONTRACT = """\
 A VQA batch is a dict of tensors, the model's processor outputs plus the answer and bookkeeping:
@@ -50,6 +55,13 @@ optional:
                                 reports oracle recall and runs the oracle row only when batches carry it
   mm_token_type_ids int64 [B, L]  qwen2_vl: 1 at image tokens (computed from input_ids when absent)
   question_type   int64 [B]     index into the data's question_type_names, for accuracy per question type
+video batches (one video per sample, tokensift.data.video_vqa) carry pixel_values_videos instead of pixel_values:
+  qwen2_vl: pixel_values_videos float [sum of t*h*w, C*temporal*p*p] and video_grid_thw int64 [B, 3], one video
+            token per merged patch, mm_token_type_ids 2 there
+  molmo2:   pixel_values_videos float [frames, patches, p*p*C], video_token_pooling int64 [tokens, pool_h*pool_w]
+            (indices into the flattened patches, -1 padding), video_grids int64 [B, 3] (frames, rows, cols), the
+            image_patch_id once per pooled token, mm_token_type_ids 1 there and at the frame start / end tokens
+  oracle_mask may then be [B, P_max]: each row's visual tokens first, False after them
 
 Data-module attributes read when present: answer_token_ids (a closed answer vocabulary: argmax and generate are
 restricted to it), pad_token_id / tokenizer (re-padding prompts, decoding answers for figures), image_token_id
@@ -105,8 +117,17 @@ def check_vqa_batch(
         raise VQABatchError(
             f"a VQA batch is a dict of tensors, got {type(batch).__name__}; collate samples into a dict"
         )
-    check_family(family)
+    if family not in CONTRACT_FAMILIES:
+        raise VQABatchError(f"family must be one of {list(CONTRACT_FAMILIES)}, got {family!r}")
+    video = "pixel_values_videos" in batch
     required = [f for f in REQUIRED_FIELDS if require_labels or f != "labels"]
+    if video:
+        required = [f for f in required if f != "pixel_values"] + list(VIDEO_FIELDS.get(family, ()))
+    elif family == "molmo2":
+        raise VQABatchError(
+            "batch lacks pixel_values_videos: tokensift reads molmo2 video batches (Molmo2VideoProcessor's layout); "
+            "collate them with tokensift.data.video_vqa.VideoVQACollator"
+        )
     missing = [f for f in required if f not in batch]
     if missing:
         present = sorted(str(k) for k in batch)
@@ -166,11 +187,15 @@ def check_vqa_batch(
             if bool((last_image > first).any()):
                 _fail("labels", "start before the last image token", "put the answer after the prompt and its image")
 
-    pixels = batch["pixel_values"]
-    if not isinstance(pixels, Tensor) or not pixels.dtype.is_floating_point:
-        _fail("pixel_values", f"is {getattr(pixels, 'dtype', type(pixels).__name__)}", "give float pixel values")
+    if video:
+        _check_video(batch, family, size, is_image, spatial_merge_size)
     grid = batch.get("image_grid_thw")
-    if family == "llava":
+    pixels = batch.get("pixel_values")
+    if video:
+        pass
+    elif not isinstance(pixels, Tensor) or not pixels.dtype.is_floating_point:
+        _fail("pixel_values", f"is {getattr(pixels, 'dtype', type(pixels).__name__)}", "give float pixel values")
+    elif family == "llava":
         if pixels.ndim != 4 or pixels.shape[0] != size:
             _fail(
                 "pixel_values",
@@ -216,13 +241,21 @@ def check_vqa_batch(
             _fail("oracle_mask", f"has dtype {oracle.dtype}", "give a bool mask (mask.bool())")
         if oracle.shape[0] != size:
             _fail("oracle_mask", f"has {oracle.shape[0]} rows for {size} samples", "give one row per sample")
-        if is_image is not None and bool((is_image.sum(1) != oracle.shape[1]).any()):
-            counts = sorted(set(is_image.sum(1).tolist()))
+        counts = None if is_image is None else is_image.sum(1)
+        if counts is not None and not video and bool((counts != oracle.shape[1]).any()):
             _fail(
                 "oracle_mask",
-                f"has {oracle.shape[1]} patches per row but the rows hold {counts} image tokens",
+                f"has {oracle.shape[1]} patches per row but the rows hold {sorted(set(counts.tolist()))} image tokens",
                 "give one oracle entry per visual token, in input_ids order",
             )
+        if counts is not None and video:
+            beyond = torch.arange(oracle.shape[1], device=oracle.device) >= counts.to(oracle.device).unsqueeze(1)
+            if int(counts.max()) > oracle.shape[1] or bool((oracle & beyond).any()):
+                _fail(
+                    "oracle_mask",
+                    f"has {oracle.shape[1]} entries per row for rows of {sorted(set(counts.tolist()))} visual tokens",
+                    "give one entry per visual token in input_ids order, padded with False to the longest row",
+                )
     kinds = batch.get("question_type")
     if kinds is not None and (not isinstance(kinds, Tensor) or tuple(kinds.shape) != (size,)):
         _fail(
@@ -230,6 +263,46 @@ def check_vqa_batch(
             f"has shape {tuple(getattr(kinds, 'shape', ()))}",
             "give one question-type index per sample",
         )
+
+
+def _check_video(batch: Mapping, family: str, size: int, is_image: Tensor | None, merge: int | None) -> None:
+    """The video fields of ``batch`` (one video per sample) in qwen2_vl's or molmo2's processor layout."""
+    if family == "llava":
+        _fail("pixel_values_videos", "is given for llava", "give llava images in pixel_values")
+    pixels = batch["pixel_values_videos"]
+    if not isinstance(pixels, Tensor) or not pixels.dtype.is_floating_point:
+        _fail("pixel_values_videos", f"is {getattr(pixels, 'dtype', type(pixels).__name__)}", "give float pixels")
+    grid_field = "video_grid_thw" if family == "qwen2_vl" else "video_grids"
+    grid = _tensor(batch, grid_field, 2, "int64 [B, 3]")
+    if grid.shape != (size, 3) or not _integer(grid):
+        _fail(grid_field, f"is {grid.dtype} {tuple(grid.shape)} for {size} samples", "give one (t, h, w) per video")
+    visual = None if is_image is None else int(is_image.sum())
+    if family == "qwen2_vl":
+        if pixels.ndim != 2 or pixels.shape[0] != int(grid.prod(-1).sum()):
+            _fail(
+                "pixel_values_videos",
+                f"has shape {tuple(pixels.shape)} but video_grid_thw holds {int(grid.prod(-1).sum())} patches",
+                "give the flattened patches of every video, [sum of t*h*w, C*temporal*p*p]",
+            )
+        if visual is not None and merge and int(grid.prod(-1).sum()) // merge**2 != visual:
+            _fail("input_ids", f"hold {visual} video tokens but the grids merge into more or fewer", "one per merge")
+        return
+    pooling = _tensor(batch, "video_token_pooling", 2, "int64 [tokens, pool_h * pool_w]")
+    if pixels.ndim != 3 or pixels.shape[0] != int(grid[:, 0].sum()):
+        _fail(
+            "pixel_values_videos",
+            f"has shape {tuple(pixels.shape)} for {int(grid[:, 0].sum())} frames in video_grids",
+            "give molmo2 [frames of every video, patches, patch * patch * C]",
+        )
+    tokens = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
+    if pooling.shape[0] != tokens or int(pooling.max()) >= pixels.shape[0] * pixels.shape[1]:
+        _fail(
+            "video_token_pooling",
+            f"has {pooling.shape[0]} rows (max index {int(pooling.max())}) for {tokens} pooled tokens",
+            "give one row of patch indices per pooled token, into the batch's flattened patches",
+        )
+    if visual is not None and visual != tokens:
+        _fail("input_ids", f"hold {visual} image_patch_id tokens for {tokens} pooled tokens", "one per pooled token")
 
 
 _SEQUENCE_FIELDS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")

@@ -45,7 +45,21 @@ from tokensift.trainer.schedule import warmup_cosine
 
 CHECKPOINT_KEY = "tokensift"
 # keys of a multimodal batch that are the model's own inputs (a Qwen2-VL batch with patches and grids passes as is)
-MLLM_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "position_ids")
+MLLM_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_grid_thw",
+    "mm_token_type_ids",
+    "position_ids",
+    "pixel_values_videos",  # videos: Qwen2-VL's patches and grids, Molmo2's frames, pooling indices and grids
+    "video_grid_thw",
+    "video_token_pooling",
+    "video_grids",
+    "image_token_pooling",  # Molmo2's images
+    "image_grids",
+    "image_num_crops",
+)
 
 
 class FrozenBackboneTrainer(L.LightningModule):
@@ -447,7 +461,7 @@ class FrozenBackboneTrainer(L.LightningModule):
         # must not read it (the model still does): the handle conceals the label tokens from the method's state
         labels = batch.get("labels")
         self.handle.conceal(None if labels is None else labels != IGNORE_INDEX)
-        if self.adapter.family.multimodal_rope and "image_grid_thw" not in batch:
+        if self.adapter.family.multimodal_rope and "image_grid_thw" not in batch and "video_grid_thw" not in batch:
             return mllm_inputs(self.backbone, batch)  # digit-VQA images -> Qwen2-VL's patches and grids
         inputs = {key: batch[key] for key in MLLM_INPUTS if key in batch}
         mask = inputs.get("attention_mask")
@@ -481,12 +495,13 @@ class FrozenBackboneTrainer(L.LightningModule):
             raise ValueError(f"{type(self).__name__} samples no keep ratio: it was built without keep_ratio_range.")
         return self._rng.uniform(*self.keep_ratio_range)
 
-    def prepare_pruned_pass(self, batch: dict) -> float:
+    def prepare_pruned_pass(self, batch: dict, mode: str = "mask") -> float:
         """Set the handle up for this step's pruned (student) pass and return its keep ratio: a sampled keep
-        ratio, mask mode, and the batch's samples named (``name_samples``). Logged after the step as
-        ``train/keep_target`` with what was kept (``train/keep_fraction``)."""
+        ratio, ``mode`` (``"mask"``; ``"gather"`` for a method that trains by removing tokens), and the batch's
+        samples named (``name_samples``). Logged after the step as ``train/keep_target`` with what was kept
+        (``train/keep_fraction``)."""
         keep_ratio = self.sample_keep_ratio()
-        self.handle.enabled, self.handle.mode = True, "mask"
+        self.handle.enabled, self.handle.mode = True, mode
         self.handle.set_budget(keep_ratio=keep_ratio)
         self.name_samples(batch)
         self._step_keep_ratio = keep_ratio

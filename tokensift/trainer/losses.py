@@ -47,13 +47,7 @@ def scorer_objective(
       (DynamicViT distils ``x[:, 1:]``: [CLS] / registers are not part of it), mean over tokens and channels.
     """
     task = F.cross_entropy(logits, labels)
-    t = weights.temperature
-    distill = F.kl_div(
-        F.log_softmax(logits / t, dim=-1),
-        F.log_softmax(teacher_logits / t, dim=-1),
-        log_target=True,
-        reduction="batchmean",
-    ) * (t * t)
+    distill = distillation_kl(logits, teacher_logits, weights.temperature)
     # which tokens count is a hard, non-differentiable choice (as DynamicViT's boolean mask): a gradient
     # through it would teach the scorer to drop exactly the tokens pruning perturbs most
     last = records[-1]
@@ -71,6 +65,32 @@ def scorer_objective(
         terms["budget"] = budget
         loss = loss + weights.budget * budget
     return {"loss": loss, **terms}
+
+
+def distillation_kl(logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """KL(teacher ‖ student) on temperature-scaled logits, times ``temperature²`` (batch mean)."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(logits / t, dim=-1),
+        F.log_softmax(teacher_logits / t, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    ) * (t * t)
+
+
+def removal_objective(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None, weights: LossWeights) -> dict:
+    """Loss terms of a step that removes tokens (gather mode, ``train_by_removal``): task cross-entropy and, when
+    ``teacher_logits`` is given (``weights.distill > 0``), the logits KL of :func:`scorer_objective`.
+
+    No budget term: every site keeps the budget's exact count. No token MSE: the teacher's final tokens would have
+    to be cached per sample (``[N, D]`` each; ViT-Tiny: 151 KB, 190 GB for ImageNet-1k) or recomputed, which is the
+    teacher pass the cache saves; ``ScorerTrainer`` refuses ``weights.tokens > 0`` on this path.
+    """
+    task = F.cross_entropy(logits, labels)
+    if teacher_logits is None:
+        return {"loss": weights.task * task, "task": task}
+    distill = distillation_kl(logits, teacher_logits, weights.temperature)
+    return {"loss": weights.task * task + weights.distill * distill, "task": task, "distill": distill}
 
 
 def answer_loss(logits: Tensor, labels: Tensor) -> Tensor:

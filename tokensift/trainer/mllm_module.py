@@ -2,7 +2,10 @@
 
 The method (``question_selector`` at ``pre_llm``, ``dynamic_llava`` / ``atp`` at ``llm.<k>``, or any learned method
 with multimodal sites) runs in mask mode: its keep policy enters every later layer's attention as a key bias, the
-sequence keeps its length, text is never masked (``tokensift.reduce_mllm``). One step:
+sequence keeps its length, text is never masked (``tokensift.reduce_mllm``). A method that trains by removal
+(``trains_by_removal``: ``stts`` at ``vit.<i>``) runs in gather mode instead, as at inference: its keep decision's
+key bias acts at the next block and the dropped tokens leave after it, so the student pass costs a pruned forward.
+One step:
 
 - the teacher: the same weights with the handle off, no graph (no second copy of the model);
 - the student: a keep ratio drawn per step from ``keep_ratio_range`` (one artifact serves that range), the policy;
@@ -11,7 +14,9 @@ sequence keeps its length, text is never masked (``tokensift.reduce_mllm``). One
   only where the method's count is not fixed (``method.keeps_budget_count`` false: ``atp``, ``threshold``
   selections), weighted by the method's own ``budget_weight`` when its config has one; and, for a method that
   evicts generated tokens' KV (``dynamic_llava`` with ``text_predictor``), whose policy then covers the answer tokens
-  too, ``text_budget``: each answer's kept fraction vs the method's target, squared, with the same weight.
+  too, ``text_budget``: each answer's kept fraction vs the method's target, squared, with the same weight;
+  and the method's own terms of the pass (``auxiliary_losses()``, already weighted: ``stts``'s ``temporal``). With
+  ``distill_weight`` 0 the teacher pass is skipped.
 
 Validation and test report answer accuracy unpruned and in gather mode (the inference path, hard top-k) at each
 ``eval_keep_ratios``. Data: any module whose batches carry the model's processor outputs (``input_ids``,
@@ -41,13 +46,13 @@ class MLLMScorerTrainer(FrozenBackboneTrainer):
     Args:
         backbone: a ``save_pretrained`` directory of a LLaVA or Qwen2-VL model (or a hub name).
         method: a learned method with ``pre_llm`` / ``llm.<k>`` sites (``question_selector``, ``dynamic_llava``,
-            ``atp``).
+            ``atp``), or one that trains by removal at ``vit.<i>`` (``stts``, in gather mode).
         method_options: fields of the method's config (``sites``, widths, temperatures, ...).
         keep_ratio_range: each step draws its keep ratio uniformly from ``[low, high]``.
         eval_keep_ratios: validation / test accuracy at each of these (gather mode); the first is the artifact's
             default budget and ``<stage>/acc`` is their mean.
         answer_weight: weight of the answer cross-entropy.
-        distill_weight: weight of KL(teacher ‖ student) on the answer positions.
+        distill_weight: weight of KL(teacher ‖ student) on the answer positions; 0 skips the teacher pass.
         budget_weight: weight of the budget term where it applies; ``None``: the method's ``budget_weight``
             (``dynamic_llava``: 100, ``atp``: 2), else 2.
         temperature: of the distillation's softmaxes.
@@ -121,14 +126,23 @@ class MLLMScorerTrainer(FrozenBackboneTrainer):
     # -- FrozenBackboneTrainer hooks ------------------------------------------------------------
     def check_method(self, cls: type[TokenMethod]) -> None:
         super().check_method(cls)
-        if not {"pre_llm", "llm"} & set(cls.site_kinds):
+        removal = getattr(cls, "trains_by_removal", False) is True  # a class attribute, not a config option
+        if not {"pre_llm", "llm"} & set(cls.site_kinds) and not removal:
             raise ValueError(
                 f"method {cls.name!r} runs in vision towers only (sites {list(cls.site_kinds)}); MLLMScorerTrainer "
-                "trains methods at pre_llm / llm.<k> (question_selector, dynamic_llava, atp)."
+                "trains methods at pre_llm / llm.<k> (question_selector, dynamic_llava, atp) and methods that train "
+                "by removal at vit.<i> (stts)."
             )
 
+    @property
+    def training_mode(self) -> str:
+        """The handle's mode in the student pass: ``gather`` for a method that trains by removing tokens (its keep
+        decision's next-block key bias carries the gradient: ``stts``), else ``mask``."""
+        return "gather" if getattr(self.method, "trains_by_removal", False) else "mask"
+
     def build_handle(self) -> MLLMPruningHandle:
-        return MLLMPruningHandle(self.adapter, self.method, Budget(keep_ratio=self.keep_ratio_range[1]), mode="mask")
+        budget = Budget(keep_ratio=self.keep_ratio_range[1])
+        return MLLMPruningHandle(self.adapter, self.method, budget, mode=self.training_mode)
 
     def training_loss(self, batch: dict) -> dict[str, Tensor] | None:
         labels = batch["labels"]
@@ -136,16 +150,27 @@ class MLLMScorerTrainer(FrozenBackboneTrainer):
         if not bool(rows.any()):
             return None
         inputs = self.model_inputs(batch)
-        with self.teacher():
-            teacher = self.logits(inputs)
-        self.prepare_pruned_pass(batch)
+        teacher = None
+        if self.distill_weight > 0:  # without distillation nothing reads the unpruned pass: skip it
+            with self.teacher():
+                teacher = self.logits(inputs)
+        self.prepare_pruned_pass(batch, mode=self.training_mode)
         self.method.train()
         self.method.set_progress(min(1.0, self.global_step / self.schedule_steps) if self.schedule_steps else 0.0)
+        auxiliary = getattr(self.method, "auxiliary_losses", None)
+        if auxiliary is not None:
+            auxiliary()  # drop anything an earlier forward left (the terms below are this pass's)
         logits = self.logits(inputs)
         answer = answer_loss(logits, labels)[rows].mean()
-        distill = answer_distillation(logits, teacher, labels, self.temperature)[rows].mean()
-        terms = {"answer": answer, "distill": distill}
-        loss = self.answer_weight * answer + self.distill_weight * distill
+        terms = {"answer": answer}
+        loss = self.answer_weight * answer
+        if teacher is not None:
+            terms["distill"] = answer_distillation(logits, teacher, labels, self.temperature)[rows].mean()
+            loss = loss + self.distill_weight * terms["distill"]
+        # the method's own terms of this pass, already weighted (stts: its temporal regression)
+        for name, value in (auxiliary() if auxiliary is not None else {}).items():
+            terms[name] = value
+            loss = loss + value
         if self.needs_budget_term:
             terms["budget"] = budget_error(self.handle.last_records)
             loss = loss + self.budget_weight * terms["budget"]
@@ -171,7 +196,7 @@ class MLLMScorerTrainer(FrozenBackboneTrainer):
                 self.name_samples(batch)
                 metrics[budget_key(ratio)].update(answer_accuracy(self.logits(inputs), labels)[rows])
         finally:
-            self.handle.mode = "mask"
+            self.handle.mode = self.training_mode
 
     def default_budget(self) -> dict:
         return {"keep_ratio": self.eval_keep_ratios[0]}

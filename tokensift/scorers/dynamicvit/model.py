@@ -9,16 +9,27 @@ dropped). At inference the logits rank tokens and the budget picks the top ones.
 ``budget_conditioned``: the MLP also reads ``log(keep target)`` of the site, so one scorer trained
 over a range of keep ratios knows which budget it is asked to meet (the budget loss is then
 consistent across ratios instead of pulling towards their mean).
+
+``train_by_removal``: training removes the tokens, as inference does, instead of masking them. In train mode
+``reduce`` returns the Gumbel top-k keep (the same draw as ``selection: topk``) plus a key bias for the next
+block (STTS's path): ``log s`` with ``s`` the sigmoid of the centred logits min-max rescaled per image to
+``[e^-2, 1]`` over its patch tokens. The handle adds it at the next block and removes the dropped tokens after
+that block, so every later block runs on the kept tokens and the task loss reaches the predictor through that
+one block's attention, for kept and dropped tokens alike. The bias never blocks a token (at most ``-2``, the
+weakest patch keeps ``e^-2`` of its weight), so no key loses its gradient, and it is a function of the ranking
+that inference uses: raising a token's logit raises its weight there. ``ScorerTrainer`` then trains in gather
+mode (``docs/methods.md``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from tokensift.scorers.base import MethodConfig, TokenMethod
+from tokensift.scorers.base import KeepDecision, MethodConfig, TokenMethod, check_scores, top_k_mask
 from tokensift.scorers.registry import register
 from tokensift.state import SampleCounter, TokenState, with_sample_index
 
@@ -35,10 +46,36 @@ class DynamicViTConfig(MethodConfig):
     # "topk": keep exactly the budget's count of the Gumbel-perturbed logits (Gumbel top-k), so training
     # keeps what inference keeps; "threshold": DynamicViT's per-token binary Gumbel decision (variable count)
     selection: str = "topk"
+    train_by_removal: bool = field(
+        default=False,
+        metadata={
+            "help": "Train by removing tokens (gather mode) instead of masking them: the Gumbel top-k keep plus a "
+            "log-score key bias at the next block (STTS), dropped tokens removed after it. Needs selection: topk."
+        },
+    )
+
+    removal_bias: str = field(
+        default="straight_through",
+        metadata={
+            "help": "train_by_removal's next-block key bias: 'straight_through' (0 in the forward pass, the Gumbel "
+            "top-k surrogate's gradient) or 'score' (STTS: log of the score rescaled per image to [e^-2, 1])."
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.removal_bias not in ("straight_through", "score"):
+            raise ValueError(
+                f"DynamicViTConfig.removal_bias must be 'straight_through' or 'score', got {self.removal_bias!r}."
+            )
         if self.selection not in ("topk", "threshold"):
             raise ValueError(f"selection must be 'topk' or 'threshold', got {self.selection!r}")
+        if not isinstance(self.train_by_removal, bool):
+            raise ValueError(f"DynamicViTConfig.train_by_removal must be true or false, got {self.train_by_removal!r}.")
+        if self.train_by_removal and self.selection != "topk":
+            raise ValueError(
+                "DynamicViTConfig.train_by_removal removes tokens, so every image of a batch keeps the budget's count: "
+                f"it needs selection: topk, got selection: {self.selection!r}."
+            )
 
 
 class _Predictor(nn.Module):
@@ -100,6 +137,28 @@ class DynamicViTMethod(TokenMethod):
         """``topk`` keeps exactly the budget's count in training too; ``threshold`` keeps a variable count."""
         return self.config.selection == "topk"
 
+    @property
+    def trains_by_removal(self) -> bool:
+        """Training runs in gather mode: ``reduce`` in train mode returns the keep plus a next-block key bias."""
+        return self.config.train_by_removal
+
+    def reduce(self, state: TokenState, num_keep: Tensor) -> KeepDecision:
+        if not (self.training and self.config.train_by_removal):
+            return super().reduce(state, num_keep)
+        if self.config.removal_bias == "straight_through":
+            # keep_policy's Gumbel top-k (hard in the forward pass, the sigmoid surrogate's gradient); the bias is
+            # its value minus itself: exactly 0 in the forward pass, d(decision) in the backward pass
+            decision = self.keep_policy(state, num_keep)
+            keep = (decision.detach() > 0.5) & state.alive
+            return KeepDecision(keep, key_bias=decision - decision.detach())
+        logits = self.score(state).float()
+        check_scores(logits, state.prunable, self.name, state.site)
+        logits = logits - _masked_mean(logits, state.prunable)
+        u = with_sample_index(state, self._samples).uniform(0, stream="dynamicvit.gumbel").clamp(1e-6, 1 - 1e-6)
+        perturbed = logits.detach() + (u.log() - (-u).log1p())  # the Gumbel top-k of keep_policy's topk selection
+        keep = top_k_mask(perturbed, state, num_keep)
+        return KeepDecision(keep, key_bias=removal_key_bias(logits, state.prunable))
+
     def score(self, state: TokenState) -> Tensor:
         stage = self.config.sites.index(state.site)
         pool_weight = state.prunable.float() if state.policy is None else state.policy * (~state.protected)
@@ -133,6 +192,23 @@ class DynamicViTMethod(TokenMethod):
         previous = torch.ones_like(decision) if state.policy is None else state.policy
         decision = torch.where(state.protected, torch.ones_like(decision), decision)
         return decision * previous
+
+
+REMOVAL_BIAS_FLOOR = -2.0  # STTS's rescale_bias_min = e^-2: the weakest patch keeps e^-2 of its attention weight
+
+
+def removal_key_bias(logits: Tensor, candidates: Tensor) -> Tensor:
+    """``[B, N]`` key bias ``log s`` with ``s = sigmoid(logits)`` min-max rescaled per row over ``candidates`` to
+    ``[e^-2, 1]`` (STTS's ``rescale_bias_min``); 0 elsewhere (protected tokens). A row whose candidates all score the
+    same gets 0 for all of them."""
+    scores = torch.sigmoid(logits.float())
+    low = scores.masked_fill(~candidates, float("inf")).amin(1, keepdim=True)
+    high = scores.masked_fill(~candidates, float("-inf")).amax(1, keepdim=True)
+    span = (high - low).clamp_min(1e-12)
+    floor = math.exp(REMOVAL_BIAS_FLOOR)
+    rescaled = floor + (1.0 - floor) * (scores - low) / span
+    rescaled = torch.where(high > low, rescaled, torch.ones_like(rescaled))
+    return torch.where(candidates, rescaled.clamp(floor, 1.0).log(), torch.zeros_like(rescaled))
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
