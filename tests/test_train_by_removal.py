@@ -100,15 +100,16 @@ def removal_method(model, **options) -> DynamicViTMethod:
     return DynamicViTMethod.for_backbone(ts.backbones.adapt(model), config)
 
 
-def test_gradients_reach_every_predictor_through_the_key_bias():
+@pytest.mark.parametrize("gradient", ["kept_tokens", "next_block_bias"])
+def test_gradients_reach_every_predictor_in_gather_mode(gradient):
     model, x = build_tiny("vit").requires_grad_(False), make_pixel_values()
-    method = removal_method(model)
+    method = removal_method(model, removal_gradient=gradient)
     labels = torch.tensor([0, 1, 2])
     with ts.apply(model, method, keep_ratio=0.25) as handle:
         method.train()  # ts.apply puts a method in eval mode (inference)
         logits = model(pixel_values=x).logits
         records = handle.last_records
-    # three sites (vit.0 .. vit.2), each compacted after its next block: equal counts, fewer each time
+    # three sites (vit.0 .. vit.2), each compacted (next_block_bias: after its next block): fewer tokens each time
     assert [r.site for r in records] == ["vit.0", "vit.1", "vit.2"]
     counts = [r.kept_orig_index.shape[1] for r in records]
     assert counts == sorted(counts, reverse=True) and counts[-1] == 1 + 4  # [CLS] + 0.25 of 16 patches
@@ -117,6 +118,35 @@ def test_gradients_reach_every_predictor_through_the_key_bias():
         grads = [p.grad for p in predictor.parameters()]
         assert all(g is not None for g in grads), f"stage {stage} got no gradient"
         assert sum(float(g.abs().sum()) for g in grads) > 0, f"stage {stage}'s gradient is zero"
+
+
+class Replay(TokenMethod):
+    """Keeps, at each site, the original tokens a recorded forward pass kept there (no bias)."""
+
+    name = "replay_test"
+
+    def __init__(self, kept: dict[str, torch.Tensor]):
+        super().__init__()
+        self.kept = kept
+
+    def reduce(self, state, num_keep):
+        kept = self.kept[state.site]
+        return KeepDecision((state.orig_index.unsqueeze(-1) == kept.unsqueeze(1)).any(-1))
+
+
+@pytest.mark.parametrize("family", ["vit", "clip"])
+def test_kept_tokens_training_computes_the_pruned_inference_forward(family):
+    model, x = build_tiny(family).requires_grad_(False), make_pixel_values()
+    method = removal_method(model)
+    with ts.apply(model, method, keep_ratio=0.25) as handle:
+        method.train()
+        handle.set_samples(torch.arange(3), draw=(0, 1))
+        trained = model(pixel_values=x).logits
+        kept = {r.site: r.kept_orig_index for r in handle.last_records}
+    assert trained.requires_grad
+    with ts.apply(model, Replay(kept), keep_ratio=0.25, sites=list(kept)), torch.no_grad():
+        replayed = model(pixel_values=x).logits
+    torch.testing.assert_close(trained.detach(), replayed, rtol=1e-5, atol=1e-5)
 
 
 def test_removal_keeps_what_the_gumbel_top_k_keeps_and_evaluates_deterministically():
@@ -153,6 +183,8 @@ def test_config_refuses_removal_with_threshold_selection():
         DynamicViTConfig(train_by_removal=True, selection="threshold")
     with pytest.raises(ValueError, match="train_by_removal must be true or false"):
         DynamicViTConfig(train_by_removal="yes")
+    with pytest.raises(ValueError, match="removal_gradient must be 'kept_tokens' or 'next_block_bias'"):
+        DynamicViTConfig(train_by_removal=True, removal_gradient="bias")
 
 
 # -- the trainer and its teacher cache ----------------------------------------------------------------------------

@@ -68,9 +68,11 @@ text + the visual tokens entering the site, ``v`` = those visual tokens, ``k`` =
 layer; ``pre_llm``: the LLM's input). Tower tokens are counted as in :func:`mllm_vision_flops` (one tower
 image per LLaVA image, one Qwen2-VL image per sample).
 
-The MLLM bench's ratio adds the vision side (:func:`mllm_vision_flops`, one image: the patch embedding,
-every tower block on all of the image's tower tokens, the projector / merger per LLM token) to both sides,
-since the methods benched prune only inside or after it: ``(vision + LLM + scorer) / (vision + unpruned LLM)``.
+The MLLM bench's ratio adds the vision side as the tower ran it (:class:`TowerFlopsCounter`: the patch
+embedding, every tower block on the tokens it received, attention per frame / image segment, the projector /
+merger per output token; :func:`mllm_vision_flops` is the same count for one unpruned image):
+``(vision + LLM + scorer) / (unpruned vision + unpruned LLM)``, so ``vit.<i>`` sites (STTS) are charged what they
+save inside the tower.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tokensift.attention import CALL_ATTRIBUTE
 from tokensift.backbones.vision import VisionAdapter
 
 SOFTMAX_PER_SCORE = 5  # max, subtract, exp, sum, divide
@@ -489,7 +492,16 @@ def _mllm_scorer_flops(adapter, method, sites, num_text: Tensor, visual: Tensor,
         return scorer
     decides_exits = bool(getattr(method, "decides_exits", False))
     for site in _mllm_sites(adapter, method, sites):
-        if site.kind == "vit":  # pruned in the tower: the tower is counted unpruned (mllm_vision_flops)
+        if site.kind == "vit":  # in the tower (whose blocks TowerFlopsCounter charges): the method on each
+            vision = adapter.model.config.vision_config  # sample's groups, one per unpruned LLM token
+            width = int(getattr(vision, "hidden_size", None) or vision.embed_dim)
+            heads = int(getattr(vision, "num_attention_heads", None) or vision.num_heads)
+            for b in range(len(num_text)):
+                groups, kept = int(num_visual[b]), int(visual[b, 0])
+                if groups == 0 or (kept == groups and not decides_exits):
+                    continue
+                shape = SiteShape(site.name, groups, groups, kept, width, heads, width // heads, heads)
+                scorer[b] += site_flops(method, shape)
             continue
         before = num_visual if site.kind == "pre_llm" else visual[:, site.index - 1]
         after = visual[:, 0] if site.kind == "pre_llm" else visual[:, site.index]
@@ -522,6 +534,91 @@ def mllm_vision_flops(adapter, visual_tokens: int) -> float:
     return float(embed + blocks + projector)
 
 
+class TowerFlopsCounter:
+    """Analytic FLOPs of what a multimodal model's vision tower *ran*, read from each block's input as it ran.
+
+    Inside ``with TowerFlopsCounter(adapter) as counter:`` every tower call adds up, per block, its linears on every
+    slot the block received (padding slots of packed rows included: they are computed) plus ``4 n² w`` per attention
+    segment: Qwen2-VL's ``cu_seqlens`` chunks, a packed tower's per-frame segments (``tokensift.attention.Segments``),
+    otherwise one segment per row of the block's input (a CLIP / Molmo2 tower's images or frames). The patch embedding
+    is ``2 · weights`` per patch it embeds, the projector (Molmo2's pooling adapter, Qwen2-VL's merger,
+    LLaVA's projector) its linears per output token. So a ``vit.<i>`` site's savings, packing waste and all, are
+    charged as computed. ``counter.calls`` holds one total per tower call (``generate`` calls the tower once)."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+        model, family = adapter.model, adapter.family
+        self._tower, self._projector = family.tower(model), family.projector(model)
+        self._blocks = list(family.tower_blocks(model))
+        self._attention = [family.tower_attention(block) for block in self._blocks]
+        self._linear = [_linear_flops(block) for block in self._blocks]
+        self._embedding = next(
+            m for m in self._tower.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d))
+        )  # the patch embedding comes first in every tower
+        self._embed_per_patch = 2.0 * self._embedding.weight.numel()
+        self._projector_per_token = _linear_flops(self._projector)
+        self._hooks: list = []
+        self.calls: list[float] = []
+
+    def __enter__(self) -> TowerFlopsCounter:
+        self.calls = []
+        self._hooks = [
+            self._tower.register_forward_pre_hook(self._start),
+            self._embedding.register_forward_hook(self._embed),
+        ]
+        for index, block in enumerate(self._blocks):
+            self._hooks.append(block.register_forward_pre_hook(self._block(index), with_kwargs=True))
+        self._hooks.append(self._projector.register_forward_hook(self._project))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    @property
+    def flops(self) -> float:
+        """The first tower call's FLOPs (0 when the tower did not run)."""
+        return self.calls[0] if self.calls else 0.0
+
+    def _start(self, module, args) -> None:
+        self.calls.append(0.0)
+
+    def _block(self, index: int):
+        width = None
+
+        def hook(module, args, kwargs) -> None:
+            nonlocal width
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if width is None:
+                width = int(hidden.shape[-1])
+            slots = hidden.numel() // width
+            entry = getattr(self._attention[index], CALL_ATTRIBUTE, None) or {}
+            cu_seqlens = kwargs.get("cu_seqlens")
+            if entry.get("segments") is not None:
+                lengths = [end - start for start, end in entry["segments"].spans]
+            elif cu_seqlens is not None:
+                lengths = cu_seqlens.diff().tolist()
+            else:
+                rows = slots // int(hidden.shape[-2])
+                lengths = [int(hidden.shape[-2])] * rows
+            flops = slots * self._linear[index] + 4.0 * width * sum(n * n for n in lengths)
+            if self.calls:
+                self.calls[-1] += float(flops)
+
+        return hook
+
+    def _embed(self, module, args, output: Tensor) -> None:
+        patches = output.numel() // output.shape[1 if isinstance(module, (nn.Conv2d, nn.Conv3d)) else -1]
+        if self.calls:
+            self.calls[-1] += float(patches) * self._embed_per_patch
+
+    def _project(self, module, args, output) -> None:
+        hidden = output if isinstance(output, Tensor) else output[0]
+        if self.calls:
+            self.calls[-1] += float(hidden.numel() // hidden.shape[-1]) * self._projector_per_token
+
+
 def last_prefill_flops(handle) -> dict[str, Any]:
     """:func:`mllm_prefill_flops` of an ``MLLMPruningHandle``'s last prefill (its method charged)."""
     visual = handle.visual_tokens_per_layer
@@ -534,6 +631,7 @@ def last_prefill_flops(handle) -> dict[str, Any]:
 
 __all__ = [
     "SiteShape",
+    "TowerFlopsCounter",
     "backbone_flops",
     "block_flops",
     "capture_flops",

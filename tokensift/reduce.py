@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tokensift import attention as attn
 from tokensift.backbones.vision import VisionAdapter
 from tokensift.budget import Budget
-from tokensift.compact import check_decision, compact_state
+from tokensift.compact import check_decision, compact_state, equal_count_index
 from tokensift.scorers.base import KeepDecision, TokenMethod, check_site_input
 from tokensift.state import SampleCounter, TokenState, checked_samples
 
@@ -227,7 +227,9 @@ class PruningHandle:
                     self._init_tokens(run, hidden)
                 if _attention_mask(args, kwargs) is not None and hidden.shape[1] != _full_length(run):
                     raise NotImplementedError("tokensift cannot yet shrink a vision tower that gets an attention mask")
-                if run.policy is not None:
+                if run.policy is not None and self.mode == "gather":  # survivors' policy (removal training)
+                    call["policy_bias"] = attn.policy_bias(run.policy)
+                elif run.policy is not None:
                     call["policy"] = run.policy
                 if run.merged:
                     call["key_bias"] = run.size.log()  # ToMe's proportional attention
@@ -331,6 +333,8 @@ class PruningHandle:
                 record = SiteRecord(site, None, run.policy, kept / run.num_prunable, target, None, run.protected, exact)
                 run.records.append(record)
                 return None
+            if self.method.training and getattr(self.method, "removal_policy", False):
+                return _with_hidden(output, self._remove_by_policy(run, state, num_keep, site, target))
             decision = self.method.reduce(state, num_keep)
             check_decision(decision, state, self.method.name)
             if decision.key_bias is not None:  # compacted after the next block, which adds the bias
@@ -341,6 +345,17 @@ class PruningHandle:
             return _with_hidden(output, self._compact(run, state, decision, site, target))
 
         return hook
+
+    def _remove_by_policy(self, run: _Run, state: TokenState, num_keep: Tensor, site: str, target: float) -> Tensor:
+        """Gather mode, training a method that sets ``removal_policy``: its differentiable ``keep_policy`` decides,
+        the dropped tokens are removed at the site, and the survivors carry their policy (1 in the forward pass, a
+        gradient in the backward pass) into every later block as a ``log p`` key bias: the forward pass is the
+        pruned inference's, and the task loss reaches each survivor's keep decision through every later block."""
+        policy = self.method.keep_policy(state, num_keep)
+        keep = (policy.detach() > 0.5) & state.alive
+        hidden = self._compact(run, replace(state, policy=policy), KeepDecision(keep), site, target)
+        run.policy = policy.gather(1, equal_count_index(keep, f"{self.method.name} at site {site}"))
+        return hidden
 
     def _compact(self, run: _Run, state: TokenState, decision: KeepDecision, site: str, target: float) -> Tensor:
         """Shrink the sequence to ``decision``'s kept tokens (gather mode), record the site, return the survivors'

@@ -139,7 +139,9 @@ class PackedTowerHandle:
     ``frames``: a frame-batched tower (Molmo2); then ``merger`` and ``merge_size`` are unused, ``row_length`` is the
     packed rows' length (default: one frame's patches), ``packing`` how frames fill them (``"ffd"``: first-fit-
     decreasing, a frame never split; ``"contiguous"``: frame after frame, a frame may continue on the next row, only
-    the last row padded; ``tokensift.compact.pack_rows``) and ``segment_kernel`` the block-diagonal attention's
+    the last row padded; ``tokensift.compact.pack_rows``; the default, since both kernels read the rows end to end,
+    so a frame split over two rows costs nothing, while first-fit-decreasing leaves 11% of the slots of one 16-frame
+    video at keep 0.5 empty (3-6% over four videos), all of them computed) and ``segment_kernel`` the block-diagonal attention's
     kernel (``"sdpa"``: one call of the model's kernel per frame segment; ``"flex"``: ``flex_attention``, compiled).
     """
 
@@ -159,7 +161,7 @@ class PackedTowerHandle:
         frames: FrameTower | None = None,
         row_length: int | None = None,
         segment_kernel: str = "sdpa",
-        packing: str = "ffd",
+        packing: str = "contiguous",
     ):
         reason = (
             "merges tokens"

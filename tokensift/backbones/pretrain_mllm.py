@@ -15,6 +15,13 @@ LLaVA also a ``LlavaProcessor``), plus ``tokensift_mllm.json``: the test accurac
 ``generate``, the text-only baseline it has to beat, the training time and the data options that rebuild
 the evaluation split.
 
+Video: on a video data module (:class:`~tokensift.data.VideoDigitVQADataModule`, one video per sample) the recipe
+builds a Qwen2-VL (video patches merged 2x2 over a temporal patch of 2) or a Molmo2 (``Molmo2ForConditionalGeneration``:
+its ViT per frame, the adapter pooling 3x3 patch windows read from the last tower block, its LM) and trains it the
+same way, the alignment term naming the digit in each visual token; ``configs/pretrain_video_molmo2.yaml`` and
+``configs/pretrain_video_qwen2_vl.yaml`` are the recipes. The video processors need torchvision, so the saved folder
+holds the tokenizer only; the report's data options rebuild the inputs with the data module's collator.
+
 Usage::
 
     out, accuracy = pretrain_mllm("runs/mllm", DigitVQADataModule(), family="llava")

@@ -15,8 +15,9 @@ Pareto plot, timing, memory and interval code are the shared modules' (:mod:`~to
 The data is any LightningDataModule whose test batches follow the VQA batch contract
 (:mod:`tokensift.data.contract`): the model's processor outputs, the answer's tokens as ``labels``, ``index``
 and, where the task has one, ``oracle_mask``. Digit VQA and shape VQA are two.
-- ``flops_ratio``: analytic prefill FLOPs, ``(vision tower + LLM + scorer) / (vision tower + unpruned LLM)``
-  (:func:`~tokensift.flops.mllm_vision_flops`, :func:`~tokensift.flops.mllm_prefill_flops`).
+- ``flops_ratio``: analytic prefill FLOPs, ``(vision tower + LLM + scorer) / (unpruned vision tower + unpruned LLM)``
+  (:class:`~tokensift.flops.TowerFlopsCounter`: what the tower ran, ``vit.<i>`` sites' savings included;
+  :func:`~tokensift.flops.mllm_prefill_flops`).
 - ``speedup`` and ``mem_ratio``: one prefill forward of the timing batches, pruned vs unpruned, measured as
   the image bench does (back-to-back pairs; activation peak).
 - exit methods (``dyvte``) take a decision ``threshold`` per row instead of a keep ratio (by default the
@@ -67,7 +68,7 @@ from tokensift.bench.stats import (
 from tokensift.data.contract import check_vqa_batch, split_answers
 from tokensift.data.vqa import ANSWER_CUE, IGNORE_INDEX, qwen2_vl_images
 from tokensift.export.artifact import Artifact, FingerprintMismatch
-from tokensift.flops import mllm_prefill_flops, mllm_vision_flops
+from tokensift.flops import TowerFlopsCounter, mllm_prefill_flops
 from tokensift.scorers import TokenMethod
 
 MLLM_SITE_KINDS = ("pre_llm", "llm")
@@ -93,6 +94,8 @@ def _method_of(built: TokenMethod | Artifact) -> TokenMethod:
 
 def _check_runs_on_mllms(specs: list[MethodSpec]) -> None:
     for spec in specs:
+        if spec.artifact is not None:  # trained on a multimodal model (its fingerprint is checked when applied)
+            continue
         method = _method_of(spec.build())
         if not set(method.site_kinds) & set(MLLM_SITE_KINDS):
             mllm = sorted(n for n, info in ts.methods().items() if set(info["sites"]) & set(MLLM_SITE_KINDS))
@@ -105,8 +108,9 @@ def _check_runs_on_mllms(specs: list[MethodSpec]) -> None:
 def _check_data(datamodule: Any, model: nn.Module, model_path: Path) -> None:
     """What the data module says about itself, checked against the model (each attribute only when present)."""
     image_token = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
+    placeholders = {image_token, getattr(model.config, "video_token_id", image_token)}
     data_token = getattr(datamodule, "image_token_id", None)
-    if data_token is not None and image_token != data_token:
+    if data_token is not None and data_token not in placeholders:
         raise ValueError(
             f"data: its image token id is {data_token} but the model in {model_path} expects "
             f"{image_token}; bench the model on the data (and tokenizer) it was trained with (the 'data' entry of "
@@ -134,12 +138,20 @@ def _check_data(datamodule: Any, model: nn.Module, model_path: Path) -> None:
         )
 
 
+def _visual_token_id(model: nn.Module, batch: dict) -> int:
+    """The placeholder of the batch's visual tokens: the model's video token in a video batch."""
+    config = model.config
+    if batch.get("pixel_values_videos") is not None:
+        return int(getattr(config, "video_token_id", config.image_token_id))
+    return int(config.image_token_id)
+
+
 def _check_batch(batch: dict, model: nn.Module) -> None:
     """The first test batch against the VQA batch contract, for this model."""
     family = model.config.model_type
     merge = getattr(model.config.vision_config, "spatial_merge_size", None) if family == "qwen2_vl" else None
     try:
-        check_vqa_batch(batch, family, image_token_id=model.config.image_token_id, spatial_merge_size=merge)
+        check_vqa_batch(batch, family, image_token_id=_visual_token_id(model, batch), spatial_merge_size=merge)
     except ValueError as error:
         raise ValueError(f"data: {error}") from None
 
@@ -208,7 +220,7 @@ class _MLLMEvaluator:
         self.model, self.adapter, self.batches, self.timing = model, adapter, batches, timing
         self.answer_ids = None if answer_ids is None else answer_ids.to(device)
         self.pad_token_id, self.device, self.repeats, self.warmup = pad_token_id, device, repeats, warmup
-        self._vision: dict[int, float] = {}
+        self._unpruned_vision: dict[int, float] = {}  # per batch: the tower's FLOPs without a method
 
     def forward_fn(self, method: nn.Module | None, handle=None):
         def forward(batch: _PreparedBatch) -> Tensor:
@@ -244,22 +256,15 @@ class _MLLMEvaluator:
             result["tokens"] = generate_answers(self.model, batch.prompt, length, self.answer_ids, self.pad_token_id)
         return result
 
-    def vision_flops(self, num_visual: Tensor) -> float:
-        total = 0.0
-        for count in num_visual.tolist():
-            if count not in self._vision:
-                self._vision[count] = mllm_vision_flops(self.adapter, count)
-            total += self._vision[count]
-        return total
-
     def measure(self, label: str, kind: str, handle, method, keep_ratio=None, threshold=None) -> dict:
         correct = []
         hits = total = samples = 0
-        llm = scorer = unpruned = vision = 0.0
+        llm = scorer = unpruned = vision = vision_unpruned = 0.0
         kept_last, exits = [], []
         with torch.no_grad():
-            for batch in self.batches:
-                result = self.run(batch, method, handle)
+            for number, batch in enumerate(self.batches):
+                with TowerFlopsCounter(self.adapter) as tower:
+                    result = self.run(batch, method, handle)
                 per_layer = result["per_layer"]
                 correct.append(answers_correct(result["tokens"], batch.answers).cpu())
                 samples += int(batch.answers.shape[0])
@@ -270,7 +275,9 @@ class _MLLMEvaluator:
                     per_layer = batch.num_visual.unsqueeze(1).repeat(1, self.adapter.num_layers)
                 flops = mllm_prefill_flops(self.adapter, batch.num_text, per_layer, method, batch.num_visual)
                 llm, scorer, unpruned = llm + flops["llm"], scorer + flops["scorer"], unpruned + flops["unpruned"]
-                vision += self.vision_flops(batch.num_visual)
+                if handle is None:  # the unpruned row runs first
+                    self._unpruned_vision[number] = tower.flops
+                vision, vision_unpruned = vision + tower.flops, vision_unpruned + self._unpruned_vision[number]
                 kept_last.append(per_layer[:, -1].float())
                 exits.append((per_layer > 0).sum(1).float())
         times, speedups, memory = measure_speed_and_memory(
@@ -291,7 +298,7 @@ class _MLLMEvaluator:
             "flops": vision + llm + scorer,
             "flops_backbone": vision + llm,
             "flops_scorer": scorer,
-            "flops_ratio": (vision + llm + scorer) / (vision + unpruned),
+            "flops_ratio": (vision + llm + scorer) / (vision_unpruned + unpruned),
             "peak_mem_bytes": memory,
             "num_samples": samples,
             "sites": list(handle.sites) if handle is not None else [],
@@ -438,7 +445,7 @@ def run_mllm_bench(
         _check_batch(raw[0], model)
         answer_ids = answer_ids_of(datamodule)
         pad = pad_token_id_of(datamodule, model)
-        image_token = int(model.config.image_token_id)
+        image_token = _visual_token_id(model, raw[0])
         batches = [_prepare(model, batch, image_token, pad, torch_device) for batch in raw]
         count = sum(int(b.answers.shape[0]) for b in batches)
         size = int(getattr(datamodule, "batch_size", None) or batches[0].answers.shape[0])

@@ -10,15 +10,19 @@ dropped). At inference the logits rank tokens and the budget picks the top ones.
 over a range of keep ratios knows which budget it is asked to meet (the budget loss is then
 consistent across ratios instead of pulling towards their mean).
 
-``train_by_removal``: training removes the tokens, as inference does, instead of masking them. In train mode
-``reduce`` returns the Gumbel top-k keep (the same draw as ``selection: topk``) plus a key bias for the next
-block (STTS's path): ``log s`` with ``s`` the sigmoid of the centred logits min-max rescaled per image to
-``[e^-2, 1]`` over its patch tokens. The handle adds it at the next block and removes the dropped tokens after
-that block, so every later block runs on the kept tokens and the task loss reaches the predictor through that
-one block's attention, for kept and dropped tokens alike. The bias never blocks a token (at most ``-2``, the
-weakest patch keeps ``e^-2`` of its weight), so no key loses its gradient, and it is a function of the ranking
-that inference uses: raising a token's logit raises its weight there. ``ScorerTrainer`` then trains in gather
-mode (``docs/methods.md``).
+``train_by_removal``: training removes the dropped tokens, as inference does, instead of masking them
+(``ScorerTrainer`` trains in gather mode, and the forward pass is the pruned inference's). How the loss reaches
+the predictors (``removal_gradient``):
+
+- ``kept_tokens`` (default): ``keep_policy``'s Gumbel top-k decides (``removal_policy``); the handle removes the
+  dropped tokens at the site and the survivors carry their straight-through policy (1 in the forward pass) as a
+  ``log p`` key bias in every later block, so each survivor's decision is trained by its effect on every later
+  block, as in mask mode; dropped tokens get no direct gradient (the centring of the logits moves them against
+  the survivors).
+- ``next_block_bias`` (STTS): ``reduce`` returns the Gumbel top-k keep plus a key bias ``log s`` for the next
+  block, ``s`` the sigmoid of the centred logits min-max rescaled per image to ``[e^-2, 1]`` (never blocking); the
+  handle removes the dropped tokens after that block. On the frozen demo ViT this one-block signal trained a
+  ranking worse than random (``docs/methods.md``).
 """
 
 from __future__ import annotations
@@ -54,18 +58,20 @@ class DynamicViTConfig(MethodConfig):
         },
     )
 
-    removal_bias: str = field(
-        default="straight_through",
+    removal_gradient: str = field(
+        default="kept_tokens",
         metadata={
-            "help": "train_by_removal's next-block key bias: 'straight_through' (0 in the forward pass, the Gumbel "
-            "top-k surrogate's gradient) or 'score' (STTS: log of the score rescaled per image to [e^-2, 1])."
+            "help": "How train_by_removal's loss reaches the predictors: 'kept_tokens' (the Gumbel top-k policy, 1 "
+            "in the forward pass, as a log-p key bias of the survivors in every later block) or 'next_block_bias' "
+            "(STTS: log of the score rescaled per image to [e^-2, 1] at the next block, removal after it)."
         },
     )
 
     def __post_init__(self) -> None:
-        if self.removal_bias not in ("straight_through", "score"):
+        if self.removal_gradient not in ("kept_tokens", "next_block_bias"):
             raise ValueError(
-                f"DynamicViTConfig.removal_bias must be 'straight_through' or 'score', got {self.removal_bias!r}."
+                "DynamicViTConfig.removal_gradient must be 'kept_tokens' or 'next_block_bias', got "
+                f"{self.removal_gradient!r}."
             )
         if self.selection not in ("topk", "threshold"):
             raise ValueError(f"selection must be 'topk' or 'threshold', got {self.selection!r}")
@@ -142,15 +148,16 @@ class DynamicViTMethod(TokenMethod):
         """Training runs in gather mode: ``reduce`` in train mode returns the keep plus a next-block key bias."""
         return self.config.train_by_removal
 
+    @property
+    def removal_policy(self) -> bool:
+        """Gather-mode training keeps this method's ``keep_policy`` on the survivors (``PruningHandle``)."""
+        return self.config.train_by_removal and self.config.removal_gradient == "kept_tokens"
+
     def reduce(self, state: TokenState, num_keep: Tensor) -> KeepDecision:
+        """Inference: the top-k of the logits. Training by removal with ``next_block_bias``: the Gumbel top-k plus
+        STTS's rescaled log-score key bias for the next block."""
         if not (self.training and self.config.train_by_removal):
             return super().reduce(state, num_keep)
-        if self.config.removal_bias == "straight_through":
-            # keep_policy's Gumbel top-k (hard in the forward pass, the sigmoid surrogate's gradient); the bias is
-            # its value minus itself: exactly 0 in the forward pass, d(decision) in the backward pass
-            decision = self.keep_policy(state, num_keep)
-            keep = (decision.detach() > 0.5) & state.alive
-            return KeepDecision(keep, key_bias=decision - decision.detach())
         logits = self.score(state).float()
         check_scores(logits, state.prunable, self.name, state.site)
         logits = logits - _masked_mean(logits, state.prunable)
