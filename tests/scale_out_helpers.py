@@ -12,7 +12,7 @@ import os
 
 from torch.utils.data import DataLoader, DistributedSampler
 
-from tokensift.data import ClutteredDigitsDataModule, DigitVQADataModule
+from tokensift.data import ClutteredDigitsDataModule, DigitVQADataModule, VideoDigitVQADataModule
 
 
 class DistributedOrderDigits(ClutteredDigitsDataModule):
@@ -36,6 +36,20 @@ class DistributedOrderDigits(ClutteredDigitsDataModule):
 
 class DistributedOrderDigitVQA(DigitVQADataModule):
     """Digit VQA dealt as ``DistributedOrderDigits`` deals cluttered digits (the multimodal trainer's DDP test)."""
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = DistributedSampler(
+            self.train_dataset,
+            num_replicas=self.trainer.world_size,
+            rank=self.trainer.global_rank,
+            shuffle=True,
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+        )
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate_fn)
+
+
+class DistributedOrderVideoDigitVQA(VideoDigitVQADataModule):
+    """Video digit VQA dealt as ``DistributedOrderDigits`` deals cluttered digits (STTS's DDP test)."""
 
     def train_dataloader(self) -> DataLoader:
         sampler = DistributedSampler(

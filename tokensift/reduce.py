@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tokensift import attention as attn
 from tokensift.backbones.vision import VisionAdapter
 from tokensift.budget import Budget
-from tokensift.compact import check_decision, compact_state, equal_count_index
+from tokensift.compact import check_decision, compact_state
 from tokensift.scorers.base import KeepDecision, TokenMethod, check_site_input
 from tokensift.state import SampleCounter, TokenState, checked_samples
 
@@ -227,8 +227,8 @@ class PruningHandle:
                     self._init_tokens(run, hidden)
                 if _attention_mask(args, kwargs) is not None and hidden.shape[1] != _full_length(run):
                     raise NotImplementedError("tokensift cannot yet shrink a vision tower that gets an attention mask")
-                if run.policy is not None and self.mode == "gather":  # survivors' policy (removal training)
-                    call["policy_bias"] = attn.policy_bias(run.policy)
+                if run.policy is not None and self.mode == "gather" and not attn.needs_policy_attention(run.policy):
+                    call["policy_bias"] = attn.policy_bias(run.policy)  # removal training: the survivors' policy
                 elif run.policy is not None:
                     call["policy"] = run.policy
                 if run.merged:
@@ -334,7 +334,8 @@ class PruningHandle:
                 run.records.append(record)
                 return None
             if self.method.training and getattr(self.method, "removal_policy", False):
-                return _with_hidden(output, self._remove_by_policy(run, state, num_keep, site, target))
+                self._remove_by_policy(run, state, num_keep, site, target)
+                return _with_hidden(output, hidden) if shrunk else None
             decision = self.method.reduce(state, num_keep)
             check_decision(decision, state, self.method.name)
             if decision.key_bias is not None:  # compacted after the next block, which adds the bias
@@ -346,22 +347,23 @@ class PruningHandle:
 
         return hook
 
-    def _remove_by_policy(self, run: _Run, state: TokenState, num_keep: Tensor, site: str, target: float) -> Tensor:
-        """Gather mode, training a method that sets ``removal_policy``: its differentiable ``keep_policy`` decides,
-        the dropped tokens are removed at the site, and the survivors carry their policy (1 in the forward pass, a
-        gradient in the backward pass) into every later block as a ``log p`` key bias: the forward pass is the
-        pruned inference's, and the task loss reaches each survivor's keep decision through every later block."""
+    def _remove_by_policy(self, run: _Run, state: TokenState, num_keep: Tensor, site: str, target: float) -> None:
+        """Gather mode, training a method that sets ``removal_policy``: its differentiable ``keep_policy`` decides.
+        The next block runs on every token with that policy in its attention (dropped tokens invisible, with
+        DynamicViT's renormalised gradient towards keeping them), the dropped tokens are removed after it, and the
+        survivors carry their policy (1 in the forward pass) into every later block as a ``log p`` key bias. So the
+        kept tokens' forward pass is the pruned inference's, and the loss reaches both decisions."""
         policy = self.method.keep_policy(state, num_keep)
         keep = (policy.detach() > 0.5) & state.alive
-        hidden = self._compact(run, replace(state, policy=policy), KeepDecision(keep), site, target)
-        run.policy = policy.gather(1, equal_count_index(keep, f"{self.method.name} at site {site}"))
-        return hidden
+        run.deferred = _Deferred(site, replace(state, policy=policy), KeepDecision(keep), target)
+        run.policy = policy
 
     def _compact(self, run: _Run, state: TokenState, decision: KeepDecision, site: str, target: float) -> Tensor:
         """Shrink the sequence to ``decision``'s kept tokens (gather mode), record the site, return the survivors'
         hidden states."""
         reduced = compact_state(state, decision, f"{self.method.name} at site {site}")
         run.protected, run.orig_index, run.size = reduced.protected, reduced.orig_index, reduced.size
+        run.policy = reduced.policy  # None, except for the survivors of a removal-training policy
         run.merged = run.merged or self.method.merges
         kept = (~reduced.protected).sum(1).float()
         run.records.append(SiteRecord(site, reduced.orig_index, None, kept / run.num_prunable, target, reduced.hidden))

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -507,6 +508,11 @@ def run_mllm_bench(
 
     title = f"{metadata['model_class']} ({model_path.name}) · {count} test questions"
     files = write_results(out_dir, rows, metadata, title, quiet, summary=summary)
+    if overlay.prompt.get("pixel_values_videos") is not None:
+        files["overlays"] = _plot_video_overlays(
+            overlay, columns, answers, questions, datamodule, out_dir / "overlays.png", overlay_ratio
+        )
+        return {"rows": rows, "metadata": metadata, **summary, "files": {k: str(v) for k, v in files.items()}}
     files["overlays"] = plot_overlays(
         _overlay_images(overlay, model),
         answers,
@@ -519,6 +525,49 @@ def run_mllm_bench(
         outline="patches",
     )
     return {"rows": rows, "metadata": metadata, **summary, "files": {k: str(v) for k, v in files.items()}}
+
+
+def _plot_video_overlays(overlay, columns, answers, questions, datamodule, path: Path, ratio: float) -> Path:
+    """Per-frame overlays of the first overlay video: one row per frame (Qwen2-VL: per temporal patch, its first
+    frame shown), one column per method, its kept visual tokens of that frame. The frames come from the data
+    module's ``video_frames(index)`` (``[T, C, H, W]``), the token grid from its ``grid_size``."""
+    from tokensift.bench.plots import plot_overlays
+
+    if not callable(getattr(datamodule, "video_frames", None)) or overlay.index is None:
+        raise ValueError(
+            "data: a video bench draws its overlays from the data module's video_frames(index) ([T, C, H, W]) and "
+            "the batch's index; give the data module that method (tokensift.data.VideoDigitVQADataModule has it)."
+        )
+    frames = torch.as_tensor(datamodule.video_frames(int(overlay.index[0])))
+    rows, cols = datamodule.grid_size if isinstance(datamodule.grid_size, tuple) else (datamodule.grid_size,) * 2
+    count = int(overlay.num_visual[0])
+    steps = count // (rows * cols)
+    stride = max(1, frames.shape[0] // steps)
+    shown = frames[::stride][:steps].float().numpy()
+
+    def per_frame(values) -> np.ndarray:
+        return np.asarray(values)[0][:count].reshape(steps, rows * cols)
+
+    panels = []
+    for column in columns:
+        kept = column.get("kept")
+        panels.append(
+            dict(column, kept=None if kept is None else per_frame(kept), preds=[column["preds"][0]] * steps)
+        )
+    oracle = None if overlay.oracle_mask is None else per_frame(overlay.oracle_mask.cpu().numpy())
+    labels = [answers[0]] * steps
+    titles = [f"frame {k * stride}" + (f": {questions[0]}" if k == 0 else "") for k in range(steps)]
+    return plot_overlays(
+        shown,
+        labels,
+        oracle,
+        panels,
+        (rows, cols),
+        path,
+        title=f"kept visual tokens per frame at keep ratio {ratio:g}",
+        row_titles=titles,
+        outline="patches",
+    )
 
 
 def _tokenizer(datamodule: Any, model_path: Path):

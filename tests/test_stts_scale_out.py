@@ -1,0 +1,81 @@
+"""STTS's recipe under two-process DDP on CPU reaches the weights of one process with the doubled batch.
+
+STTS trains by removal (gather mode, the scorer's ``log(score)`` as the next block's key bias) with no random
+draws, so once the samples are dealt alike (``scale_out_helpers.DistributedOrderVideoDigitVQA``) two ranks of
+batch 4 average to the gradient of one rank of batch 8.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import tokensift as ts
+from tokensift.cli import main
+from tokensift.trainer import MLLMScorerTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+VIDEO = dict(family="molmo2", frame_size=84, patch_size=7, min_frames=3, max_frames=4, max_digits=2)
+
+
+@pytest.fixture(scope="module")
+def video_molmo2(tmp_path_factory) -> Path:
+    from tokensift.backbones.pretrain_mllm import pretrain_mllm
+    from tokensift.data import VideoDigitVQADataModule
+
+    out = tmp_path_factory.mktemp("ddp_video") / "molmo2"
+    data = VideoDigitVQADataModule(train_samples=32, val_samples=8, test_samples=8, batch_size=8, **VIDEO)
+    pretrain_mllm(
+        out, data, family="molmo2", trainer_kwargs={"limit_train_batches": 2}, eval_batch_size=8,
+        vision_hidden_size=32, vision_layers=5, text_hidden_size=32, text_layers=1,
+    )  # fmt: skip
+    return out
+
+
+def stts_fit(backbone: Path, save_dir: Path, batch_size: int, *extra: str) -> Path:
+    from test_scale_out import CHILD_ENV, TESTS
+
+    command = [
+        sys.executable,
+        str(TESTS / "scale_out_fit.py"),
+        "fit",
+        f"--config={ROOT / 'configs' / 'stts_video_vqa.yaml'}",
+        f"--model.init_args.backbone={backbone}",
+        "--data.class_path=scale_out_helpers.DistributedOrderVideoDigitVQA",
+        *(f"--data.init_args.{key}={value}" for key, value in VIDEO.items()),
+        "--data.init_args.train_samples=16",
+        "--data.init_args.val_samples=8",
+        "--data.init_args.test_samples=8",
+        f"--data.init_args.batch_size={batch_size}",
+        "--trainer.max_epochs=1",
+        "--trainer.accelerator=cpu",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        "--seed_everything=0",
+        *extra,
+    ]
+    result = subprocess.run(command, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return save_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.slow
+def test_stts_recipe_two_process_ddp_reaches_the_single_process_weights(video_molmo2, tmp_path):
+    ddp = stts_fit(video_molmo2, tmp_path / "ddp", 4, "--trainer.devices=2", "--trainer.strategy=ddp")
+    single = stts_fit(video_molmo2, tmp_path / "single", 8, "--trainer.devices=1")
+    for name, path in (("ddp", ddp), ("single", single)):
+        main(["export", str(path), str(tmp_path / f"{name}_artifact")])
+    ddp_state = ts.load(tmp_path / "ddp_artifact").method.state_dict()
+    single_state = ts.load(tmp_path / "single_artifact").method.state_dict()
+    L.seed_everything(0)  # as the fits: the scorer starts from these weights
+    start = MLLMScorerTrainer(str(video_molmo2), method="stts", method_options={"sites": ["vit.3"]}).method
+    start_state = start.state_dict()
+    assert ddp_state.keys() == single_state.keys() == start_state.keys()
+    assert any(not torch.equal(single_state[k], start_state[k]) for k in start_state), "the runs trained"
+    for key, value in single_state.items():
+        torch.testing.assert_close(ddp_state[key], value, atol=1e-5, rtol=1e-4)
