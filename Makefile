@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo demo-vqa lint clean
+.PHONY: setup test test-fast demo demo-vqa demo-video lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ demo: $(STAMP)
 
 demo-vqa: $(STAMP)
 	$(BIN)/tokensift quickstart-vqa --out runs/vqa
+
+demo-video: $(STAMP)
+	$(BIN)/tokensift quickstart-video --out runs/video
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

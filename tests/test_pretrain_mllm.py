@@ -240,3 +240,20 @@ def test_video_recipe_configs_build_their_model(family):
         assert model.config.vision_config.num_hidden_layers > 4
     else:  # 2x2 merge over a temporal patch of 2: 36 tokens per frame pair
         assert model.config.vision_config.depth > 4 and data.tokens_per_frame == 36
+
+
+def test_molmo2_visual_features_start_at_the_word_embeddings_scale():
+    # at Molmo2's own init (0.02 everywhere) the adapter's output is ~1e-8 and a from-scratch model never learns
+    data = _video_data("molmo2")
+    torch.manual_seed(0)
+    model = build_mllm("molmo2", data, vision_hidden_size=32, vision_layers=4, text_hidden_size=32, text_layers=1)
+    batch = data.collate_fn([data.build("train")[i] for i in range(2)])
+    with torch.no_grad():
+        features = torch.cat(
+            model.model.get_video_features(
+                batch["pixel_values_videos"], batch["video_token_pooling"], batch["video_grids"]
+            ).pooler_output
+        )
+    words = model.get_input_embeddings().weight
+    assert features.norm(dim=-1).mean() > 0.2 * words.norm(dim=-1).mean()
+    assert features.std(0).mean() > 1e-4

@@ -27,6 +27,7 @@ from tokensift.fit_cli import TokensiftCLI
 from tokensift.scorers.base import KeepDecision, TokenMethod, top_k_mask
 from tokensift.scorers.dynamicvit import DynamicViTConfig, DynamicViTMethod
 from tokensift.scorers.dynamicvit.model import removal_key_bias
+from tokensift.state import TokenState
 from tokensift.trainer import ScorerTrainer
 from tokensift.trainer.losses import LossWeights
 from tokensift.trainer.module import TeacherCache
@@ -166,6 +167,19 @@ def test_removal_keeps_what_the_gumbel_top_k_keeps_and_evaluates_deterministical
         handle.method.eval()
         with torch.no_grad():
             assert torch.equal(model(pixel_values=x).logits, evaluated)
+
+
+def test_tied_perturbed_logits_still_keep_the_budget_count(monkeypatch):
+    model, x = build_tiny("vit").requires_grad_(False), make_pixel_values()
+    method = removal_method(model)
+    for predictor in method.predictors:  # every logit 0, every noise draw the same: all candidates tie
+        torch.nn.init.zeros_(predictor.head[-1].weight)
+        torch.nn.init.zeros_(predictor.head[-1].bias)
+    monkeypatch.setattr(TokenState, "uniform", lambda self, seed, stream="": torch.full(self.protected.shape, 0.5))
+    with ts.apply(model, method, keep_count=5) as handle:
+        method.train()
+        model(pixel_values=x)
+        assert [r.kept_orig_index.shape[1] for r in handle.last_records][-1] == 1 + 5
 
 
 def test_removal_key_bias_is_rescaled_to_e_minus_2_and_never_blocks():

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tokensift.fit_cli import TokensiftCLI
 
-TOOL_COMMANDS = ("export", "bench", "quickstart", "quickstart-vqa", "pretrain-mllm")
+TOOL_COMMANDS = ("export", "bench", "quickstart", "quickstart-vqa", "quickstart-video", "pretrain-mllm")
 
 
 def _underscore_flag(arg: str) -> str:
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         from tokensift.bench import bench
         from tokensift.export.checkpoint import export
         from tokensift.quickstart import quickstart
+        from tokensift.quickstart_video import quickstart_video
         from tokensift.quickstart_vqa import quickstart_vqa
 
         commands = {
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
             "bench": bench,
             "quickstart": quickstart,
             "quickstart-vqa": quickstart_vqa,
+            "quickstart-video": quickstart_video,
             "pretrain-mllm": pretrain_mllm_command,
         }
         # `export CKPT OUT_DIR` reads as a sentence; bench and quickstart take --flags only

@@ -40,7 +40,11 @@ def fit_and_export(
         return
     console.rule(title)
     args = ["fit", f"--config={recipe}", backbone_arg, f"--trainer.logger.init_args.save_dir={save_dir}"]
-    args += [f"--data.init_args.{key}={json.dumps(value)}" for key, value in data_options.items()]
+    # JSON for lists and numbers; a string as it is (quoted, jsonargparse would keep the quotes)
+    args += [
+        f"--data.init_args.{key}={value if isinstance(value, str) else json.dumps(value)}"
+        for key, value in data_options.items()
+    ]
     if max_epochs is not None:
         args.append(f"--trainer.max_epochs={max_epochs}")
     cli = TokensiftCLI(args=[*args, *extra_args])

@@ -17,8 +17,16 @@ from rich.console import Console
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPE = CONFIGS / "stts_video_vqa.yaml"
-# training-free methods benched beside STTS: the video ones and the image ones that run on any visual token
-VIDEO_METHODS = ("holitom", "ktv", "divprune", "fastv", "random")
+# the video LLM of configs/pretrain_video_qwen2_vl.yaml: 84 px frames in 7 px patches, a 5-block tower (d 64) that is
+# most of a forward's work, a 2-layer LM
+MODEL = dict(
+    vision_hidden_size=64, vision_layers=5, text_hidden_size=64, text_layers=2, num_attention_heads=4, lr=0.002,
+    alignment_loss_weight=1.0,
+)  # fmt: skip
+VIDEO = dict(frame_size=84, patch_size=7, min_frames=8, max_frames=8, batch_size=16, val_samples=128)
+# training-free methods benched beside STTS: the video ones and image ones that run before the LLM (the demo LM has
+# 2 layers: no room for fastv's default llm.2)
+VIDEO_METHODS = ("holitom", "ktv", "divprune", "visionzip", "random")
 # what fixes the task and the vocabulary: the scorer and the bench must see the backbone's own
 SCENE_OPTIONS = (
     "frame_size",
@@ -41,8 +49,8 @@ SCENE_OPTIONS = (
 def quickstart_video(
     out: Path = Path("runs/video"),
     recipe: Path = RECIPE,
-    family: str = "molmo2",
-    train_samples: int = 8192,
+    family: str = "qwen2_vl",
+    train_samples: int = 12288,
     backbone_epochs: int = 1,
     single_frame_baseline: bool = True,
     keep_ratios: str = "1,0.5,0.25",
@@ -52,7 +60,8 @@ def quickstart_video(
     model_options: dict | None = None,
     methods: str = ",".join(VIDEO_METHODS),
     scorer_seeds: str = "0,1,2",
-    scorer_train_samples: int | None = None,
+    scorer_train_samples: int | None = 4096,
+    stts_site: str = "vit.1",
 ) -> dict:
     """Train a tiny video LLM on video digit VQA, fit STTS on it, and bench it beside the training-free methods.
 
@@ -71,7 +80,10 @@ def quickstart_video(
         model_options: further ``pretrain_mllm`` arguments (sizes, ``lr``).
         methods: comma-separated training-free methods benched beside STTS.
         scorer_seeds: comma-separated seeds of the STTS runs (its row: mean ± sd over them).
-        scorer_train_samples: override the recipe's ``data.init_args.train_samples``.
+        scorer_train_samples: override the recipe's ``data.init_args.train_samples`` (``None`` keeps its 8,192).
+        stts_site: STTS's site (the recipe's ``vit.3``, the reference's, is the 5-block tower's last: its removal
+            would come after the tower; ``vit.1`` scores after block 1, biases block 2 and removes tokens from blocks
+            3-4 and the LLM).
     """
     from tokensift.backbones.pretrain_mllm import REPORT, pretrain_mllm
     from tokensift.bench import run_bench
@@ -84,7 +96,7 @@ def quickstart_video(
     out = Path(out)
     if not Path(recipe).is_file():
         raise FileNotFoundError(f"recipe {recipe} not found; run from a tokensift checkout or pass --recipe.")
-    options = {"family": family, **(data_options or {})}
+    options = {"family": family, **VIDEO, **(data_options or {})}
 
     def pretrain(folder: Path, title: str, **extra) -> dict:
         if (folder / REPORT).is_file():
@@ -94,7 +106,7 @@ def quickstart_video(
             data = VideoDigitVQADataModule(
                 **{"train_samples": train_samples, "test_samples": test_samples, **options, **extra}
             )
-            pretrain_mllm(folder, data, max_epochs=backbone_epochs, family=family, **(model_options or {}))
+            pretrain_mllm(folder, data, max_epochs=backbone_epochs, family=family, **(MODEL | (model_options or {})))
         return json.loads((folder / REPORT).read_text())
 
     backbone = out / family
@@ -114,6 +126,7 @@ def quickstart_video(
 
     seeds = parse_seeds(scorer_seeds)
     extra = [] if scorer_train_samples is None else [f"--data.init_args.train_samples={scorer_train_samples}"]
+    extra.append(f"--model.init_args.method_options={json.dumps({'sites': [stts_site]})}")
     artifacts = []
     for seed in seeds:
         artifact = out / "artifacts" / "stts" / f"seed{seed}"

@@ -4,10 +4,12 @@ its sites.
 - gather mode (inference): after a site's block the method decides what stays (a ``KeepDecision``, every sample
   keeping the budget's count) and the sequence *shrinks* (``tokensift.compact.compact_state``: gathered in
   ascending original order, merged values included); every later block runs on fewer tokens. A decision with a
-  ``key_bias`` (STTS; DynamicViT's ``train_by_removal``) defers the compaction by one block: the next block runs on
-  every token with that bias added to each query's logits for its keys, and the sequence shrinks after it. The bias
-  stays in the graph, so a loss on the pruned forward trains the scorer whose tokens it removes (every site has a
-  next block: ``vit.<i>`` stops one block before the last).
+  ``key_bias`` (STTS; DynamicViT's ``removal_gradient: next_block_bias``) defers the compaction by one block: the
+  next block runs on every token with that bias added to each query's logits for its keys, and the sequence
+  shrinks after it. The bias stays in the graph, so a loss on the pruned forward trains the scorer whose tokens it
+  removes (every site has a next block: ``vit.<i>`` stops one block before the last). Training by removal (a
+  learned method with ``removal_policy``, DynamicViT's ``train_by_removal``) defers the same way: its
+  differentiable ``keep_policy`` enters the next block's policy attention, and the dropped tokens go after it.
 - mask mode (training): the sequence keeps its length; the method's keep policy enters every later
   block's attention (``tokensift.attention``), and the head's pooling sees only kept tokens.
 
@@ -227,9 +229,7 @@ class PruningHandle:
                     self._init_tokens(run, hidden)
                 if _attention_mask(args, kwargs) is not None and hidden.shape[1] != _full_length(run):
                     raise NotImplementedError("tokensift cannot yet shrink a vision tower that gets an attention mask")
-                if run.policy is not None and self.mode == "gather" and not attn.needs_policy_attention(run.policy):
-                    call["policy_bias"] = attn.policy_bias(run.policy)  # removal training: the survivors' policy
-                elif run.policy is not None:
+                if run.policy is not None:  # mask mode; gather mode: the block before a removal-training compaction
                     call["policy"] = run.policy
                 if run.merged:
                     call["key_bias"] = run.size.log()  # ToMe's proportional attention
@@ -348,11 +348,11 @@ class PruningHandle:
         return hook
 
     def _remove_by_policy(self, run: _Run, state: TokenState, num_keep: Tensor, site: str, target: float) -> None:
-        """Gather mode, training a method that sets ``removal_policy``: its differentiable ``keep_policy`` decides.
-        The next block runs on every token with that policy in its attention (dropped tokens invisible, with
-        DynamicViT's renormalised gradient towards keeping them), the dropped tokens are removed after it, and the
-        survivors carry their policy (1 in the forward pass) into every later block as a ``log p`` key bias. So the
-        kept tokens' forward pass is the pruned inference's, and the loss reaches both decisions."""
+        """Gather mode, training a method that sets ``removal_policy``: its differentiable ``keep_policy`` decides,
+        the next block runs on every token with that policy in its attention (DynamicViT's policy attention: the
+        dropped tokens invisible to the others, with a gradient towards keeping them), and the dropped tokens are
+        removed after it. So the kept tokens compute the pruned inference's forward pass, and the loss reaches
+        every decision through that block."""
         policy = self.method.keep_policy(state, num_keep)
         keep = (policy.detach() > 0.5) & state.alive
         run.deferred = _Deferred(site, replace(state, policy=policy), KeepDecision(keep), target)
@@ -363,7 +363,7 @@ class PruningHandle:
         hidden states."""
         reduced = compact_state(state, decision, f"{self.method.name} at site {site}")
         run.protected, run.orig_index, run.size = reduced.protected, reduced.orig_index, reduced.size
-        run.policy = reduced.policy  # None, except for the survivors of a removal-training policy
+        run.policy = None  # removal training: the survivors' decisions stay in the graph, their policy is spent
         run.merged = run.merged or self.method.merges
         kept = (~reduced.protected).sum(1).float()
         run.records.append(SiteRecord(site, reduced.orig_index, None, kept / run.num_prunable, target, reduced.hidden))

@@ -366,7 +366,17 @@ def _build_video_mllm(
         low_res_image_start_token_id=unused,
         tie_word_embeddings=True,
     )
-    return Molmo2ForConditionalGeneration(config)
+    model = Molmo2ForConditionalGeneration(config)
+    # Molmo2 initialises every projection at initializer_range (0.02): through the tower's patch embedding and the
+    # adapter's five chained projections (pooling attention's v / o, the projector's gate / up / down) that leaves
+    # visual features of ~1e-8 that hardly differ between tokens, and gradients as small, so a model trained from
+    # scratch never learned to look (its alignment loss sat at ln 10). PyTorch's default fan-in init of the tower's
+    # and the adapter's linear layers gives features of the word embeddings' order.
+    for part in (model.model.vision_tower, model.model.multi_modal_projector):
+        for module in part.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.reset_parameters()
+    return model
 
 
 def build_image_processor_for(family: str, data: Any):

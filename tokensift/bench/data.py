@@ -81,14 +81,23 @@ def vqa_test_batches(datamodule: Any, max_batches: int | None = None) -> list[di
 
 
 def take_rows(batch: Mapping, count: int) -> dict:
-    """The first ``count`` samples of a VQA batch: per-sample fields sliced, Qwen2-VL's flattened patches cut
-    at the end of the ``count``-th image (one image per sample)."""
+    """The first ``count`` samples of a VQA batch: per-sample fields sliced, Qwen2-VL's flattened patches and
+    Molmo2's frames and pooling cut at the end of the ``count``-th image or video (one per sample)."""
     size = int(batch["input_ids"].shape[0])
     out = {}
     grid = batch.get("image_grid_thw")
+    cut = {}  # video fields flattened over the batch's videos (one per sample): where the first count end
+    if batch.get("video_grid_thw") is not None:  # Qwen2-VL: t * h * w patches per video
+        cut["pixel_values_videos"] = int(batch["video_grid_thw"][:count].prod(-1).sum())
+    if batch.get("video_grids") is not None:  # Molmo2: frames per video, frames * rows * cols pooled tokens
+        grids = batch["video_grids"][:count]
+        cut["pixel_values_videos"] = int(grids[:, 0].sum())
+        cut["video_token_pooling"] = int(grids.prod(-1).sum())
     for key, value in batch.items():
         if key == "pixel_values" and grid is not None:
             out[key] = value[: int(grid[:count].prod(-1).sum())]
+        elif key in cut:
+            out[key] = value[: cut[key]]
         elif isinstance(value, Tensor) and value.ndim and value.shape[0] == size:
             out[key] = value[:count]
         else:

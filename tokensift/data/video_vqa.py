@@ -368,6 +368,8 @@ class VideoDigitVQA(SeededSplitDataset):
         num_channels: grey replicated to this many channels.
         family: ``molmo2`` or ``qwen2_vl``: the prompt's placeholders (and the collator's layout).
         single_frame: keep only the last frame (same questions and answers): the single-frame baseline.
+        align_digits: put a still digit (and a moving one's first and last position) inside one visual token's
+            cell when it fits in one, else on the patch grid (default); ``False``: at any pixel.
         seed, split_fractions: as :class:`~tokensift.data.digit_vqa.DigitVQA`.
         tokenizer: default :func:`build_video_tokenizer`.
     """
@@ -392,6 +394,7 @@ class VideoDigitVQA(SeededSplitDataset):
         num_channels: int = 3,
         family: str = "molmo2",
         single_frame: bool = False,
+        align_digits: bool = True,
         seed: int = 0,
         split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
         tokenizer=None,
@@ -430,6 +433,7 @@ class VideoDigitVQA(SeededSplitDataset):
         self.num_channels = int(num_channels)
         self.family = family
         self.single_frame = bool(single_frame)
+        self.align_digits = bool(align_digits)
         self.seed = int(seed)
         self.split_fractions = tuple(float(f) for f in split_fractions)
         # the LLM token's cell: Molmo2 pools pool x pool patches per frame, Qwen2-VL merges 2x2 over 2 frames
@@ -449,6 +453,13 @@ class VideoDigitVQA(SeededSplitDataset):
         self.frame_token_ids = tuple(self.tokenizer.convert_tokens_to_ids([FRAME_START, FRAME_END]))
         self.answer_token_ids = self.tokenizer.convert_tokens_to_ids(list(ANSWER_WORDS))
 
+        self.min_travel = 3 * self.digit_size // 4  # a moving digit slides at least this far
+        corners = self.corner_offsets()
+        if "moves" in self.question_types and corners.max() - corners.min() < self.min_travel:
+            raise ValueError(
+                f"align_digits leaves corners {corners.tolist()} in a quadrant: no room to slide a digit "
+                f"{self.min_travel} px for 'moves' questions; set align_digits=False or raise frame_size"
+            )
         images, labels = load_sources()
         self._images, self._labels = images, labels
         self.source_indices: np.ndarray = split_sources(self.seed, self.split_fractions)[split]
@@ -498,18 +509,19 @@ class VideoDigitVQA(SeededSplitDataset):
                 other_begin = int(rng.integers(frames - other_length + 1))
                 shown.append(list(range(other_begin, other_begin + other_length)))
             movers = set()
-        half, room = self.frame_size // 2, self.frame_size // 2 - self.digit_size
+        half, corners = self.frame_size // 2, self.corner_offsets()
         digits = []
         for k in range(count):
             source = int(rng.choice(self._class_sources[int(classes[k])]))
             quadrant = int(quadrants[k])
             origin = np.array([quadrant // 2 * half, quadrant % 2 * half])
-            start_pos = rng.integers(room + 1, size=2)
+            start_pos = rng.choice(corners, size=2)
             if k in movers:  # slide to a point at least 3/4 of a digit away, linearly over the video
-                while True:
-                    end_pos = rng.integers(room + 1, size=2)
-                    if np.abs(end_pos - start_pos).max() >= 3 * self.digit_size // 4:
-                        break
+                if max(abs(corners - start_pos[0]).max(), abs(corners - start_pos[1]).max()) < self.min_travel:
+                    start_pos = np.array([corners.min(), corners.min()])  # a middle corner with no far end
+                ends = [(r, c) for r in corners for c in corners if max(abs(r - start_pos[0]), abs(c - start_pos[1]))
+                        >= self.min_travel]  # fmt: skip
+                end_pos = np.array(ends[int(rng.integers(len(ends)))])
                 steps = np.linspace(0.0, 1.0, frames) if frames > 1 else np.zeros(1)
                 path = [np.rint(start_pos + s * (end_pos - start_pos)).astype(int) for s in steps]
             else:
@@ -525,6 +537,19 @@ class VideoDigitVQA(SeededSplitDataset):
             col = int(rng.integers(self.frame_size - crop[3] + 1))
             background.append((source, crop, (row, col)))
         return VideoSpec(question_type, template, query, frames, tuple(digits), tuple(background))
+
+    def corner_offsets(self) -> np.ndarray:
+        """Where a digit's top-left corner may sit along each axis of its quadrant (offsets from the quadrant's
+        corner). With ``align_digits``: inside one visual token's cell when a digit fits in one (Molmo2's 21-px
+        pooled cell holds a 16-px digit whole), else on the patch grid; otherwise any pixel."""
+        room = self.frame_size // 2 - self.digit_size
+        if not self.align_digits:
+            return np.arange(room + 1)
+        if self.token_cell >= self.digit_size:
+            cells = (self.frame_size // 2) // self.token_cell
+            inside = np.arange(self.token_cell - self.digit_size + 1)
+            return np.concatenate([c * self.token_cell + inside for c in range(cells)])
+        return np.arange(0, room + 1, self.patch_size)
 
     def digit_class(self, digit: VideoDigit) -> int:
         return int(self._labels[digit.source])
@@ -774,6 +799,7 @@ class VideoDigitVQADataModule(VQADataModule):
         num_channels: int = 3,
         family: str = "molmo2",
         single_frame: bool = False,
+        align_digits: bool = True,
         padding_side: str = "left",
         seed: int = 0,
         split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
@@ -799,6 +825,7 @@ class VideoDigitVQADataModule(VQADataModule):
             num_channels=num_channels,
             family=family,
             single_frame=single_frame,
+            align_digits=align_digits,
             seed=seed,
             split_fractions=tuple(split_fractions),
         )
@@ -830,6 +857,15 @@ class VideoDigitVQADataModule(VQADataModule):
             self.pad_token_id, padding_side or self.padding_side, with_answer, self.family, self.patch_size,
             self.image_token_id, pool_size=self.pool_size, frame_token_ids=self.frame_token_ids,
         )  # fmt: skip
+
+    def video_frames(self, index: int, split: str = "test") -> torch.Tensor:
+        """The frames ``[T, C, H, W]`` (normalised) the model sees for sample ``index`` of ``split`` (the bench's
+        per-frame overlays)."""
+        self.setup("test" if split == "test" else "fit")
+        dataset = {"train": self.train_dataset, "val": self.val_dataset, "test": self.test_dataset}.get(split)
+        if dataset is None:
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        return dataset[index]["frames"]
 
     def alignment_targets(self, batch: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """What each visual token should name (:class:`~tokensift.backbones.pretrain_mllm.MLLMPretrainer`'s

@@ -7,9 +7,10 @@ learning-rate group; the backbone stays in eval mode (dropout off) whatever Ligh
 plumbing is :class:`tokensift.trainer.base.FrozenBackboneTrainer`'s; this module says what a step computes.
 
 A method that trains by removing tokens (DynamicViT's ``train_by_removal``) is trained in gather mode: its keep
-decision shrinks the sequence after the next block (``KeepDecision.key_bias``), so the student pass costs what a
-pruned inference costs plus one backward through the blocks after the first site. The teacher's logits are then
-the only teacher output the objective reads, and a :class:`TeacherCache` computes them once per training sample.
+decision shrinks the sequence after the next block (``PruningHandle``), so the student pass costs what a pruned
+inference costs, plus one full-length block per site and one backward through the blocks after the first site.
+The teacher's logits are then the only teacher output the objective reads, and a :class:`TeacherCache` computes
+them once per training sample.
 """
 
 from __future__ import annotations

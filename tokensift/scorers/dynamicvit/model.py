@@ -14,11 +14,14 @@ consistent across ratios instead of pulling towards their mean).
 (``ScorerTrainer`` trains in gather mode, and the forward pass is the pruned inference's). How the loss reaches
 the predictors (``removal_gradient``):
 
-- ``kept_tokens`` (default): ``keep_policy``'s Gumbel top-k decides (``removal_policy``); the handle removes the
-  dropped tokens at the site and the survivors carry their straight-through policy (1 in the forward pass) as a
-  ``log p`` key bias in every later block, so each survivor's decision is trained by its effect on every later
-  block, as in mask mode; dropped tokens get no direct gradient (the centring of the logits moves them against
-  the survivors).
+- ``kept_tokens`` (default): ``keep_policy``'s Gumbel top-k decides (``removal_policy``). The next block runs on
+  every token with that straight-through policy in its attention (DynamicViT's policy attention: dropped tokens
+  invisible to the others, with its gradient towards keeping them) and the handle removes the dropped tokens
+  after it. The kept tokens' forward pass is the pruned inference's; every decision learns from that one block
+  (mask mode: from every later block). Carrying the survivors' policy (1 forward) into the later blocks as well
+  changed nothing on the demo and costs the fast attention kernel there; carrying it *instead of* the next block
+  trained a ranking worse than random: the derivative at ``p = 1`` says whether *more* of a kept token helps,
+  not whether keeping it does.
 - ``next_block_bias`` (STTS): ``reduce`` returns the Gumbel top-k keep plus a key bias ``log s`` for the next
   block, ``s`` the sigmoid of the centred logits min-max rescaled per image to ``[e^-2, 1]`` (never blocking); the
   handle removes the dropped tokens after that block. On the frozen demo ViT this one-block signal trained a
@@ -61,9 +64,10 @@ class DynamicViTConfig(MethodConfig):
     removal_gradient: str = field(
         default="kept_tokens",
         metadata={
-            "help": "How train_by_removal's loss reaches the predictors: 'kept_tokens' (the Gumbel top-k policy, 1 "
-            "in the forward pass, as a log-p key bias of the survivors in every later block) or 'next_block_bias' "
-            "(STTS: log of the score rescaled per image to [e^-2, 1] at the next block, removal after it)."
+            "help": "How train_by_removal's loss reaches the predictors: 'kept_tokens' (the Gumbel top-k policy in "
+            "the next block's policy attention, the dropped tokens removed after it) or "
+            "'next_block_bias' (STTS: log of the score rescaled per image to [e^-2, 1] at the next block; on the "
+            "frozen demo ViT it trained a ranking worse than random)."
         },
     )
 
@@ -182,6 +186,9 @@ class DynamicViTMethod(TokenMethod):
         u = with_sample_index(state, self._samples).uniform(0, stream="dynamicvit.gumbel").clamp(1e-6, 1 - 1e-6)
         noise = u.log() - (-u).log1p()  # logistic = difference of two Gumbels: binary Gumbel-softmax
         perturbed = logits + noise.to(logits.dtype)
+        # topk: kept by rank, exactly num_keep per sample even when perturbed logits tie at the threshold (removal
+        # training compacts by this decision and needs equal counts); threshold: by sign
+        ranked_keep = top_k_mask(perturbed.detach(), state, num_keep) if self.config.selection == "topk" else None
         if self.config.selection == "topk":
             candidates = perturbed.masked_fill(~state.prunable, float("-inf"))
             ranked = candidates.sort(dim=1, descending=True).values
@@ -194,7 +201,7 @@ class DynamicViTMethod(TokenMethod):
             threshold = torch.where(k.squeeze(1) < width, (last + low) / 2, ranked[:, -1] - 1.0)
             perturbed = perturbed - threshold.detach().unsqueeze(1)
         soft = torch.sigmoid(perturbed / self.config.gumbel_tau)
-        hard = (soft > 0.5).to(soft.dtype)
+        hard = (soft > 0.5 if ranked_keep is None else ranked_keep).to(soft.dtype)
         decision = hard - soft.detach() + soft  # straight-through
         previous = torch.ones_like(decision) if state.policy is None else state.policy
         decision = torch.where(state.protected, torch.ones_like(decision), decision)
