@@ -3,10 +3,10 @@
     .venv/bin/python benchmarks/stts_train_cost.py [--backbone runs/video/molmo2] [--frames 16] [--batch-size 4]
 
 One batch of ``--frames``-frame videos of video digit VQA. Training (forward + backward + AdamW): the whole model
-fine-tuned by its answer loss unpruned, against the same with STTS at keep 0.5 (``MLLMScorerTrainer(method="stts",
-the model's weights trained too)``: removal in gather mode, what the STTS paper's 1.62x compares), and against the recipe's
-step (``configs/stts_video_vqa.yaml``: only the scorer trains, the model frozen, no teacher pass). Inference: one
-prefill of the frozen model unpruned vs with the trained-or-not scorer applied at keep 0.5. Medians over
+fine-tuned by its answer loss unpruned, against the same with STTS at keep 0.5 (``MLLMScorerTrainer(method="stts")``
+with the model's weights trained too: removal in gather mode, what the STTS paper's 1.62x compares), and against the
+recipe's step (``configs/stts_video_vqa.yaml``: only the scorer trains, the model frozen, no teacher pass).
+Inference: one prefill of the frozen model unpruned vs with the trained-or-not scorer applied at keep 0.5. Medians over
 ``--repeats`` interleaved rounds in this one run; the printed ratios are what to quote. Without ``--backbone`` a
 random-init model of the demo's shape (``quickstart-video``'s ``pretrain_mllm`` defaults) is used: timings do not
 depend on the weights. The anchor (STTS paper): 1.62x faster training, 1.61x faster inference at 50% pruned.

@@ -140,9 +140,10 @@ class PackedTowerHandle:
     packed rows' length (default: one frame's patches), ``packing`` how frames fill them (``"ffd"``: first-fit-
     decreasing, a frame never split; ``"contiguous"``: frame after frame, a frame may continue on the next row, only
     the last row padded; ``tokensift.compact.pack_rows``; the default, since both kernels read the rows end to end,
-    so a frame split over two rows costs nothing, while first-fit-decreasing leaves 11% of the slots of one 16-frame
-    video at keep 0.5 empty (3-6% over four videos), all of them computed) and ``segment_kernel`` the block-diagonal attention's
-    kernel (``"sdpa"``: one call of the model's kernel per frame segment; ``"flex"``: ``flex_attention``, compiled).
+    so a frame split over two rows costs nothing, while first-fit-decreasing leaves 11% of the slots of one
+    16-frame video at keep 0.5 empty (3-6% over four videos), all of them computed) and ``segment_kernel`` the
+    block-diagonal attention's kernel (``"sdpa"``: one call of the model's kernel per frame segment; ``"flex"``:
+    ``flex_attention``, compiled).
     """
 
     def __init__(
