@@ -239,7 +239,7 @@ STEPS = 16
 VIDEO_FAMILIES = {
     # (data module options, tower blocks): frames of different lengths in one batch; STTS at vit.0 leaves the bias
     # block and one more after it
-    "qwen2_vl": (dict(frame_size=56, patch_size=7), 3),
+    "qwen2_vl": (dict(frame_size=56, patch_size=7, align_digits=False), 3),  # 56 px: no room for aligned moves
     "molmo2": (dict(frame_size=84, patch_size=7), 4),
 }
 

@@ -77,5 +77,7 @@ def test_stts_recipe_two_process_ddp_reaches_the_single_process_weights(video_mo
     start_state = start.state_dict()
     assert ddp_state.keys() == single_state.keys() == start_state.keys()
     assert any(not torch.equal(single_state[k], start_state[k]) for k in start_state), "the runs trained"
+    # Adam turns a gradient's rounding difference (two half-batch sums vs one sum) into up to ~1% of a step of 1e-3
+    # where the gradient is near zero; a wrong split or a missing all-reduce moves weights by whole steps
     for key, value in single_state.items():
-        torch.testing.assert_close(ddp_state[key], value, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ddp_state[key], value, atol=1e-4, rtol=1e-4)
