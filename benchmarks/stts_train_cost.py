@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
+from train_cost import round_robin  # benchmarks/ is the script's folder, first on sys.path
 
 import tokensift as ts
 
@@ -32,20 +32,6 @@ RECIPE_OPTIONS = dict(
     lr=1e-3,
     warmup_fraction=0.0,
 )
-
-
-def round_robin(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Each variant once per round, ``repeats`` rounds after ``warmup``: load drift hits every variant alike."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def report(title: str, times: dict[str, list[float]], reference: str) -> None:

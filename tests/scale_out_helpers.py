@@ -34,8 +34,8 @@ class DistributedOrderDigits(ClutteredDigitsDataModule):
         return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler)
 
 
-class DistributedOrderDigitVQA(DigitVQADataModule):
-    """Digit VQA dealt as ``DistributedOrderDigits`` deals cluttered digits (the multimodal trainer's DDP test)."""
+class DistributedOrderVQA:
+    """A VQA data module's training batches dealt as ``DistributedOrderDigits`` deals cluttered digits (a mixin)."""
 
     def train_dataloader(self) -> DataLoader:
         sampler = DistributedSampler(
@@ -48,15 +48,9 @@ class DistributedOrderDigitVQA(DigitVQADataModule):
         return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate_fn)
 
 
-class DistributedOrderVideoDigitVQA(VideoDigitVQADataModule):
-    """Video digit VQA dealt as ``DistributedOrderDigits`` deals cluttered digits (STTS's DDP test)."""
+class DistributedOrderDigitVQA(DistributedOrderVQA, DigitVQADataModule):
+    """Digit VQA for the multimodal trainer's DDP test."""
 
-    def train_dataloader(self) -> DataLoader:
-        sampler = DistributedSampler(
-            self.train_dataset,
-            num_replicas=self.trainer.world_size,
-            rank=self.trainer.global_rank,
-            shuffle=True,
-            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
-        )
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate_fn)
+
+class DistributedOrderVideoDigitVQA(DistributedOrderVQA, VideoDigitVQADataModule):
+    """Video digit VQA for STTS's DDP test."""

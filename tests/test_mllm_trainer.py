@@ -148,20 +148,19 @@ def digit_vqa_llava(tmp_path_factory) -> Path:
     return out
 
 
-def question_selector_fit(backbone: Path, save_dir: Path, batch_size: int, *extra: str) -> Path:
+def fit_recipe(recipe: str, backbone: Path, data_class: str, data: dict, save_dir: Path, *extra: str) -> Path:
+    """``tokensift fit`` of ``configs/<recipe>.yaml`` in a child process (Lightning's launcher re-runs it per rank),
+    its data module ``scale_out_helpers.<data_class>`` with ``data`` as init args; returns its ``last.ckpt``."""
     from test_scale_out import CHILD_ENV, TESTS
 
     command = [
         sys.executable,
         str(TESTS / "scale_out_fit.py"),
         "fit",
-        f"--config={ROOT / 'configs' / 'question_selector_digit_vqa.yaml'}",
+        f"--config={ROOT / 'configs' / f'{recipe}.yaml'}",
         f"--model.init_args.backbone={backbone}",
-        "--data.class_path=scale_out_helpers.DistributedOrderDigitVQA",
-        "--data.init_args.train_samples=64",
-        "--data.init_args.val_samples=16",
-        "--data.init_args.test_samples=16",
-        f"--data.init_args.batch_size={batch_size}",
+        f"--data.class_path=scale_out_helpers.{data_class}",
+        *(f"--data.init_args.{key}={value}" for key, value in data.items()),
         "--trainer.max_epochs=1",
         "--trainer.accelerator=cpu",
         "--trainer.log_every_n_steps=1",
@@ -172,6 +171,11 @@ def question_selector_fit(backbone: Path, save_dir: Path, batch_size: int, *extr
     result = subprocess.run(command, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return save_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def question_selector_fit(backbone: Path, save_dir: Path, batch_size: int, *extra: str) -> Path:
+    data = dict(train_samples=64, val_samples=16, test_samples=16, batch_size=batch_size)
+    return fit_recipe("question_selector_digit_vqa", backbone, "DistributedOrderDigitVQA", data, save_dir, *extra)
 
 
 @pytest.mark.slow

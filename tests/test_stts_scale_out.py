@@ -7,8 +7,6 @@ batch 4 average to the gradient of one rank of batch 8.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +17,6 @@ import tokensift as ts
 from tokensift.cli import main
 from tokensift.trainer import MLLMScorerTrainer
 
-ROOT = Path(__file__).resolve().parents[1]
 VIDEO = dict(family="molmo2", frame_size=84, patch_size=7, min_frames=3, max_frames=4, max_digits=2)
 
 
@@ -38,30 +35,10 @@ def video_molmo2(tmp_path_factory) -> Path:
 
 
 def stts_fit(backbone: Path, save_dir: Path, batch_size: int, *extra: str) -> Path:
-    from test_scale_out import CHILD_ENV, TESTS
+    from test_mllm_trainer import fit_recipe
 
-    command = [
-        sys.executable,
-        str(TESTS / "scale_out_fit.py"),
-        "fit",
-        f"--config={ROOT / 'configs' / 'stts_video_vqa.yaml'}",
-        f"--model.init_args.backbone={backbone}",
-        "--data.class_path=scale_out_helpers.DistributedOrderVideoDigitVQA",
-        *(f"--data.init_args.{key}={value}" for key, value in VIDEO.items()),
-        "--data.init_args.train_samples=16",
-        "--data.init_args.val_samples=8",
-        "--data.init_args.test_samples=8",
-        f"--data.init_args.batch_size={batch_size}",
-        "--trainer.max_epochs=1",
-        "--trainer.accelerator=cpu",
-        "--trainer.log_every_n_steps=1",
-        f"--trainer.logger.init_args.save_dir={save_dir}",
-        "--seed_everything=0",
-        *extra,
-    ]
-    result = subprocess.run(command, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return save_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    data = dict(VIDEO, train_samples=16, val_samples=8, test_samples=8, batch_size=batch_size)
+    return fit_recipe("stts_video_vqa", backbone, "DistributedOrderVideoDigitVQA", data, save_dir, *extra)
 
 
 @pytest.mark.slow
