@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--vision-layers", type=int, default=None, help="random init only (default: the demo's)")
+    parser.add_argument("--vision-hidden-size", type=int, default=None, help="random init only (default: the demo's)")
     args = parser.parse_args()
     torch.manual_seed(0)
     data = VideoDigitVQADataModule(
@@ -70,7 +71,8 @@ def main() -> None:
         backbone = args.backbone
         if backbone is None:
             backbone = f"{tmp}/model"
-            sizes = {} if args.vision_layers is None else {"vision_layers": args.vision_layers}
+            sizes = {"vision_layers": args.vision_layers, "vision_hidden_size": args.vision_hidden_size}
+            sizes = {key: value for key, value in sizes.items() if value is not None}
             build_mllm(args.family, data, **sizes).save_pretrained(backbone)
         trainers = {
             "stts keep 0.5, model fine-tuned (removal)": MLLMScorerTrainer(
