@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny_mllm import build_tiny_mllm
+import tokensift as ts
+from tests.tiny_mllm import build_tiny_mllm, build_tiny_molmo2, make_batch, make_molmo2_batch
 from tokensift.backbones import adapt
 from tokensift.backbones.loading import load_mllm_backbone
 from tokensift.backbones.pretrain_mllm import pretrain_mllm
@@ -179,6 +180,32 @@ def test_prefill_flops_by_hand():
     # the bench's ratio: the vision side on both sides
     ratio = (vision + flops["llm"]) / (vision + flops["unpruned"])
     assert ratio == 2_759_040 / 3_324_288
+
+
+def test_tower_flops_counter_charges_what_the_tower_ran():
+    """Unpruned, the counter is mllm_vision_flops per image; a vit.<i> site on Molmo2's packed tower lowers it
+    (per-frame attention over the kept patches), a pre_llm site leaves it alone."""
+    from tokensift.flops import TowerFlopsCounter
+
+    llava = build_tiny_mllm("llava")
+    batch = make_batch("llava")
+    inputs = batch.inputs()
+    with torch.no_grad(), TowerFlopsCounter(adapt(llava)) as counter:
+        llava(**inputs)
+    images = int(inputs["pixel_values"].shape[0])
+    assert counter.flops == images * mllm_vision_flops(adapt(llava), 16)
+
+    molmo = build_tiny_molmo2()
+    inputs = make_molmo2_batch("video").inputs([0, 1, 2])
+    totals = {}
+    for site in (None, "pre_llm", "vit.0"):
+        handle = None if site is None else ts.apply(molmo, "random", keep_ratio=0.5, sites=[site])
+        with torch.no_grad(), TowerFlopsCounter(adapt(molmo)) as counter:
+            molmo(**inputs)
+        totals[site] = counter.flops
+        if handle is not None:
+            handle.remove()
+    assert totals["pre_llm"] == totals[None] > totals["vit.0"] > 0
 
 
 def test_bad_inputs_name_the_field(run, tmp_path):

@@ -178,11 +178,14 @@ def _prepare(model: nn.Module, batch: dict, image_token_id: int, pad_token_id: i
     is_visual = input_ids == image_token_id
     num_visual = is_visual.sum(1)
     oracle = batch.get("oracle_mask")
-    if oracle is not None and bool((num_visual != oracle.shape[1]).any()):
-        raise ValueError(
-            f"data: samples hold {sorted(set(num_visual.tolist()))} image tokens but {oracle.shape[1]} oracle patches; "
-            "the bench needs one image per sample and one LLM token per patch (num_image_tokens: null)."
-        )
+    if oracle is not None:  # rows of shorter videos are padded with False to the longest one
+        beyond = torch.arange(oracle.shape[1], device=oracle.device) >= num_visual.to(oracle.device)[:, None]
+        if oracle.shape[1] != int(num_visual.max()) or bool((oracle.bool() & beyond).any()):
+            raise ValueError(
+                f"data: samples hold {sorted(set(num_visual.tolist()))} image tokens but {oracle.shape[1]} oracle "
+                "patches; the bench needs one image or video per sample and one LLM token per patch "
+                "(num_image_tokens: null), the oracle padded with False past a shorter sample's tokens."
+            )
     length = input_ids.shape[1]
     positions = torch.arange(length, device=device).expand_as(input_ids)
     rank = is_visual.long().cumsum(1) - 1

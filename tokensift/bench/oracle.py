@@ -65,10 +65,10 @@ class MLLMOracleMethod(TokenMethod):
         mask = self.oracle_mask.to(state.hidden.device).bool()
         visual = state.valid & (state.kind != 0)  # kind 0: text and special tokens
         counts = visual.sum(1)
-        if mask.shape[0] != visual.shape[0] or bool((counts != mask.shape[1]).any()):
+        if mask.shape[0] != visual.shape[0] or mask.shape[1] != int(counts.max()):  # shorter videos: False-padded
             raise ValueError(
                 f"oracle_mask is {tuple(mask.shape)} but the samples hold {counts.tolist()} visual tokens; the oracle "
-                "needs one image per sample with one LLM token per oracle patch."
+                "needs one image or video per sample with one LLM token per oracle patch (padded to the longest)."
             )
         patch = (visual.long().cumsum(1) - 1).clamp(min=0, max=mask.shape[1] - 1)
         on_target = mask.gather(1, patch) & visual
