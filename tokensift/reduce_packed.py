@@ -741,7 +741,7 @@ class PackedTowerHandle:
             sample_index=sample_index,
             draw=draw,
         )
-        if getattr(self.method, "needs_group_patches", False):  # STTS pools and compares each group's patches
+        if self.method.needs_group_patches:  # STTS pools and compares each group's patches
             group_patches = patches.new_zeros(num_items, width, *patches.shape[1:])
             group_patches[item, slot] = patches
             group_valid = torch.zeros(num_items, width, patches.shape[1], dtype=torch.bool, device=device)

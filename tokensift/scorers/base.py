@@ -80,6 +80,11 @@ class TokenMethod(nn.Module):
     needs_query_attention: ClassVar[bool] = False
     needs_final_norm: ClassVar[bool] = False  # llm.<k>: the site's hidden states through the LM's final norm (DART)
     merges: ClassVar[bool] = False  # reduces by merging (no mask-mode equivalent)
+    # vit.<i> of a packed tower: each group's patches (``TokenState.group_patches`` / ``group_patch_valid``; STTS)
+    needs_group_patches: ClassVar[bool] = False
+    # trained in gather mode, as at inference: the decision's ``key_bias`` carries the gradient (STTS; DynamicViT's
+    # ``train_by_removal`` makes it a property of its config)
+    trains_by_removal: ClassVar[bool] = False
     # a training step may leave some parameters without gradient (e.g. one exit router trained per step):
     # DDP then has to search for them (find_unused_parameters), which costs a graph traversal per step
     has_unused_parameters: ClassVar[bool] = False
@@ -104,6 +109,11 @@ class TokenMethod(nn.Module):
         The budget term of the objective (kept fraction vs target) is then constant: the trainer leaves it out.
         """
         return True
+
+    def auxiliary_losses(self) -> dict[str, Tensor]:
+        """The method's own training terms of the last forward pass, already weighted (STTS's ``temporal``), then
+        forgotten; the trainer adds them to the loss. None by default."""
+        return {}
 
     def set_progress(self, fraction: float) -> None:
         """The share of training done, in ``[0, 1]``, told by the trainer each step: methods with annealed

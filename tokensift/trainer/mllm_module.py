@@ -138,7 +138,7 @@ class MLLMScorerTrainer(FrozenBackboneTrainer):
     def training_mode(self) -> str:
         """The handle's mode in the student pass: ``gather`` for a method that trains by removing tokens (its keep
         decision's next-block key bias carries the gradient: ``stts``), else ``mask``."""
-        return "gather" if getattr(self.method, "trains_by_removal", False) else "mask"
+        return "gather" if self.method.trains_by_removal else "mask"
 
     def build_handle(self) -> MLLMPruningHandle:
         budget = Budget(keep_ratio=self.keep_ratio_range[1])
@@ -157,9 +157,7 @@ class MLLMScorerTrainer(FrozenBackboneTrainer):
         self.prepare_pruned_pass(batch, mode=self.training_mode)
         self.method.train()
         self.method.set_progress(min(1.0, self.global_step / self.schedule_steps) if self.schedule_steps else 0.0)
-        auxiliary = getattr(self.method, "auxiliary_losses", None)
-        if auxiliary is not None:
-            auxiliary()  # drop anything an earlier forward left (the terms below are this pass's)
+        self.method.auxiliary_losses()  # drop anything an earlier forward left (the terms below are this pass's)
         logits = self.logits(inputs)
         answer = answer_loss(logits, labels)[rows].mean()
         terms = {"answer": answer}
@@ -168,7 +166,7 @@ class MLLMScorerTrainer(FrozenBackboneTrainer):
             terms["distill"] = answer_distillation(logits, teacher, labels, self.temperature)[rows].mean()
             loss = loss + self.distill_weight * terms["distill"]
         # the method's own terms of this pass, already weighted (stts: its temporal regression)
-        for name, value in (auxiliary() if auxiliary is not None else {}).items():
+        for name, value in self.method.auxiliary_losses().items():
             terms[name] = value
             loss = loss + value
         if self.needs_budget_term:

@@ -191,7 +191,7 @@ class ScorerTrainer(FrozenBackboneTrainer):
         self.save_hyperparameters()
         self.eval_keep_ratios = eval_keep_ratios
         self.loss_weights = loss or LossWeights()
-        self.trains_by_removal = bool(getattr(self.method, "trains_by_removal", False))
+        self.trains_by_removal = bool(self.method.trains_by_removal)
         if self.trains_by_removal and self.loss_weights.tokens != 0:
             raise ValueError(
                 f"loss.tokens is {self.loss_weights.tokens} but {self.method.name} trains by removal "
