@@ -29,7 +29,6 @@ from tiny_mllm import (
 import tokensift as ts
 from tokensift.flops import SiteShape
 from tokensift.scorers.holitom import HoliTomConfig, HoliTomMethod, holitom_keep_ratios
-from tokensift.scorers.holitom.frames import proportional_counts, sample_videos, weighted_counts
 from tokensift.scorers.holitom.model import (
     dpc_knn_centres,
     fold_into_most_similar,
@@ -38,6 +37,7 @@ from tokensift.scorers.holitom.model import (
 )
 from tokensift.scorers.ktv import KTVConfig, KTVMethod
 from tokensift.scorers.ktv.model import key_token_scores, kmeans_keyframes, rank_weights
+from tokensift.scorers.video import proportional_counts, sample_videos, weighted_counts
 from tokensift.state import TokenState
 
 VIDEO_METHODS = ("holitom", "ktv")

@@ -36,10 +36,10 @@ import torch
 from torch import Tensor
 
 from tokensift.scorers.base import KeepDecision, MethodConfig, TokenMethod
-from tokensift.scorers.holitom.frames import proportional_counts, sample_videos
 from tokensift.scorers.learned import check_float, check_int
 from tokensift.scorers.multimodal import last_text_attention, require
 from tokensift.scorers.registry import register
+from tokensift.scorers.video import proportional_counts, sample_videos
 from tokensift.state import TokenState
 
 # HoliTom's scripts: HOLITOM_k=18 on LLaVA-OneVision-7B's 28 decoder layers

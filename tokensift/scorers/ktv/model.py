@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from tokensift.scorers.base import MethodConfig, TokenMethod
-from tokensift.scorers.holitom.frames import proportional_counts, sample_videos, weighted_counts
 from tokensift.scorers.learned import check_bool, check_float, check_int
 from tokensift.scorers.multimodal import cosine_similarity_matrix, require
 from tokensift.scorers.registry import register
+from tokensift.scorers.video import proportional_counts, sample_videos, weighted_counts
 from tokensift.state import TokenState
 
 
