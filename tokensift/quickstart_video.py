@@ -1,6 +1,6 @@
 """``tokensift quickstart-video``: spatio-temporal token pruning on a video LLM end to end, idempotent.
 
-video digit VQA → a tiny Molmo2 (or Qwen2-VL) trained from scratch on it and frozen (``pretrain_mllm``), with its
+video digit VQA → a tiny Qwen2-VL (or Molmo2) trained from scratch on it and frozen (``pretrain_mllm``), with its
 single-frame baseline → ``stts`` trained on the frozen model once per scorer seed (the recipe
 ``configs/stts_video_vqa.yaml``: the answer loss through the scorer's attention bias, tokens removed inside the
 vision tower) → exported → benched beside the training-free video and image pruners, random and the oracle at
