@@ -133,6 +133,15 @@ class FrameTower:
     layout: Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
+def _check_nothing_deferred(run: _TowerRun | _FrameRun) -> None:
+    """At the tower's end: a key bias meant for a block after the last one is a site placed too deep."""
+    if run.deferred is not None:
+        raise ValueError(
+            f"{run.deferred.record.site} carries a key bias for block {run.deferred.block}, which this tower does "
+            "not have; put the site before the tower's last block."
+        )
+
+
 class PackedTowerHandle:
     """Runs a method at ``vit.<i>`` sites of a packed tower; driven by the multimodal handle that owns it.
 
@@ -541,11 +550,13 @@ class PackedTowerHandle:
             bias = patch_bias if run.layout is None else pack_tokens(patch_bias, run.layout)
             run.deferred = _Deferred(layer + 1, keep_group, bias, record)
             return None
-        return self._frame_compact(run, hidden, keep_group, record)
+        return self._frame_compact(run, hidden, keep_group, record, flat)
 
-    def _frame_compact(self, run: _FrameRun, hidden: Tensor, keep_group: Tensor, record: PackedSiteRecord) -> Tensor:
-        """The kept patches, each frame's one segment, packed first-fit-decreasing into rows."""
-        flat = self._frame_flat(run, hidden)
+    def _frame_compact(
+        self, run: _FrameRun, hidden: Tensor, keep_group: Tensor, record: PackedSiteRecord, flat: Tensor | None = None
+    ) -> Tensor:
+        """The kept patches, each frame's one segment, packed into rows (``flat``: ``hidden`` unpacked, if at hand)."""
+        flat = self._frame_flat(run, hidden) if flat is None else flat
         run.live = keep_group
         keep_patch = (run.patch_group >= 0) & keep_group[run.patch_group.clamp(min=0)]
         layout = pack_rows(keep_patch.view(run.frames, run.patches), self.row_length or run.patches, self.packing)
@@ -593,11 +604,7 @@ class PackedTowerHandle:
         if run is None:
             return None
         self._clear_calls()
-        if run.deferred is not None:
-            raise ValueError(
-                f"{run.deferred.record.site} carries a key bias for block {run.deferred.block}, which this tower does "
-                "not have; put the site before the tower's last block."
-            )
+        _check_nothing_deferred(run)
         if run.layout is None:
             return None  # nothing was dropped
 
@@ -752,11 +759,8 @@ class PackedTowerHandle:
     def _expand(self, module: nn.Module, args: tuple, output: Tensor):
         """Back to one row per merge group of the call (dropped ones zero), and report which ones are real."""
         run = self._run
-        if run is not None and run.deferred is not None:
-            raise ValueError(
-                f"{run.deferred.record.site} carries a key bias for block {run.deferred.block}, which this tower does "
-                "not have; put the site before the tower's last block."
-            )
+        if run is not None:
+            _check_nothing_deferred(run)
         if run is not None and run.policy is not None:  # mask mode: nothing dropped, the policy goes to the LLM
             if self._on_policy is not None:
                 self._on_policy(run.policy)
