@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from tokensift.scorers.base import KeepDecision, MethodConfig, TokenMethod, check_scores, top_k_mask
+from tokensift.scorers.learned import logistic_noise, masked_mean
 from tokensift.scorers.registry import register
 from tokensift.state import SampleCounter, TokenState, with_sample_index
 
@@ -164,9 +165,9 @@ class DynamicViTMethod(TokenMethod):
             return super().reduce(state, num_keep)
         logits = self.score(state).float()
         check_scores(logits, state.prunable, self.name, state.site)
-        logits = logits - _masked_mean(logits, state.prunable)
-        u = with_sample_index(state, self._samples).uniform(0, stream="dynamicvit.gumbel").clamp(1e-6, 1 - 1e-6)
-        perturbed = logits.detach() + (u.log() - (-u).log1p())  # the Gumbel top-k of keep_policy's topk selection
+        logits = logits - masked_mean(logits, state.prunable)
+        u = with_sample_index(state, self._samples).uniform(0, stream="dynamicvit.gumbel")
+        perturbed = logits.detach() + logistic_noise(u)  # the Gumbel top-k of keep_policy's topk selection
         keep = top_k_mask(perturbed, state, num_keep)
         return KeepDecision(keep, key_bias=removal_key_bias(logits, state.prunable))
 
@@ -180,11 +181,11 @@ class DynamicViTMethod(TokenMethod):
             return super().keep_policy(state, num_keep)
         logits = self.score(state)
         if self.config.selection == "topk":
-            logits = logits - _masked_mean(logits, state.prunable)
+            logits = logits - masked_mean(logits, state.prunable)
         # per sample, a function of (sample index, draw = the trainer's (seed, step), site, token): the same
         # however a batch is split over ranks, so 1 process and N processes train alike
-        u = with_sample_index(state, self._samples).uniform(0, stream="dynamicvit.gumbel").clamp(1e-6, 1 - 1e-6)
-        noise = u.log() - (-u).log1p()  # logistic = difference of two Gumbels: binary Gumbel-softmax
+        u = with_sample_index(state, self._samples).uniform(0, stream="dynamicvit.gumbel")
+        noise = logistic_noise(u)  # binary Gumbel-softmax
         perturbed = logits + noise.to(logits.dtype)
         # topk: kept by rank, exactly num_keep per sample even when perturbed logits tie at the threshold (removal
         # training compacts by this decision and needs equal counts); threshold: by sign
@@ -224,7 +225,3 @@ def removal_key_bias(logits: Tensor, candidates: Tensor) -> Tensor:
     rescaled = torch.where(high > low, rescaled, torch.ones_like(rescaled))
     return torch.where(candidates, rescaled.clamp(floor, 1.0).log(), torch.zeros_like(rescaled))
 
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    weight = mask.to(values.dtype)
-    return (values * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp_min(1.0)
