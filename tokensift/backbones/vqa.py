@@ -38,6 +38,7 @@ __all__ = [
     "qwen2_vl_patches",
     "restricted_argmax",
     "teacher_forced_answers",
+    "visual_token_id",
 ]
 
 SUPPORTED_MODEL_TYPES = ("llava", "qwen2_vl", "molmo2")
@@ -64,6 +65,15 @@ def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     A plain forward numbers positions from the first column, padding included; passing these keeps a
     left-padded forward identical to the unpadded one and to ``generate``."""
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+def visual_token_id(model: torch.nn.Module, batch: dict) -> int:
+    """The placeholder of the batch's visual tokens: the model's video token in a video batch (Qwen2-VL's differs
+    from its image token)."""
+    config = model.config
+    if batch.get("pixel_values_videos") is not None:
+        return int(getattr(config, "video_token_id", config.image_token_id))
+    return int(config.image_token_id)
 
 
 def mllm_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], generation: bool = False) -> dict:
@@ -240,9 +250,7 @@ def answer_accuracy(
         for number, batch in enumerate(DataLoader(subset, batch_size=batch_size, collate_fn=collate)):
             batch = {key: value.to(device) if isinstance(value, Tensor) else value for key, value in batch.items()}
             if number == 0:
-                video = "pixel_values_videos" in batch  # Qwen2-VL's video placeholder differs from its image one
-                token = model.config.video_token_id if video else model.config.image_token_id
-                check_vqa_batch(batch, family, image_token_id=token)
+                check_vqa_batch(batch, family, image_token_id=visual_token_id(model, batch))
             prompt, answers = split_answers(batch, pad)
             logits = model(**mllm_inputs(model, prompt)).logits[:, -1]
             predicted = restricted_argmax(logits, answer_ids).unsqueeze(1)

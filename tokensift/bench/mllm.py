@@ -51,6 +51,7 @@ from tokensift.backbones.vqa import (
     mllm_inputs,
     pad_token_id_of,
     restricted_argmax,
+    visual_token_id,
 )
 from tokensift.bench.data import take_rows, vqa_test_batches
 from tokensift.bench.measure import environment_metadata, measure_speed_and_memory
@@ -139,20 +140,12 @@ def _check_data(datamodule: Any, model: nn.Module, model_path: Path) -> None:
         )
 
 
-def _visual_token_id(model: nn.Module, batch: dict) -> int:
-    """The placeholder of the batch's visual tokens: the model's video token in a video batch."""
-    config = model.config
-    if batch.get("pixel_values_videos") is not None:
-        return int(getattr(config, "video_token_id", config.image_token_id))
-    return int(config.image_token_id)
-
-
 def _check_batch(batch: dict, model: nn.Module) -> None:
     """The first test batch against the VQA batch contract, for this model."""
     family = model.config.model_type
     merge = getattr(model.config.vision_config, "spatial_merge_size", None) if family == "qwen2_vl" else None
     try:
-        check_vqa_batch(batch, family, image_token_id=_visual_token_id(model, batch), spatial_merge_size=merge)
+        check_vqa_batch(batch, family, image_token_id=visual_token_id(model, batch), spatial_merge_size=merge)
     except ValueError as error:
         raise ValueError(f"data: {error}") from None
 
@@ -449,7 +442,7 @@ def run_mllm_bench(
         _check_batch(raw[0], model)
         answer_ids = answer_ids_of(datamodule)
         pad = pad_token_id_of(datamodule, model)
-        image_token = _visual_token_id(model, raw[0])
+        image_token = visual_token_id(model, raw[0])
         batches = [_prepare(model, batch, image_token, pad, torch_device) for batch in raw]
         count = sum(int(b.answers.shape[0]) for b in batches)
         size = int(getattr(datamodule, "batch_size", None) or batches[0].answers.shape[0])

@@ -192,7 +192,7 @@ def check_vqa_batch(
     grid = batch.get("image_grid_thw")
     pixels = batch.get("pixel_values")
     if video:
-        pass
+        pass  # the video fields were checked above
     elif not isinstance(pixels, Tensor) or not pixels.dtype.is_floating_point:
         _fail("pixel_values", f"is {getattr(pixels, 'dtype', type(pixels).__name__)}", "give float pixel values")
     elif family == "llava":

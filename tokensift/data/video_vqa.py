@@ -231,7 +231,7 @@ def _validate(
     if family not in VIDEO_FAMILIES:
         raise ValueError(f"family must be one of {list(VIDEO_FAMILIES)} (the video processor layout), got {family!r}")
     if family == "qwen2_vl":
-        check_vqa_grid(frame_size, patch_size, None, "Qwen2-VL's 2x2 merge windows tile the frame")
+        check_vqa_grid(frame_size, patch_size, None, "Qwen2-VL's 2x2 merge windows tile the frame", "frame_size")
         cell = QWEN2_VL_MERGE * patch_size
     else:
         cell = pool_size * patch_size

@@ -328,13 +328,14 @@ class VQADataModule(SplitDataModule):
         return self.collate_fn
 
 
-def check_vqa_grid(canvas_size, patch_size, num_image_tokens, why: str) -> None:
+def check_vqa_grid(canvas_size, patch_size, num_image_tokens, why: str, field: str = "canvas_size") -> None:
     """The checks every VQA canvas shares: ``num_image_tokens`` None or >= 1, and a canvas of whole halves of
-    patches (``why`` says what the task needs them for); each error names the field and a value that works."""
+    patches (``why`` says what the task needs them for; ``field`` is the canvas option's name); each error names the
+    field and a value that works."""
     if num_image_tokens is not None and (not is_int(num_image_tokens) or num_image_tokens < 1):
         raise ValueError(f"num_image_tokens must be None (one per patch) or an integer >= 1, got {num_image_tokens!r}")
     if canvas_size % (2 * patch_size) != 0:
         raise ValueError(
-            f"canvas_size ({canvas_size}) must be a multiple of 2 * patch_size ({2 * patch_size}) so {why}; "
-            f"e.g. canvas_size={(canvas_size // (2 * patch_size) + 1) * 2 * patch_size}"
+            f"{field} ({canvas_size}) must be a multiple of 2 * patch_size ({2 * patch_size}) so {why}; "
+            f"e.g. {field}={(canvas_size // (2 * patch_size) + 1) * 2 * patch_size}"
         )
