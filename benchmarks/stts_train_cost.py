@@ -24,6 +24,7 @@ from train_cost import round_robin  # benchmarks/ is the script's folder, first 
 
 import tokensift as ts
 
+# configs/stts_video_vqa.yaml's options (keep them in step)
 RECIPE_OPTIONS = dict(
     method="stts",
     method_options={"sites": ["vit.3"]},
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--vision-layers", type=int, default=None, help="random init only (default: the demo's)")
+    parser.add_argument("--packing", default="contiguous", choices=["contiguous", "ffd"], help="the packed rows' fill")
     parser.add_argument("--vision-hidden-size", type=int, default=None, help="random init only (default: the demo's)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -121,6 +123,7 @@ def main() -> None:
         ts.save_artifact(scorer.method, scorer.adapter.fingerprint(), artifact, overwrite=True)
         prompt = mllm_inputs(model, batch)
         handle = ts.apply(model, artifact, keep_ratio=0.5)
+        handle._vision_handle.packing = args.packing  # ts.apply takes no handle options yet
         handle.enabled = False
 
         def prefill(enabled: bool) -> Callable[[], None]:
