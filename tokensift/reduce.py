@@ -333,7 +333,7 @@ class PruningHandle:
                 record = SiteRecord(site, None, run.policy, kept / run.num_prunable, target, None, run.protected, exact)
                 run.records.append(record)
                 return None
-            if self.method.training and getattr(self.method, "removal_policy", False):
+            if self.method.training and self.method.removal_policy:
                 self._remove_by_policy(run, state, num_keep, site, target)
                 return _with_hidden(output, hidden) if shrunk else None
             decision = self.method.reduce(state, num_keep)

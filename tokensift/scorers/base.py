@@ -85,6 +85,9 @@ class TokenMethod(nn.Module):
     # trained in gather mode, as at inference: the decision's ``key_bias`` carries the gradient (STTS; DynamicViT's
     # ``train_by_removal`` makes it a property of its config)
     trains_by_removal: ClassVar[bool] = False
+    # trained by removal with its differentiable ``keep_policy`` deciding and entering the next block's policy
+    # attention before the compaction (DynamicViT's ``removal_gradient: kept_tokens``)
+    removal_policy: ClassVar[bool] = False
     # a training step may leave some parameters without gradient (e.g. one exit router trained per step):
     # DDP then has to search for them (find_unused_parameters), which costs a graph traversal per step
     has_unused_parameters: ClassVar[bool] = False
