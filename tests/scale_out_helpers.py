@@ -8,8 +8,10 @@ W ranks covers the samples of one single-process step of W times the batch.
 
 from __future__ import annotations
 
+import json
 import os
 
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tokensift.data import ClutteredDigitsDataModule, DigitVQADataModule, VideoDigitVQADataModule
@@ -54,3 +56,21 @@ class DistributedOrderDigitVQA(DistributedOrderVQA, DigitVQADataModule):
 
 class DistributedOrderVideoDigitVQA(DistributedOrderVQA, VideoDigitVQADataModule):
     """Video digit VQA for STTS's DDP test."""
+
+
+class RecordRewardStatistics(Callback):
+    """After every GRPO step, each rank appends its own rewards and the std that scaled its advantages to
+    ``<out_dir>/rank<r>.jsonl`` (the cacovid scale-out test compares the ranks)."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        record = {
+            "step": trainer.global_step,
+            "rewards": pl_module.last_rewards.tolist(),
+            "std": pl_module.last_reward_std.tolist(),
+        }
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")

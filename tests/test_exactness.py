@@ -27,11 +27,12 @@ from tokensift import attention as attn
 from tokensift.backbones import adapt
 from tokensift.scorers.dynamicvit import DynamicViTMethod
 from tokensift.scorers.dyvte import DyVTEConfig, DyVTEMethod
+from tokensift.scorers.ia_red2 import IARed2Method
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KERNELS = ("eager", "sdpa")
 CASES = [pytest.param(d, k, id=f"{str(d).removeprefix('torch.')}-{k}") for d, k in itertools.product(DTYPES, KERNELS)]
-VISION_METHODS = ("l2norm", "random", "cls_attention", "tome", "divprune", "dynamicvit")
+VISION_METHODS = ("l2norm", "random", "cls_attention", "tome", "divprune", "dynamicvit", "ia_red2")
 
 
 def _no_grad_logits(model, inputs: dict) -> torch.Tensor:
@@ -53,6 +54,8 @@ def _vision(family: str, dtype: torch.dtype, kernel: str):
 def _vision_method(model, name: str):
     if name == "dynamicvit":  # learned: an untrained scorer with DynamicViT's three sites
         return DynamicViTMethod.for_backbone(adapt(model)).eval()
+    if name == "ia_red2":  # learned: untrained interpreters at three sites
+        return IARed2Method.for_backbone(adapt(model)).eval()
     return name
 
 

@@ -23,6 +23,7 @@ from tokensift.backbones import adapt
 from tokensift.export.artifact import load_artifact, save_artifact
 from tokensift.flops import mllm_prefill_flops
 from tokensift.scorers.atp import ATPConfig, ATPMethod
+from tokensift.scorers.cacovid import CaCoVIDConfig, CaCoVIDMethod
 from tokensift.scorers.dynamic_llava import DynamicLLaVAConfig, DynamicLLaVAMethod
 from tokensift.scorers.learned import binary_gumbel, straight_through_top_k
 from tokensift.scorers.question_selector import QuestionSelectorConfig, QuestionSelectorMethod
@@ -305,6 +306,8 @@ def test_binary_gumbel_keep_rate_is_the_sigmoid():
         (STTSConfig, {"sites": ["vit.1", "vit.3"]}, "sites"),
         (STTSConfig, {"rescale_scope": "video"}, "rescale_scope"),
         (STTSConfig, {"aux_weight": -0.5}, "aux_weight"),
+        (CaCoVIDConfig, {"num_attention_heads": 4, "num_key_value_heads": 3}, "num_key_value_heads"),
+        (CaCoVIDConfig, {"sites": ["llm.1"]}, "sites"),
     ],
 )
 def test_bad_config_names_the_field(config_class, options, field):
@@ -313,7 +316,7 @@ def test_bad_config_names_the_field(config_class, options, field):
 
 
 def test_config_fields_document_themselves():
-    for config_class in (QuestionSelectorConfig, DynamicLLaVAConfig, ATPConfig, STTSConfig):
+    for config_class in (QuestionSelectorConfig, DynamicLLaVAConfig, ATPConfig, STTSConfig, CaCoVIDConfig):
         for f in config_class.__dataclass_fields__.values():
             if f.name != "sites":
                 assert f.metadata.get("help"), f"{config_class.__name__}.{f.name}"
@@ -329,7 +332,12 @@ def tiny_models() -> dict[str, torch.nn.Module]:
 
 def for_model(name: str, model) -> object:
     torch.manual_seed(0)
-    cls = {"question_selector": QuestionSelectorMethod, "dynamic_llava": DynamicLLaVAMethod, "atp": ATPMethod}[name]
+    cls = {
+        "question_selector": QuestionSelectorMethod,
+        "dynamic_llava": DynamicLLaVAMethod,
+        "atp": ATPMethod,
+        "cacovid": CaCoVIDMethod,  # trained by reward (GRPOTrainer): inference paths only here, tests/test_cacovid.py
+    }[name]
     return cls.for_backbone(adapt(model))
 
 
@@ -342,7 +350,7 @@ def generate(model, inputs: dict, family: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", MLLM_FAMILIES)
-@pytest.mark.parametrize("name", ["question_selector", "dynamic_llava", "atp"])
+@pytest.mark.parametrize("name", ["question_selector", "dynamic_llava", "atp", "cacovid"])
 def test_apply_and_generate_with_left_padding(tiny_models, family, name):
     model, batch = tiny_models[family], make_batch(family)
     method = for_model(name, model)
@@ -355,7 +363,7 @@ def test_apply_and_generate_with_left_padding(tiny_models, family, name):
     for i in range(batch.size):
         assert torch.equal(together[i], alone[i][0]), f"sample {i}"
     counts = torch.tensor(visual_counts(batch))
-    layer = 0 if name == "question_selector" else int(method.config.sites[0].split(".")[1])
+    layer = 0 if method.config.sites == ["pre_llm"] else int(method.config.sites[0].split(".")[1])
     assert visual[:, :layer].eq(counts.unsqueeze(1)).all()
     if name == "atp":  # its own count per sample, at least one, recorded for a bench
         last = kept[method.config.sites[-1]]
@@ -383,7 +391,7 @@ def test_mask_mode_trains_through_the_frozen_model(tiny_models, family, name):
     assert all(float(p.grad.abs().sum()) > 0 for n, p in method.named_parameters() if n.endswith("weight"))
 
 
-@pytest.mark.parametrize("name", ["question_selector", "dynamic_llava", "atp"])
+@pytest.mark.parametrize("name", ["question_selector", "dynamic_llava", "atp", "cacovid"])
 def test_artifact_round_trip(tiny_models, tmp_path, name):
     model, batch = tiny_models["llava"], make_batch("llava")
     method = for_model(name, model)

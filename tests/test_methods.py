@@ -24,6 +24,7 @@ def test_registry_lists_the_expected_methods():
     methods = ts.methods()
     assert {"l2norm", "random", "cls_attention", "tome", "divprune"} <= set(TRAINING_FREE)
     assert methods["dynamicvit"]["kind"] == "learned"
+    assert methods["ia_red2"]["kind"] == "learned" and methods["ia_red2"]["sites"] == ["vit.<i>"]
     for info in methods.values():
         assert info["kind"] in ("learned", "training-free")
         assert info["description"]

@@ -121,6 +121,7 @@ def test_bad_trainer_arguments_name_the_field(saved_mllms):
         (dict(answer_weight=0, distill_weight=0), "answer_weight"),
         (dict(budget_weight=-1.0), "budget_weight"),
         (dict(keep_ratio_range=(0.5, 0.2)), "keep_ratio_range"),
+        (dict(method="cacovid"), "GRPOTrainer"),  # trained by reward: tests/test_cacovid.py
     ):
         with pytest.raises(ValueError, match=field):
             MLLMScorerTrainer(saved_mllms["llava"], **kwargs)

@@ -16,8 +16,10 @@ from tokensift.budget import Budget
 from tokensift.export.artifact import Artifact, FingerprintMismatch, check_fingerprint, load_artifact
 from tokensift.reduce import Mode, PruningHandle
 from tokensift.reduce_mllm import HANDLE_ATTRIBUTE, MLLMPruningHandle
-from tokensift.scorers import TokenMethod, build_method, get_method_class
+from tokensift.scorers import build_method, get_method_class
 from tokensift.scorers import methods as _methods
+from tokensift.scorers.base import Method
+from tokensift.skip import LayerSkipHandle, is_skip_method
 
 
 def methods() -> dict[str, dict]:
@@ -32,15 +34,16 @@ def load(path: str | os.PathLike) -> Artifact:
 
 def apply(
     model: nn.Module,
-    method: str | os.PathLike | TokenMethod | Artifact,
+    method: str | os.PathLike | Method | Artifact,
     keep_ratio: float | Mapping[str, float] | None = None,
     keep_count: int | Mapping[str, int] | None = None,
     sites: list[str] | None = None,
     mode: Mode = "gather",
     strict: bool | None = None,
     threshold: float | None = None,
+    skip_layers: int | None = None,
     **options,
-) -> PruningHandle | MLLMPruningHandle:
+) -> PruningHandle | MLLMPruningHandle | LayerSkipHandle:
     """Prune ``model``'s tokens with ``method`` at a budget chosen now.
 
     ``model`` is a vision transformer (sites ``vit.<i>``) or a multimodal LLM, LLaVA, Qwen2-VL or Molmo2 (sites
@@ -59,9 +62,16 @@ def apply(
     ``threshold``, the exit probability at which a sample exits (0: at the first router layer, 1: never),
     not ``keep_ratio`` / ``keep_count``. ``"dyvte:PATH"`` names an artifact and checks it holds that method.
 
+    Layer-skip methods (``das``) remove whole blocks rather than tokens: their budget is ``skip_layers``, how many
+    blocks run the method's adapters instead (an artifact's default: the count it was trained for), and the handle
+    is a :class:`tokensift.skip.LayerSkipHandle` (``set_skip(n)``); ``keep_ratio`` / ``keep_count`` / ``sites`` do not
+    apply to them, nor ``skip_layers`` to a token method.
+
     An artifact trained with LoRA carries a peft adapter folder: it is applied to ``model`` first (in
     place, removed again by ``remove()``), then the scorer.
     """
+    if isinstance(getattr(model, HANDLE_ATTRIBUTE, None), LayerSkipHandle):  # its blocks are swapped out
+        raise ValueError("this model already has a tokensift method applied; remove() its handle first.")
     adapter = adapt(model)
     sites = _checked_sites(sites)
     default_budget: dict = {}
@@ -92,8 +102,11 @@ def apply(
         _check_site_options(method, options, sites)
         _refuse_untrained(method)
         method = build_method(method, options)
-    elif not isinstance(method, TokenMethod):
-        raise TypeError(f"method must be a name, an artifact path or a TokenMethod, got {type(method).__name__}")
+    elif not isinstance(method, Method):
+        raise TypeError(
+            f"method must be a name, an artifact path or a Method (TokenMethod, LayerSkipMethod), got "
+            f"{type(method).__name__}"
+        )
     elif options:
         raise TypeError(
             f"options {sorted(options)} configure a method given by name; {type(method).__name__} is already built "
@@ -104,6 +117,13 @@ def apply(
         raise ValueError(
             f"strict={strict!r} checks an exported artifact's backbone fingerprint; {method.name} is not an artifact "
             "(a method name or TokenMethod), so leave strict unset."
+        )
+    if is_skip_method(method):
+        return _apply_skip(adapter, method, default_budget, skip_layers, keep_ratio, keep_count, threshold, sites)
+    if skip_layers is not None:
+        raise ValueError(
+            f"skip_layers= is the budget of layer-skip methods (das); {method.name} prunes tokens: give keep_ratio "
+            "(0, 1] or keep_count."
         )
     if method.decides_exits:
         if keep_ratio is not None or keep_count is not None:
@@ -155,6 +175,25 @@ def apply(
         raise
     handle.on_remove(lora_model.unload)
     return handle
+
+
+def _apply_skip(adapter, method, default_budget: dict, skip_layers, keep_ratio, keep_count, threshold, sites):
+    """``ts.apply`` for a layer-skip method: its budget is ``skip_layers`` (default: the artifact's)."""
+    given = {"keep_ratio": keep_ratio, "keep_count": keep_count, "threshold": threshold, "sites": sites}
+    wrong = [name for name, value in given.items() if value is not None]
+    if wrong:
+        raise ValueError(
+            f"{wrong[0]}= does not apply to {method.name}, which skips whole layers rather than tokens: give "
+            f"skip_layers= (how many layers run its adapters instead, 0 .. {len(method.candidate_layers)})."
+        )
+    if skip_layers is None:
+        skip_layers = default_budget.get("skip_layers")
+    if skip_layers is None:
+        raise ValueError(f"{method.name} needs a budget: pass skip_layers (how many layers to skip).")
+    method.check_skip_count(skip_layers)
+    method.to(next(adapter.model.parameters()).device)
+    method.eval()
+    return LayerSkipHandle(adapter, method, skip_layers)
 
 
 # options that only choose a method's default sites: ``sites=`` replaces those, so both together is a mistake

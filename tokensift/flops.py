@@ -73,6 +73,10 @@ embedding, every tower block on the tokens it received, attention per frame / im
 merger per output token; :func:`mllm_vision_flops` is the same count for one unpruned image):
 ``(vision + LLM + scorer) / (unpruned vision + unpruned LLM)``, so ``vit.<i>`` sites (STTS) are charged what they
 save inside the tower.
+
+Layer skipping (``das``, :mod:`tokensift.skip`): a skipped block's FLOPs leave the total and its replacement's (the
+method's ``replacement_flops``: an adapter's two projections) are charged as ``scorer``; every token still runs through
+every other block (:func:`vit_skip_flops`, :func:`mllm_skip_prefill_flops`; :func:`skipped_blocks_flops` the sum).
 """
 
 from __future__ import annotations
@@ -348,10 +352,13 @@ def pruned_flops(
     }
 
 
-def decoder_layer_shapes(adapter) -> list[tuple[float, int]]:
-    """Per decoder layer of a multimodal LLM: (FLOPs of its linears per token, attention width heads × head size)."""
+def decoder_layer_shapes(adapter, layers: Sequence[nn.Module] | None = None) -> list[tuple[float, int]]:
+    """Per decoder layer of a multimodal LLM: (FLOPs of its linears per token, attention width heads × head size).
+
+    ``layers``: the decoder layers to read (default ``adapter.layers``; a layer-skip handle's originals while some
+    are swapped out)."""
     out = []
-    for layer in adapter.layers:
+    for layer in adapter.layers if layers is None else layers:
         attention = layer.self_attn
         heads = int(getattr(attention, "num_heads", 0) or adapter.text_config.num_attention_heads)
         head_dim = int(getattr(attention, "head_dim", 0) or adapter.hidden_size // heads)
@@ -619,6 +626,73 @@ class TowerFlopsCounter:
             self.calls[-1] += float(hidden.numel() // hidden.shape[-1]) * self._projector_per_token
 
 
+def skipped_blocks_flops(
+    block_flops_per_layer: Sequence[float], skipped: Sequence[int], replacement_flops: Mapping[int, float]
+) -> dict[str, float]:
+    """A stack of blocks with ``skipped`` ones replaced by small modules (layer skipping, ``das``): ``blocks``, the
+    FLOPs of the blocks that still run; ``replacements``, those of the modules that run instead (``replacement_flops``
+    per skipped layer); ``removed``, those of the skipped blocks."""
+    gone = set(skipped)
+    return {
+        "blocks": float(sum(f for i, f in enumerate(block_flops_per_layer) if i not in gone)),
+        "replacements": float(sum(replacement_flops[i] for i in gone)),
+        "removed": float(sum(block_flops_per_layer[i] for i in gone)),
+    }
+
+
+def vit_skip_flops(adapter: VisionAdapter, handle, num_patches: int | None = None) -> dict[str, Any]:
+    """:func:`pruned_flops`'s fields for a vision transformer under a ``LayerSkipHandle``: every token runs through
+    every block that is not skipped; a skipped block's FLOPs are replaced by its adapter's (``scorer``)."""
+    patches = adapter.num_patches() if num_patches is None else num_patches
+    tokens = tokens_per_layer(adapter, None, patches)
+    d, m = adapter.hidden_size, _mlp_width(adapter)
+    skipped = handle.skipped_layers if handle.enabled else []
+    method = handle.method
+    stack = skipped_blocks_flops(
+        [block_flops(n, d, m) for n in tokens], skipped, {i: method.replacement_flops(i, tokens[i]) for i in skipped}
+    )
+    backbone = embed_flops(adapter, patches) + stack["blocks"] + head_flops(adapter)
+    unpruned = unpruned_flops(adapter, patches)
+    total = backbone + stack["replacements"]
+    return {
+        "backbone": backbone,
+        "scorer": stack["replacements"],
+        "total": total,
+        "unpruned": unpruned,
+        "ratio": total / unpruned,
+        "tokens_per_layer": tokens,
+    }
+
+
+def mllm_skip_prefill_flops(handle, num_text: Tensor, num_visual: Tensor) -> dict[str, Any]:
+    """:func:`mllm_prefill_flops`'s fields for a multimodal LLM's prefill under a ``LayerSkipHandle``: sample ``b``'s
+    ``num_text[b] + num_visual[b]`` tokens run through every decoder layer that is not skipped; a skipped layer costs
+    its adapter on those tokens (``scorer``)."""
+    adapter, method = handle.adapter, handle.method
+    tokens = (torch.as_tensor(num_text).long().cpu() + torch.as_tensor(num_visual).long().cpu()).double()
+    shapes = decoder_layer_shapes(adapter, [handle.original_layer(i) for i in range(adapter.num_layers)])
+    skipped = handle.skipped_layers if handle.enabled else []
+    llm = torch.zeros_like(tokens)
+    unpruned = torch.zeros_like(tokens)
+    scorer = torch.zeros_like(tokens)
+    for index, (linear, width) in enumerate(shapes):
+        cost = layer_flops(tokens, linear, width)
+        unpruned += cost
+        if index in skipped:
+            scorer += torch.tensor([method.replacement_flops(index, int(n)) for n in tokens.tolist()])
+        else:
+            llm += cost
+    total = llm + scorer
+    return {
+        "llm": float(llm.sum()),
+        "scorer": float(scorer.sum()),
+        "total": float(total.sum()),
+        "unpruned": float(unpruned.sum()),
+        "ratio": float(total.sum() / unpruned.sum()),
+        "per_sample_ratio": total / unpruned,
+    }
+
+
 def last_prefill_flops(handle) -> dict[str, Any]:
     """:func:`mllm_prefill_flops` of an ``MLLMPruningHandle``'s last prefill (its method charged)."""
     visual = handle.visual_tokens_per_layer
@@ -643,11 +717,14 @@ __all__ = [
     "layer_flops",
     "mllm_prefill_flops",
     "mllm_site_shape",
+    "mllm_skip_prefill_flops",
     "mllm_vision_flops",
     "pruned_flops",
     "scorer_flops",
     "site_flops",
+    "skipped_blocks_flops",
     "tokens_per_layer",
     "unpruned_flops",
     "vit_site_shape",
+    "vit_skip_flops",
 ]

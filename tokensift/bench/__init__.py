@@ -54,6 +54,7 @@ def bench(
     bootstrap_resamples: int = 1000,
     bootstrap_seed: int = 0,
     sweep_sites: bool | str = False,
+    skip_layers: str | None = None,
 ) -> dict:
     """Benchmark token methods × keep ratios on a data module's test split.
 
@@ -95,6 +96,8 @@ def bench(
         sweep_sites: image classifiers: true runs each training-free method at every vit.<i> site (or a
             comma-separated list, e.g. vit.2,vit.3), picks per keep ratio the site with the best accuracy on the
             data's validation split and adds a <method>@best_site row; per-site accuracies in site_sweep.csv.
+        skip_layers: layer-skip methods (das:ARTIFACT_DIR) only: comma-separated skip counts, one row each (e.g.
+            0,1,2; 0 runs every block); default: 0 .. the top of each artifact's trained_skip_range.
     """
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     return run_bench(
@@ -116,6 +119,7 @@ def bench(
         bootstrap_resamples=bootstrap_resamples,
         bootstrap_seed=bootstrap_seed,
         sweep_sites=sweep_sites,
+        skip_layers=skip_layers,
     )
 
 

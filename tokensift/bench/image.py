@@ -27,25 +27,27 @@ from tokensift.bench.measure import environment_metadata, measure_speed_and_memo
 from tokensift.bench.oracle import OracleMethod
 from tokensift.bench.results import MATCHED_FLOPS_NOTE, finalize_rows, print_report, summarize, write_results
 from tokensift.bench.settings import BenchSettings, torch_threads
-from tokensift.bench.specs import ORACLE, UNPRUNED, MethodSpec
+from tokensift.bench.specs import ORACLE, UNPRUNED, MethodSpec, skip_counts
 from tokensift.bench.stats import Bootstrap
 from tokensift.bench.sweep import best_site_label, choose_best_sites, resolve_sweep_sites
 from tokensift.export.artifact import Artifact, FingerprintMismatch
-from tokensift.flops import pruned_flops
+from tokensift.flops import pruned_flops, vit_skip_flops
 from tokensift.reduce import PruningHandle
+from tokensift.skip import LayerSkipHandle, is_skip_method
 
 
 def _forward(model: nn.Module, batch: dict[str, Tensor], method: nn.Module | None, handle=None) -> Tensor:
     if isinstance(method, OracleMethod):
         method.oracle_mask = batch.get("oracle_mask")
-    if handle is not None and "index" in batch:  # random draws (random, oracle) per test sample, any batch size
+    # random draws (random, oracle) per test sample, any batch size; a layer-skip handle draws nothing
+    if hasattr(handle, "set_samples") and "index" in batch:
         handle.set_samples(batch["index"])
     return model(pixel_values=batch["pixel_values"]).logits
 
 
 def _kept_patches(handle: PruningHandle | None, batch_size: int, num_patches: int, num_prefix: int, device) -> Tensor:
     """``[B, P]`` bool: patches whose original index survived the last site (ToMe: merge anchors)."""
-    kept = handle.kept_orig_index if handle is not None else None
+    kept = getattr(handle, "kept_orig_index", None)  # None: unpruned, or a layer-skip handle (every token stays)
     if kept is None:
         return torch.ones(batch_size, num_patches, dtype=torch.bool, device=device)
     patch = kept.to(device) - num_prefix
@@ -159,12 +161,15 @@ class _Context:
         return _evaluate(self.model, batches, method, handle, self.num_patches, self.num_prefix, self.device)
 
     def flops(self, handle) -> dict:
+        if isinstance(handle, LayerSkipHandle):
+            return vit_skip_flops(self.adapter, handle, num_patches=self.num_patches)
         return pruned_flops(self.adapter, handle, num_patches=self.num_patches)
 
-    def measure(self, label: str, kind: str, ratio: float, handle: PruningHandle | None, method) -> dict:
+    def measure(self, label: str, kind: str, ratio: float | None, handle: PruningHandle | None, method) -> dict:
         result = self.evaluate(handle, method)
         flops = self.flops(handle)
-        counts = handle.site_counts(self.num_patches) if handle is not None else {}
+        skips = isinstance(handle, LayerSkipHandle)
+        counts = handle.site_counts(self.num_patches) if handle is not None and not skips else {}
         times, speedups, memory = measure_speed_and_memory(
             lambda batch: _forward(self.model, batch, method, handle),
             self.timing,
@@ -187,8 +192,9 @@ class _Context:
             "flops_ratio": flops["ratio"],
             "peak_mem_bytes": memory,
             "num_samples": result.num_samples,
-            "sites": list(handle.sites) if handle is not None else [],
+            "sites": [f"layer.{i}" for i in handle.skipped_layers] if skips else list(getattr(handle, "sites", [])),
             "artifact": None,
+            "skip_layers": handle.skip_layers if skips else None,
             "_correct": result.correct,
             "_times": times,
             "_speedups": speedups,
@@ -245,11 +251,32 @@ def _bench_spec(context: _Context, spec: MethodSpec, ratios, overlay_batch, over
             "kept": kept.cpu().numpy(),
             "preds": logits.argmax(-1).cpu().numpy(),
         }
+        head_maps = getattr(method, "head_maps", None)  # ia_red2: its interpreters' per-head keep maps
+        if callable(head_maps):  # only maps of this overlay pass (a site that dropped nothing kept older ones)
+            maps = {site: m.cpu().numpy() for site, m in head_maps().items() if m.shape[0] == size}
+            column["head_maps"] = maps or None
     finally:
         handle.remove()
         if isinstance(method, OracleMethod):
             method.oracle_mask = None
     return rows, column
+
+
+def _bench_skip_spec(context: _Context, spec: MethodSpec, requested: list[int] | None) -> list[dict]:
+    """A layer-skip method (das) at each of its skip counts (:func:`~tokensift.bench.specs.skip_counts`): measured
+    rows, no overlay column (it keeps every token)."""
+    counts = skip_counts(spec.artifact, requested)
+    handle = ts.apply(context.model, spec.build(), skip_layers=counts[0])
+    rows = []
+    try:
+        for count in counts:
+            handle.set_skip(count)
+            row = context.measure(spec.label, spec.kind, None, handle, handle.method)
+            row["artifact"] = str(spec.artifact.path)
+            rows.append(row)
+    finally:
+        handle.remove()
+    return rows
 
 
 def _best_site_rows(context: _Context, specs, ratios, chosen: dict[tuple[str, float], str]) -> list[dict]:
@@ -296,9 +323,10 @@ def run_image_bench(
     bootstrap_resamples: int,
     bootstrap_seed: int,
     sweep: str | list[str] | None,
+    skip_layers: list[int] | None = None,
 ) -> dict:
     """The image bench on validated options (:func:`tokensift.bench.runner.run_bench` validates them)."""
-    from tokensift.bench.plots import plot_overlays
+    from tokensift.bench.plots import plot_head_maps, plot_overlays
 
     timing_batches, repeats, warmup, num_overlay_images, max_batches, torch_device, datamodule, *_ = settings
     data_description, out_dir = settings.data_description, settings.out_dir
@@ -345,6 +373,9 @@ def run_image_bench(
         columns = [{"title": f"{UNPRUNED} (all tokens)", "kept": None, "preds": unpruned_preds}]
 
         for spec in specs:
+            if spec.artifact is not None and is_skip_method(spec.artifact.method):
+                rows += _bench_skip_spec(context, spec, skip_layers)
+                continue
             spec_rows, column = _bench_spec(context, spec, ratios, overlay_batch, overlay_ratio)
             rows += spec_rows
             columns.append(column)
@@ -386,6 +417,16 @@ def run_image_bench(
         out_dir / "overlays.png",
         title=f"kept tokens at keep ratio {overlay_ratio:g}",
     )
+    for number, column in enumerate(c for c in columns if c.get("head_maps")):
+        name = "head_maps" if number == 0 else f"head_maps_{number}"
+        files[name] = plot_head_maps(
+            images,
+            overlay_batch["labels"].cpu().tolist(),
+            column["head_maps"],
+            grid,
+            out_dir / f"{name}.png",
+            title=f"{column['title']}: interpreter heads",
+        )
     if not quiet:
         print_report(rows, summary, site_sweep, title=f"tokensift bench · {title}")
     result: dict[str, Any] = {"rows": rows, "metadata": metadata, **summary}

@@ -58,7 +58,16 @@ from tokensift.bench.measure import environment_metadata, measure_speed_and_memo
 from tokensift.bench.oracle import MLLMOracleMethod
 from tokensift.bench.results import MATCHED_FLOPS_NOTE, finalize_rows, summarize, write_results
 from tokensift.bench.settings import bench_settings, torch_threads
-from tokensift.bench.specs import ORACLE, UNPRUNED, MethodSpec, parse_fractions, parse_keep_ratios, parse_methods
+from tokensift.bench.specs import (
+    ORACLE,
+    UNPRUNED,
+    MethodSpec,
+    parse_fractions,
+    parse_keep_ratios,
+    parse_methods,
+    parse_skip_layers,
+    skip_counts,
+)
 from tokensift.bench.stats import (
     DEFAULT_FLOPS_RATIOS,
     DEFAULT_RESAMPLES,
@@ -70,8 +79,9 @@ from tokensift.bench.stats import (
 from tokensift.data.contract import check_vqa_batch, split_answers
 from tokensift.data.vqa import ANSWER_CUE, IGNORE_INDEX, qwen2_vl_images
 from tokensift.export.artifact import Artifact, FingerprintMismatch
-from tokensift.flops import TowerFlopsCounter, mllm_prefill_flops
+from tokensift.flops import TowerFlopsCounter, mllm_prefill_flops, mllm_skip_prefill_flops
 from tokensift.scorers import TokenMethod
+from tokensift.skip import LayerSkipHandle, is_skip_method
 
 MLLM_SITE_KINDS = ("pre_llm", "llm")
 
@@ -199,7 +209,7 @@ def _prepare(model: nn.Module, batch: dict, image_token_id: int, pad_token_id: i
 
 def _kept_patches(handle, batch: _PreparedBatch) -> Tensor:
     """``[B, P]`` bool: patches whose visual token is still in the sequence after the method's last site."""
-    kept = None if handle is None else handle.kept_orig_index
+    kept = getattr(handle, "kept_orig_index", None)  # None also for a layer-skip handle: every token stays
     real = batch.visual_positions < batch.prompt["input_ids"].shape[1]
     if kept is None:  # unpruned, or a budget that dropped nothing: every site was skipped
         return real
@@ -232,7 +242,7 @@ class _MLLMEvaluator:
         """Name the batch's samples (and, for the oracle, its masks) before a pass."""
         if isinstance(method, MLLMOracleMethod):
             method.oracle_mask = batch.oracle_mask
-        if handle is not None and batch.index is not None:
+        if hasattr(handle, "set_samples") and batch.index is not None:  # token handles (random draws per sample)
             handle.set_samples(batch.index)
 
     def run(self, batch: _PreparedBatch, method, handle) -> dict:
@@ -242,8 +252,8 @@ class _MLLMEvaluator:
         tokens per layer, ``exit_layers``; ``None`` unpruned) and ``kept`` (the kept patches ``[B, P]``)."""
         logits = self.forward_fn(method, handle)(batch)
         result = {
-            "per_layer": None if handle is None else handle.visual_tokens_per_layer,
-            "exit_layers": None if handle is None else handle.exit_layers,
+            "per_layer": getattr(handle, "visual_tokens_per_layer", None),  # None: unpruned, or layers skipped
+            "exit_layers": getattr(handle, "exit_layers", None),
             "kept": _kept_patches(handle, batch),
             "tokens": restricted_argmax(logits, self.answer_ids).unsqueeze(1),
         }
@@ -270,7 +280,10 @@ class _MLLMEvaluator:
                     total += int(batch.oracle_mask.sum())
                 if per_layer is None:
                     per_layer = batch.num_visual.unsqueeze(1).repeat(1, self.adapter.num_layers)
-                flops = mllm_prefill_flops(self.adapter, batch.num_text, per_layer, method, batch.num_visual)
+                if isinstance(handle, LayerSkipHandle):
+                    flops = mllm_skip_prefill_flops(handle, batch.num_text, batch.num_visual)
+                else:
+                    flops = mllm_prefill_flops(self.adapter, batch.num_text, per_layer, method, batch.num_visual)
                 llm, scorer, unpruned = llm + flops["llm"], scorer + flops["scorer"], unpruned + flops["unpruned"]
                 if handle is None:  # the unpruned row runs first
                     self._unpruned_vision[number] = tower.flops
@@ -298,14 +311,40 @@ class _MLLMEvaluator:
             "flops_ratio": (vision + llm + scorer) / (vision_unpruned + unpruned),
             "peak_mem_bytes": memory,
             "num_samples": samples,
-            "sites": list(handle.sites) if handle is not None else [],
+            "sites": _row_sites(handle),
             "artifact": None,
             "threshold": threshold,
+            "skip_layers": handle.skip_layers if isinstance(handle, LayerSkipHandle) else None,
             "mean_exit_layer": float(torch.cat(exits).mean()) if decides_exits else None,
             "_correct": per_sample,
             "_times": times,
             "_speedups": speedups,
         }
+
+
+def _row_sites(handle) -> list[str]:
+    """A row's ``sites``: a token method's sites, the blocks a layer-skip handle skips (``layer.<i>``); none
+    unpruned."""
+    if isinstance(handle, LayerSkipHandle):
+        return [f"layer.{i}" for i in handle.skipped_layers]
+    return list(handle.sites) if handle is not None else []
+
+
+def _bench_skip_spec(evaluator: _MLLMEvaluator, spec: MethodSpec, requested: list[int] | None) -> list[dict]:
+    """A layer-skip method (das) at each of its skip counts (:func:`~tokensift.bench.specs.skip_counts`): measured
+    rows, no overlay column (it keeps every visual token)."""
+    counts = skip_counts(spec.artifact, requested)
+    handle = ts.apply(evaluator.model, spec.build(), skip_layers=counts[0])
+    rows = []
+    try:
+        for count in counts:
+            handle.set_skip(count)
+            row = evaluator.measure(spec.label, spec.kind, handle, handle.method)
+            row["artifact"] = str(spec.artifact.path)
+            rows.append(row)
+    finally:
+        handle.remove()
+    return rows
 
 
 def _apply(model: nn.Module, spec: MethodSpec, keep_ratio: float | None, threshold: float | None):
@@ -398,6 +437,7 @@ def run_mllm_bench(
     flops_ratios: Sequence[float] | str | None = DEFAULT_FLOPS_RATIOS,
     bootstrap_resamples: int = DEFAULT_RESAMPLES,
     bootstrap_seed: int = DEFAULT_SEED,
+    skip_layers: Sequence[int] | str | None = None,
 ) -> dict:
     """Benchmark MLLM token methods × budgets on a VQA data module's test split against the unpruned model.
 
@@ -413,6 +453,7 @@ def run_mllm_bench(
         overlay_ratio / overlay_threshold: the budget shown in ``overlays.png``.
         flops_ratios, bootstrap_resamples, bootstrap_seed: the equal-cost table and the intervals, as
             :func:`tokensift.bench.runner.run_bench` (FLOPs here are the prefill's, vision tower included).
+        skip_layers: the skip counts of layer-skip artifacts (das), one row each, as ``run_bench``.
         Other arguments as :func:`tokensift.bench.runner.run_bench`.
     """
     from tokensift.bench.plots import plot_overlays
@@ -420,6 +461,7 @@ def run_mllm_bench(
     model_path = Path(model_dir)
     specs, _ = parse_methods(methods)  # the oracle is benched whenever the batches carry oracle masks
     _check_runs_on_mllms(specs)
+    counts = parse_skip_layers(skip_layers, specs)
     ratios = parse_keep_ratios(keep_ratios)
     exit_thresholds = parse_thresholds(ratios if thresholds is None else thresholds)
     overlay_ratio = parse_keep_ratios([overlay_ratio], field="overlay_ratio")[0]
@@ -466,6 +508,9 @@ def run_mllm_bench(
         columns = [{"title": f"{UNPRUNED} (all tokens)", "kept": None, "preds": preds}]
         oracle = [MethodSpec(ORACLE, ORACLE, ORACLE, ORACLE)] if has_oracle else []
         for spec in [*specs, *oracle]:
+            if spec.artifact is not None and is_skip_method(spec.artifact.method):
+                rows += _bench_skip_spec(evaluator, spec, counts)
+                continue
             shown = (overlay, overlay_ratio, overlay_threshold, words)
             spec_rows, column = _bench_spec(evaluator, spec, ratios, exit_thresholds, shown)
             rows += spec_rows

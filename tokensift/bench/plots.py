@@ -43,11 +43,16 @@ def _method_style(method: str, kind: str, index: int) -> dict:
 
 
 def _budget(row: dict) -> float:
-    """The row's budget: an exit method's decision threshold, else its keep ratio (both: 1 = unpruned)."""
+    """The row's budget: an exit method's decision threshold, else its keep ratio (both: 1 = unpruned); a layer-skip
+    method's minus its skipped block count (fewer skipped: larger)."""
+    if row.get("skip_layers") is not None:
+        return -row["skip_layers"]
     return row["threshold"] if row.get("threshold") is not None else row["keep_ratio"]
 
 
 def _budget_text(row: dict) -> str:
+    if row.get("skip_layers") is not None:
+        return f"skip={row['skip_layers']}"
     return f"t={row['threshold']:g}" if row.get("threshold") is not None else f"{row['keep_ratio']:g}"
 
 
@@ -251,4 +256,46 @@ def plot_overlays(
     return save_figure(fig, path)
 
 
-__all__ = ["plot_overlays", "plot_pareto", "save_figure"]
+def plot_head_maps(
+    images: np.ndarray,
+    labels: Sequence[int | str],
+    head_maps: dict[str, np.ndarray],
+    grid: tuple[int, int],
+    path: Path,
+    title: str = "",
+) -> Path:
+    """A grid of images × (site, head): each head's keep probability over the patches (``ia_red2``'s interpretation).
+
+    ``images`` is ``[R, C, H, W]``; ``head_maps`` maps each site to ``[R, heads, P]`` probabilities in ``[0, 1]`` over
+    the original patch grid (0 for patches dropped before the site); the first column shows the plain images.
+    """
+    rows = images.shape[0]
+    panels = [(site, head) for site, maps in head_maps.items() for head in range(maps.shape[1])]
+    fig, axes = plt.subplots(rows, 1 + len(panels), figsize=(1.7 * (1 + len(panels)), 1.85 * rows), squeeze=False)
+    height, width = images.shape[-2:]
+    cells = np.ones((height // grid[0], width // grid[1]), dtype=np.float32)
+    shown = None
+    for r in range(rows):
+        display, cmap = _to_display(images[r])
+        axes[r][0].imshow(display, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        axes[r][0].set_ylabel(f"label {labels[r]}", fontsize=9)
+        for c, (site, head) in enumerate(panels, start=1):
+            ax = axes[r][c]
+            grey = display if display.ndim == 2 else display.mean(-1)
+            ax.imshow(grey, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            keep = np.kron(head_maps[site][r, head].reshape(grid), cells)
+            shown = ax.imshow(keep, cmap="magma", vmin=0, vmax=1, alpha=0.75, interpolation="nearest")
+            if r == 0:
+                ax.set_title(f"{site} · head {head}", fontsize=8)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0][0].set_title("image", fontsize=8)
+    if shown is not None:
+        fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, label="keep probability")
+    caption = "each interpreter head's keep probability per patch (0: dropped at an earlier site)"
+    fig.suptitle(f"{title}\n{caption}" if title else caption, fontsize=10)
+    return save_figure(fig, path)
+
+
+__all__ = ["plot_head_maps", "plot_overlays", "plot_pareto", "save_figure"]

@@ -51,6 +51,7 @@ FIELDS = (
     "artifact",
     "threshold",
     "mean_exit_layer",
+    "skip_layers",  # layer-skip methods (das): blocks replaced by adapters; keep_ratio is then empty
 )
 MATCHED_FIELDS = ("method", "kind", "flops_ratio", "accuracy", "accuracy_low", "accuracy_high", "between")
 COMPARISON_FIELDS = (
@@ -95,9 +96,12 @@ def _csv_text(rows: Sequence[Mapping], fields: Sequence[str] = FIELDS) -> str:
 
 
 def budget_label(row: Mapping) -> str:
-    """``0.25`` for a keep ratio, ``t=0.5`` for an exit method's decision threshold."""
+    """``0.25`` for a keep ratio, ``t=0.5`` for an exit method's decision threshold, ``skip=2`` for a layer-skip
+    method's skipped block count."""
     if row.get("threshold") is not None:
         return f"t={row['threshold']:g}"
+    if row.get("skip_layers") is not None:
+        return f"skip={row['skip_layers']}"
     return f"{row['keep_ratio']:g}"
 
 

@@ -22,7 +22,7 @@ from tokensift.bench.measure import MEMORY_MEASURE, environment_metadata, measur
 from tokensift.bench.mllm import run_mllm_bench
 from tokensift.bench.results import FIELDS, budget_label, finalize_rows, print_table, write_results
 from tokensift.bench.settings import BenchSettings, bench_settings, torch_threads
-from tokensift.bench.specs import ORACLE, UNPRUNED, MethodSpec, parse_keep_ratios, parse_methods
+from tokensift.bench.specs import ORACLE, UNPRUNED, MethodSpec, parse_keep_ratios, parse_methods, parse_skip_layers
 from tokensift.bench.stats import (
     DEFAULT_FLOPS_RATIOS,
     DEFAULT_RESAMPLES,
@@ -68,6 +68,7 @@ def run_bench(
     bootstrap_resamples: int = DEFAULT_RESAMPLES,
     bootstrap_seed: int = DEFAULT_SEED,
     sweep_sites: bool | str | Sequence[str] | None = False,
+    skip_layers: Sequence[int] | str | None = None,
 ) -> dict:
     """Benchmark ``methods`` × ``keep_ratios`` on ``data``'s test split against the unpruned model.
 
@@ -105,6 +106,8 @@ def run_bench(
             site (or a list / comma-separated string of sites), picks per keep ratio the site with the best
             validation-split accuracy and adds a fully measured ``<method>@best_site`` row; the per-site
             accuracies (validation and test) are in ``site_sweep``.
+        skip_layers: layer-skip methods (``das:ARTIFACT_DIR``) only: the skip counts, one row each (0 runs every
+            block); ``None``: 0 .. the top of each artifact's ``trained_skip_range``.
 
     Returns ``{"rows": [...], "metadata": {...}, "matched_flops": [...], "comparisons": [...], "files": {...}}``
     (and ``"site_sweep"`` with a sweep); the same is in ``results.json``.
@@ -144,6 +147,7 @@ def run_bench(
             flops_ratios=targets,
             bootstrap_resamples=bootstrap_resamples,
             bootstrap_seed=bootstrap_seed,
+            skip_layers=skip_layers,
         )
     if thresholds is not None:
         raise ValueError(
@@ -151,6 +155,7 @@ def run_bench(
             f"{model_path} is not a LLaVA / Qwen2-VL folder, so leave thresholds unset."
         )
     specs, oracle_requested = parse_methods(methods)
+    counts = parse_skip_layers(skip_layers, specs)
     ratios = parse_keep_ratios(keep_ratios)
     overlay_ratio = parse_keep_ratios([overlay_ratio], field="overlay_ratio")[0]
     settings = bench_settings(
@@ -169,6 +174,7 @@ def run_bench(
         bootstrap_resamples,
         bootstrap_seed,
         sweep,
+        skip_layers=counts,
     )
 
 

@@ -120,6 +120,49 @@ def parse_methods(methods: Sequence[str] | str) -> tuple[list[MethodSpec], bool]
     return specs, oracle_requested
 
 
+def skip_counts(artifact: Artifact, requested: list[int] | None = None) -> list[int]:
+    """The skip counts a layer-skip artifact (das) is benched at, one row each: ``requested`` (``skip_layers``), else
+    0 .. the highest it was fine-tuned for (``trained_skip_range``; its default budget's count at least). 0 runs every
+    block, as keep ratio 1 does for a token method: the accuracy-vs-FLOPs curve then starts at the unpruned cost."""
+    limit = len(artifact.method.candidate_layers)
+    if requested is not None:
+        too_many = [count for count in requested if count > limit]
+        if too_many:
+            raise ValueError(
+                f"skip_layers: {too_many} exceed the {limit} layers the artifact {artifact.path} may skip "
+                f"({artifact.method.candidate_layers}); give counts in 0 .. {limit}."
+            )
+        return list(requested)
+    high = max(artifact.default_budget["skip_layers"], *artifact.manifest.get("trained_skip_range", [0]))
+    return list(range(0, min(high, limit) + 1))
+
+
+def parse_skip_layers(skip_layers: Sequence[int] | str | None, specs: list[MethodSpec]) -> list[int] | None:
+    """Skip counts for the layer-skip artifacts among ``specs`` (comma-separated or listed whole numbers >= 0,
+    distinct, ascending), each checked against every such artifact; ``None``: each artifact's own
+    (:func:`skip_counts`)."""
+    if skip_layers is None:
+        return None
+    parts = [p.strip() for p in skip_layers.split(",") if p.strip()] if isinstance(skip_layers, str) else skip_layers
+    counts = []
+    for part in parts:
+        if isinstance(part, bool) or not str(part).isdigit():
+            raise ValueError(f"skip_layers: {part!r} is not a whole number of layers >= 0; give e.g. 0,1,2.")
+        counts.append(int(part))
+    if not counts:
+        raise ValueError("skip_layers: give at least one skip count (e.g. 0,1,2), or leave it unset.")
+    skipping = [spec for spec in specs if spec.artifact is not None and spec.artifact.method.skips_layers]
+    if not skipping:
+        raise ValueError(
+            "skip_layers: the skip counts of layer-skip methods (das:ARTIFACT_DIR); methods names none, so leave "
+            "skip_layers unset."
+        )
+    counts = sorted(set(counts))
+    for spec in skipping:
+        skip_counts(spec.artifact, counts)
+    return counts
+
+
 def parse_fractions(
     values: Sequence[float] | str,
     field: str,
@@ -155,4 +198,13 @@ def parse_keep_ratios(keep_ratios: Sequence[float] | str, field: str = "keep_rat
     return ratios
 
 
-__all__ = ["ORACLE", "UNPRUNED", "MethodSpec", "parse_fractions", "parse_keep_ratios", "parse_methods"]
+__all__ = [
+    "ORACLE",
+    "UNPRUNED",
+    "MethodSpec",
+    "parse_fractions",
+    "parse_keep_ratios",
+    "parse_methods",
+    "parse_skip_layers",
+    "skip_counts",
+]

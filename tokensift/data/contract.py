@@ -24,6 +24,7 @@ __all__ = [
     "VQABatchError",
     "answer_tokens",
     "check_vqa_batch",
+    "repeat_samples",
     "split_answers",
 ]
 
@@ -349,3 +350,104 @@ def answer_tokens(labels: Tensor) -> Tensor:
     )
     answers[rows, (answer.long().cumsum(1) - 1)[rows, positions]] = labels[rows, positions]
     return answers
+
+
+_MOLMO2_FIELDS = ("video_token_pooling", "video_grids", "image_token_pooling", "image_grids", "image_num_crops")
+
+
+def repeat_samples(
+    batch: Mapping,
+    times: int,
+    *,
+    image_token_id: int | None = None,
+    video_token_id: int | None = None,
+    spatial_merge_size: int | None = None,
+) -> dict:
+    """``batch`` with each sample repeated ``times`` times in a row (sample 0's copies, then sample 1's, ...): a
+    GRPO step runs a prompt's samples as one batch.
+
+    Per-sample fields (``[B, ...]``: ``input_ids``, ``attention_mask``, ``labels``, ``index``, ``oracle_mask``,
+    LLaVA's ``pixel_values [B, C, H, W]``, ...) are repeated along their first dimension, ``position_ids [3, B, L]``
+    along its second. Images that are not one per sample are dealt to the samples by their LM tokens, in order,
+    against each row's count of ``image_token_id`` / ``video_token_id``, then repeated with their sample: LLaVA's
+    ``pixel_values [images, C, H, W]`` (equal tokens per image) and Qwen2-VL's packed patches (``pixel_values`` with
+    ``image_grid_thw``, ``pixel_values_videos`` with ``video_grid_thw``; ``t·h·w / spatial_merge_size²`` tokens per
+    image). Molmo2's pooled layouts are refused.
+    """
+    if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+        raise ValueError(f"repeat_samples: times must be an integer >= 1, got {times!r}.")
+    molmo2 = [key for key in _MOLMO2_FIELDS if key in batch]
+    if molmo2:
+        raise ValueError(
+            f"repeat_samples: the batch holds Molmo2's pooled layout ({molmo2}), which it cannot repeat per sample; "
+            "use LLaVA or Qwen2-VL batches."
+        )
+    ids = batch.get("input_ids")
+    if not isinstance(ids, Tensor) or ids.dim() != 2:
+        raise ValueError("repeat_samples: the batch needs input_ids [B, L] (it counts the samples).")
+    size = ids.shape[0]
+    grids = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
+    token_ids = {"pixel_values": image_token_id, "pixel_values_videos": video_token_id}
+    out = {}
+    for key, value in batch.items():
+        if key in grids and grids[key] in batch:  # Qwen2-VL's packed patches
+            grid = batch[grids[key]].long()
+            rows = grid.prod(-1)
+            if spatial_merge_size is None:
+                raise ValueError(
+                    f"repeat_samples: batch[{key!r}] holds packed Qwen2-VL patches; pass spatial_merge_size (the "
+                    "vision config's) so each image's tokens can be counted."
+                )
+            index, items = _deal(ids, token_ids[key], rows, rows // spatial_merge_size**2, times, key)
+            out[key], out[grids[key]] = value[index.to(value.device)], batch[grids[key]][items.to(grid.device)]
+        elif key in grids.values():
+            continue  # repeated with its patches
+        elif key == "pixel_values" and isinstance(value, Tensor) and value.dim() == 4 and value.shape[0] != size:
+            images = value.shape[0]  # LLaVA with images not one per sample: equal tokens per image
+            tokens = int((ids == image_token_id).sum()) // max(images, 1) if image_token_id is not None else 0
+            ones = torch.ones(images, dtype=torch.long)
+            index, _ = _deal(ids, image_token_id, ones, ones * tokens, times, key)
+            out[key] = value[index.to(value.device)]
+        elif key == "position_ids" and isinstance(value, Tensor) and value.dim() == 3:
+            out[key] = value.repeat_interleave(times, dim=1)
+        elif isinstance(value, Tensor) and value.dim() >= 1:
+            if value.shape[0] != size:
+                raise ValueError(
+                    f"repeat_samples: batch[{key!r}] has {value.shape[0]} rows for {size} samples; give per-sample "
+                    "fields [B, ...] (Qwen2-VL patches come with their grid_thw)."
+                )
+            out[key] = value.repeat_interleave(times, dim=0)
+        elif isinstance(value, (list, tuple)) and len(value) == size:
+            out[key] = type(value)(item for item in value for _ in range(times))
+        else:
+            out[key] = value
+    return out
+
+
+def _deal(
+    ids: Tensor, token_id: int | None, rows: Tensor, tokens: Tensor, times: int, key: str
+) -> tuple[Tensor, Tensor]:
+    """Images (``rows[i]`` rows of the pixel tensor, ``tokens[i]`` LM tokens each, in order) dealt to the samples
+    by each row's count of ``token_id``, then every sample's repeated ``times``: ``(pixel rows, image order)``."""
+    if token_id is None:
+        raise ValueError(
+            f"repeat_samples: batch[{key!r}] does not hold one image per sample; pass image_token_id / "
+            "video_token_id (the model config's) so each sample's images can be told apart."
+        )
+    rows, tokens = rows.cpu(), tokens.cpu()
+    per_sample = (ids == token_id).sum(1).cpu()
+    if int(tokens.sum()) != int(per_sample.sum()) or bool((tokens <= 0).any()):
+        raise ValueError(
+            f"repeat_samples: batch[{key!r}] holds images of {int(tokens.sum())} LM tokens in all but input_ids "
+            f"hold {int(per_sample.sum())} tokens {token_id}; the images and the prompts do not match."
+        )
+    owner = torch.searchsorted(per_sample.cumsum(0), tokens.cumsum(0) - tokens, right=True)
+    starts = rows.cumsum(0) - rows
+    pixel_rows, order = [], []
+    for sample in range(ids.shape[0]):
+        images = (owner == sample).nonzero().flatten().tolist()
+        for _ in range(times):
+            order.extend(images)
+            pixel_rows.extend(torch.arange(int(starts[i]), int(starts[i] + rows[i])) for i in images)
+    index = torch.cat(pixel_rows) if pixel_rows else torch.zeros(0, dtype=torch.long)
+    return index, torch.tensor(order, dtype=torch.long)

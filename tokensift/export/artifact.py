@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from tokensift.budget import Budget
 from tokensift.io import atomic_directory, check_replaceable
-from tokensift.scorers.base import TokenMethod
+from tokensift.scorers.base import Method
 from tokensift.scorers.registry import get_method_class
 
 FORMAT = "tokensift-artifact"
@@ -34,7 +34,7 @@ STRUCTURAL_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_atte
 
 @dataclass
 class Artifact:
-    method: TokenMethod
+    method: Method
     manifest: dict
     path: Path | None = None
 
@@ -52,7 +52,7 @@ class InvalidArtifact(ValueError):
 
 
 def save_artifact(
-    method: TokenMethod,
+    method: Method,
     fingerprint: dict,
     out_dir: str | os.PathLike,
     default_budget: dict | None = None,
@@ -127,7 +127,7 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     return Artifact(method=method, manifest=manifest, path=path)
 
 
-def _read_weights(weights_path: Path, name: str, method: TokenMethod) -> dict:
+def _read_weights(weights_path: Path, name: str, method: Method) -> dict:
     fix = "re-export the artifact (`tokensift export CKPT OUT_DIR`) or copy the file again"
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
@@ -175,6 +175,7 @@ _MANIFEST_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "metrics": ((dict,), False),
     "trained_layers": ((list,), False),
     "exit_label_rule": ((dict,), False),
+    "trained_skip_range": ((list,), False),  # layer-skip methods: the skip counts whose adapters were fine-tuned
 }
 _BACKBONE_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "model_class": ((str,), True),
@@ -259,15 +260,23 @@ def validate_manifest(manifest: object, where: str = MANIFEST) -> None:
                 f"{where}: field {folder!r} is {name!r}; it must name a folder directly inside the artifact "
                 "(no path separators, no '..')."
             )
-    for field in ("trained_keep_ratio_range", "trained_layers"):
+    for field in ("trained_keep_ratio_range", "trained_layers", "trained_skip_range"):
         items = manifest.get(field, [])
         kinds = _NUMBER if field == "trained_keep_ratio_range" else _INT
         if not all(isinstance(v, kinds) and not isinstance(v, bool) for v in items):
             raise InvalidArtifact(f"{where}: field {field!r} must be a list of numbers, got {items!r:.80}.")
 
 
-def _check_budget(budget: dict, cls: type[TokenMethod], where: str) -> None:
+def _check_budget(budget: dict, cls: type[Method], where: str) -> None:
     knobs = sorted(budget)
+    if cls.skips_layers:  # a layer-skip method's budget is a count of layers, not of tokens
+        count = budget.get("skip_layers")
+        if knobs != ["skip_layers"] or isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise InvalidArtifact(
+                f"{where}: field 'default_budget' is {budget!r}; a {cls.name} artifact's default budget is "
+                "{'skip_layers': n}, n a whole number of layers >= 0."
+            )
+        return
     allowed = ["threshold"] if cls.decides_exits else ["keep_count", "keep_ratio"]
     if len(knobs) != 1 or knobs[0] not in allowed:
         raise InvalidArtifact(
@@ -321,10 +330,12 @@ def check_fingerprint(manifest: dict, fingerprint: dict, strict: bool = True) ->
 
 def _model_card(manifest: dict) -> str:
     fp = manifest["backbone"]
+    skips = "skip_layers" in manifest["default_budget"]
+    what = "layer-skip method (whole blocks replaced by adapters)" if skips else "token scorer"
     lines = [
         f"# tokensift artifact: {manifest['method']}",
         "",
-        f"A {manifest['kind']} token scorer for a frozen `{fp.get('model_class')}` "
+        f"A {manifest['kind']} {what} for a frozen `{fp.get('model_class')}` "
         f"({fp.get('model_type')}, hidden {fp.get('hidden_size')}, {fp.get('num_hidden_layers')} layers).",
         "",
         "```python",
@@ -333,7 +344,9 @@ def _model_card(manifest: dict) -> str:
         f"handle = ts.apply(model, 'path/to/this/dir', {_budget_arguments(manifest['default_budget'])})",
         "```",
         "",
-        f"- sites: {', '.join(manifest['sites'])}",
+        f"- candidate layers: {manifest['config'].get('candidate_layers')}"
+        if skips
+        else f"- sites: {', '.join(manifest['sites'])}",
         f"- default budget: {manifest['default_budget']}",
     ]
     if manifest.get("adapter"):
@@ -345,6 +358,8 @@ def _model_card(manifest: dict) -> str:
         )
     if "trained_keep_ratio_range" in manifest:
         lines.append(f"- trained over keep ratios {manifest['trained_keep_ratio_range']}")
+    if "trained_skip_range" in manifest:
+        lines.append(f"- adapters fine-tuned for skip_layers {manifest['trained_skip_range']}")
     for name, value in sorted((manifest.get("metrics") or {}).items()):
         lines.append(f"- {name}: {value}")
     return "\n".join(lines) + "\n"

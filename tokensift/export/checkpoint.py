@@ -69,7 +69,13 @@ def export(
     method = cls(cls.config_class.from_dict(meta["config"]))
     method.load_state_dict(_strip(state, METHOD_PREFIX))
     budget = dict(meta["default_budget"])
-    if cls.decides_exits:  # an exit method's budget is a decision threshold
+    if cls.skips_layers:  # a layer-skip method's budget is the skip_layers count it was trained for
+        if keep_ratio is not None or threshold is not None:
+            raise ValueError(
+                f"{meta['method']} skips layers: its default budget is {budget} (the count it was trained for), not "
+                "--keep_ratio / --threshold."
+            )
+    elif cls.decides_exits:  # an exit method's budget is a decision threshold
         if keep_ratio is not None:
             raise ValueError(f"{meta['method']} is an exit method: its budget is --threshold, not --keep_ratio.")
         if threshold is not None:
@@ -83,8 +89,9 @@ def export(
         "source_checkpoint": checkpoint.name,
         "global_step": int(ckpt.get("global_step", 0)),
     }
-    if "trained_keep_ratio_range" in meta:
-        extra["trained_keep_ratio_range"] = meta["trained_keep_ratio_range"]
+    for field in ("trained_keep_ratio_range", "trained_skip_range"):
+        if field in meta:
+            extra[field] = meta[field]
     fingerprint = meta["fingerprint"]
     add_files = None
     if meta.get("lora") or meta.get("backbone_trained"):

@@ -2,9 +2,11 @@
 
 from tokensift.scorers import (  # noqa: F401  (register)
     atp,
+    cacovid,
     cls_attention,
     d2pruner,
     dart,
+    das,
     divprune,
     dynamic_llava,
     dynamicvit,
@@ -12,6 +14,7 @@ from tokensift.scorers import (  # noqa: F401  (register)
     fastv,
     flowcut,
     holitom,
+    ia_red2,
     ktv,
     l2norm,
     pyramiddrop,

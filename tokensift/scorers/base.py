@@ -60,12 +60,33 @@ class MethodConfig:
         return cls(**values)
 
 
-class TokenMethod(nn.Module):
-    """Base class of every method. Subclasses set the class attributes and implement ``score``."""
+class Method(nn.Module):
+    """What every method has, whatever it reduces: a registered name, learned or not, its config, where it runs.
+
+    ``TokenMethod`` (tokens) and ``tokensift.skip.LayerSkipMethod`` (whole blocks, ``skips_layers``) build on it; the
+    registry, artifacts and ``tokensift export`` take any ``Method``.
+    """
 
     name: ClassVar[str]
     kind: ClassVar[Kind] = "training-free"
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    description: ClassVar[str] = ""
+    site_kinds: ClassVar[tuple[str, ...]] = ()
+    skips_layers: ClassVar[bool] = False  # removes whole blocks (budget ``skip_layers``) instead of tokens
+
+    def __init__(self, config: MethodConfig | None = None):
+        super().__init__()
+        self.config = config if config is not None else self.config_class()
+
+    @classmethod
+    def for_backbone(cls, adapter, config: MethodConfig | None = None) -> Method:
+        """The method sized for ``adapter``'s backbone; a method with backbone-dependent fields overrides it."""
+        return cls(config)
+
+
+class TokenMethod(Method):
+    """Base class of every token method. Subclasses set the class attributes and implement ``score``."""
+
     needs_attention: ClassVar[bool] = False  # attention probabilities of the site's block
     needs_keys: ClassVar[bool] = False  # head-averaged keys of the site's block
     needs_values: ClassVar[bool] = False  # vit.<i>: the site block's values per head (``TokenState.values``)
@@ -92,7 +113,6 @@ class TokenMethod(nn.Module):
     # DDP then has to search for them (find_unused_parameters), which costs a graph traversal per step
     has_unused_parameters: ClassVar[bool] = False
     num_default_sites: ClassVar[int] = 1
-    description: ClassVar[str] = ""
     # where the method can run: "vit" (vision blocks), "pre_llm" and "llm" (a multimodal LLM's decoder)
     site_kinds: ClassVar[tuple[str, ...]] = ("vit",)
     needs_tower_attention: ClassVar[bool] = False  # pre_llm: the vision tower's attention and keys per token
@@ -100,10 +120,6 @@ class TokenMethod(nn.Module):
     # site, so the handle runs it at every one of its sites in every prefill, whatever the budget; its
     # budget is a decision threshold (ts.apply(..., threshold=)) rather than a keep ratio or count
     decides_exits: ClassVar[bool] = False
-
-    def __init__(self, config: MethodConfig | None = None):
-        super().__init__()
-        self.config = config if config is not None else self.config_class()
 
     @property
     def keeps_budget_count(self) -> bool:

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from tokensift.scorers.base import TokenMethod
+from tokensift.scorers.base import Method
 
-_METHODS: dict[str, type[TokenMethod]] = {}
-_SITE_PATTERNS = {"vit": "vit.<i>", "pre_llm": "pre_llm", "llm": "llm.<k>"}
+_METHODS: dict[str, type[Method]] = {}
+# "layers": a layer-skip method (das) replaces whole blocks, layer.<i>, rather than reducing tokens at a site
+_SITE_PATTERNS = {"vit": "vit.<i>", "pre_llm": "pre_llm", "llm": "llm.<k>", "layers": "layer.<i>"}
 
 
-def register(cls: type[TokenMethod]) -> type[TokenMethod]:
+def register(cls: type[Method]) -> type[Method]:
     if cls.name in _METHODS and _METHODS[cls.name] is not cls:
         raise ValueError(f"a method named {cls.name!r} is already registered ({_METHODS[cls.name].__name__})")
     _METHODS[cls.name] = cls
     return cls
 
 
-def get_method_class(name: str) -> type[TokenMethod]:
+def get_method_class(name: str) -> type[Method]:
     if name not in _METHODS:
         raise ValueError(
             f"unknown method {name!r}; known methods: {sorted(_METHODS)} "
@@ -24,7 +25,7 @@ def get_method_class(name: str) -> type[TokenMethod]:
     return _METHODS[name]
 
 
-def build_method(name: str, options: dict | None = None) -> TokenMethod:
+def build_method(name: str, options: dict | None = None) -> Method:
     cls = get_method_class(name)
     return cls(cls.config_class.from_dict(options))
 
@@ -35,7 +36,7 @@ def methods() -> dict[str, dict]:
         name: {
             "kind": cls.kind,
             "sites": [_SITE_PATTERNS[kind] for kind in cls.site_kinds],
-            "needs_attention": cls.needs_attention,
+            "needs_attention": getattr(cls, "needs_attention", False),
             "description": cls.description,
         }
         for name, cls in sorted(_METHODS.items())

@@ -135,6 +135,7 @@ class FrozenBackboneTrainer(L.LightningModule):
     strict_loading = False  # checkpoints leave out the frozen backbone; it is rebuilt from `backbone`
     multimodal: ClassVar[bool] = False  # the backbone is a multimodal LLM (LLaVA, Qwen2-VL), not an image classifier
     synced_terms: ClassVar[tuple[str, ...]] = ("budget",)  # loss terms averaged over ranks when logged
+    trains_layer_skips: ClassVar[bool] = False  # trains a layer-skip method (das) rather than a token method
 
     def __init__(
         self,
@@ -240,7 +241,15 @@ class FrozenBackboneTrainer(L.LightningModule):
         return {}
 
     def check_method(self, cls: type[TokenMethod]) -> None:
-        """Refuse a method this trainer cannot train (a ValueError naming it): by default a training-free one."""
+        """Refuse a method this trainer cannot train (a ValueError naming it): by default a training-free one, and a
+        layer-skip method (das) outside the layer-skip trainers."""
+        if getattr(cls, "skips_layers", False) != self.trains_layer_skips:
+            raise ValueError(
+                f"method {cls.name!r} skips whole layers: train it with tokensift.trainer.LayerSkipTrainer (image "
+                "classifiers) or MLLMLayerSkipTrainer (multimodal LLMs)."
+                if self.trains_layer_skips is False
+                else f"{type(self).__name__} trains layer-skip methods (das); {cls.name!r} prunes tokens."
+            )
         if cls.kind != "learned":
             kinds = {"vit", "pre_llm", "llm"} if self.multimodal else {"vit"}
             learned = [n for n in sorted(registered_methods()) if _learned_on(get_method_class(n), kinds)]
@@ -303,7 +312,7 @@ class FrozenBackboneTrainer(L.LightningModule):
             # rank-local statistics (the budget's kept fractions) are averaged over ranks
             sync = name in self.synced_terms
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size, sync_dist=sync)
-        records = self.handle.last_records
+        records = getattr(self.handle, "last_records", None)  # none on a layer-skip handle
         if self._step_keep_ratio is not None and records:
             kept = torch.stack([r.keep_fraction.mean() for r in records]).mean()
             self.log("train/keep_fraction", kept, batch_size=batch_size, sync_dist=True)
@@ -460,7 +469,8 @@ class FrozenBackboneTrainer(L.LightningModule):
         # a teacher-forced batch holds its answer; the method chooses before any answer exists at inference, so it
         # must not read it (the model still does): the handle conceals the label tokens from the method's state
         labels = batch.get("labels")
-        self.handle.conceal(None if labels is None else labels != IGNORE_INDEX)
+        if hasattr(self.handle, "conceal"):  # token handles; a layer-skip handle reads no tokens
+            self.handle.conceal(None if labels is None else labels != IGNORE_INDEX)
         if self.adapter.family.multimodal_rope and "image_grid_thw" not in batch and "video_grid_thw" not in batch:
             return mllm_inputs(self.backbone, batch)  # digit-VQA images -> Qwen2-VL's patches and grids
         inputs = {key: batch[key] for key in MLLM_INPUTS if key in batch}

@@ -1,0 +1,113 @@
+"""``ReinforceTrainer``: a token-dropping policy trained by REINFORCE on a frozen image classifier (IA-RED²).
+
+Each step runs the frozen ViT once in mask mode: at every site the method (``ia_red2``) draws a hard keep decision
+per live patch from its keep probabilities, multiplied into the previous site's (a dropped patch stays dropped);
+nothing is differentiated through the backbone, only the draws' log-probability through the interpreters. The
+reward per sample (``tokensift.trainer.rl.budget_reward``) is ``1 − mean_s ((kept_s − t_s)/t_s)²`` when the pruned
+prediction is right and ``−wrong_penalty`` when it is wrong, ``t_s`` the budget's kept fraction at site ``s`` for
+the step's keep ratio (drawn from ``keep_ratio_range``, so one artifact serves the range). The baseline is the
+step's mean reward over the global batch (all-reduced under DDP), and the loss ``−mean((r − b) · log π)``
+(``rl.reinforce_loss``). Validation (top-k by keep probability in gather mode at ``eval_keep_ratios``), export and
+the rest are :class:`~tokensift.trainer.module.ScorerTrainer`'s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tokensift.scorers import TokenMethod
+from tokensift.trainer.module import ScorerTrainer
+from tokensift.trainer.rl import bernoulli_log_prob, budget_reward, reinforce_loss
+
+
+class ReinforceTrainer(ScorerTrainer):
+    """Train a sampling token policy (``ia_red2``) on the frozen ``backbone`` by REINFORCE with a batch-mean baseline.
+
+    Args:
+        backbone, method, method_options, keep_ratio_range, eval_keep_ratios, lr, weight_decay, warmup_fraction,
+            attn_implementation, seed: as :class:`ScorerTrainer` (``method``: a learned method whose training
+            ``keep_policy`` draws its decisions and hands them over with ``take_draws()``).
+        wrong_penalty: the reward ``−γ`` of a wrong prediction (BlockDrop's ``γ``); a right one earns
+            ``1 − mean_s ((kept_s − t_s)/t_s)²``.
+    """
+
+    synced_terms = ("reward", "accuracy", "budget_deviation")
+
+    def __init__(
+        self,
+        backbone: str,
+        method: str = "ia_red2",
+        method_options: dict[str, Any] | None = None,
+        keep_ratio_range: tuple[float, float] = (0.25, 0.75),
+        eval_keep_ratios: list[float] | None = None,
+        wrong_penalty: float = 0.5,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_fraction: float = 0.05,
+        attn_implementation: str = "sdpa",
+        seed: int = 0,
+    ):
+        if isinstance(wrong_penalty, bool) or not isinstance(wrong_penalty, (int, float)) or not wrong_penalty >= 0:
+            raise ValueError(
+                "wrong_penalty must be a number >= 0 (the reward of a wrong prediction is its negative), "
+                f"got {wrong_penalty!r}."
+            )
+        super().__init__(
+            backbone,
+            method,
+            method_options,
+            keep_ratio_range=keep_ratio_range,
+            eval_keep_ratios=eval_keep_ratios,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_fraction=warmup_fraction,
+            attn_implementation=attn_implementation,
+            seed=seed,
+            teacher_cache=False,
+        )
+        self.wrong_penalty = float(wrong_penalty)
+
+    def check_method(self, cls: type[TokenMethod]) -> None:
+        super().check_method(cls)
+        if not callable(getattr(cls, "take_draws", None)):
+            raise ValueError(
+                f"method {cls.name!r} does not sample its keep decisions (no take_draws()); ReinforceTrainer trains a "
+                "sampling policy such as 'ia_red2'. Train gradient-based scorers with ScorerTrainer."
+            )
+
+    def training_loss(self, batch: dict) -> dict[str, Tensor]:
+        inputs, labels = self.model_inputs(batch), batch["labels"]
+        self.prepare_pruned_pass(batch)
+        self.method.train()
+        # the draws are hard and carry no gradient, so the frozen backbone's activations need no graph: only the
+        # interpreters' probabilities do
+        logits = self.logits(inputs).detach()
+        draws = self.method.take_draws()
+        log_prob = torch.stack([bernoulli_log_prob(d.probs, d.kept, d.candidates) for d in draws]).sum(0)
+        correct = logits.argmax(-1) == labels
+        records = self.handle.last_records
+        kept = torch.stack([r.keep_fraction for r in records], dim=1).detach()
+        targets = torch.tensor([r.target for r in records], device=kept.device)
+        reward = budget_reward(correct, kept, targets, self.wrong_penalty)
+        baseline = self.global_mean(reward)
+        loss = reinforce_loss(log_prob, reward, baseline)
+        deviation = (((kept - targets) / targets) ** 2).mean(-1)
+        return {
+            "loss": loss,
+            "reward": reward.mean(),
+            "accuracy": correct.float().mean(),
+            "budget_deviation": deviation.mean(),
+        }
+
+    def global_mean(self, values: Tensor) -> Tensor:
+        """The mean of ``values`` over the global batch (every rank's, all-reduced; equal batch sizes)."""
+        mean = values.float().mean()
+        if self._trainer is None:  # a module stepped by hand, outside a Trainer
+            return mean
+        return self.trainer.strategy.reduce(mean, reduce_op="mean")
+
+
+__all__ = ["ReinforceTrainer"]
