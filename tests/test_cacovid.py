@@ -376,7 +376,7 @@ def test_bad_arguments_name_the_field(saved_mllms):
         (dict(epsilon_high=1.5), "epsilon_high"),
         (dict(token_cost=-1.0), "token_cost"),
         (dict(max_grad_norm=0.0), "max_grad_norm"),
-        (dict(method="question_selector"), "sampling mode"),
+        (dict(method="question_selector"), "learns from gradients"),
         (dict(method_options={"sites": ["llm.1"]}), "sites"),
         (dict(method_options={"head_depth": -1}), "head_depth"),
     ):

@@ -21,7 +21,7 @@ from tokensift.cli import main
 from tokensift.data import ClutteredDigitsDataModule
 from tokensift.reduce import PruningHandle
 from tokensift.scorers.ia_red2 import IARed2Config, IARed2Method
-from tokensift.trainer import ReinforceTrainer
+from tokensift.trainer import ReinforceTrainer, ScorerTrainer
 from tokensift.trainer.rl import bernoulli_log_prob, budget_reward, reinforce_loss
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -242,9 +242,11 @@ def test_exported_artifact_applies_exactly_and_by_probability(fitted):
             assert handle.kept_orig_index.shape == (4, 1 + math.ceil(0.25 * 64))
 
 
-def test_check_method_refuses_a_non_sampling_method(fitted):
-    with pytest.raises(ValueError, match="does not sample its keep decisions"):
+def test_check_method_keeps_reward_and_gradient_training_apart(fitted):
+    with pytest.raises(ValueError, match="dynamicvit' learns from gradients: train it with ScorerTrainer"):
         ReinforceTrainer(str(fitted["backbone"]), method="dynamicvit")
+    with pytest.raises(ValueError, match=r"trained by reward .* ReinforceTrainer"):
+        ScorerTrainer(str(fitted["backbone"]), method="ia_red2")
     with pytest.raises(ValueError, match="wrong_penalty must be a number >= 0"):
         ReinforceTrainer(str(fitted["backbone"]), wrong_penalty=-1)
 

@@ -73,6 +73,8 @@ class Method(nn.Module):
     description: ClassVar[str] = ""
     site_kinds: ClassVar[tuple[str, ...]] = ()
     skips_layers: ClassVar[bool] = False  # removes whole blocks (budget ``skip_layers``) instead of tokens
+    # its sampled decision carries no gradient: trained by reward (cacovid: GRPOTrainer, ia_red2: ReinforceTrainer)
+    trained_by_reward: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         super().__init__()

@@ -136,6 +136,7 @@ class FrozenBackboneTrainer(L.LightningModule):
     multimodal: ClassVar[bool] = False  # the backbone is a multimodal LLM (LLaVA, Qwen2-VL), not an image classifier
     synced_terms: ClassVar[tuple[str, ...]] = ("budget",)  # loss terms averaged over ranks when logged
     trains_layer_skips: ClassVar[bool] = False  # trains a layer-skip method (das) rather than a token method
+    trains_by_reward: ClassVar[bool] = False  # trains policies whose sampled decisions have no gradient
 
     def __init__(
         self,
@@ -242,13 +243,22 @@ class FrozenBackboneTrainer(L.LightningModule):
 
     def check_method(self, cls: type[TokenMethod]) -> None:
         """Refuse a method this trainer cannot train (a ValueError naming it): by default a training-free one, and a
-        layer-skip method (das) outside the layer-skip trainers."""
+        layer-skip method (das) outside the layer-skip trainers, and a
+        reward-trained policy (cacovid, ia_red2) outside the reward trainers (and the reverse)."""
         if getattr(cls, "skips_layers", False) != self.trains_layer_skips:
             raise ValueError(
                 f"method {cls.name!r} skips whole layers: train it with tokensift.trainer.LayerSkipTrainer (image "
                 "classifiers) or MLLMLayerSkipTrainer (multimodal LLMs)."
                 if self.trains_layer_skips is False
                 else f"{type(self).__name__} trains layer-skip methods (das); {cls.name!r} prunes tokens."
+            )
+        if cls.trained_by_reward != self.trains_by_reward:
+            raise ValueError(
+                f"method {cls.name!r} is trained by reward (its sampled keep decision has no gradient): train it with "
+                "tokensift.trainer.GRPOTrainer (multimodal LLMs) or ReinforceTrainer (image classifiers)."
+                if cls.trained_by_reward
+                else f"{type(self).__name__} trains reward-trained policies (cacovid, ia_red2); {cls.name!r} learns "
+                "from gradients: train it with ScorerTrainer or MLLMScorerTrainer."
             )
         if cls.kind != "learned":
             kinds = {"vit", "pre_llm", "llm"} if self.multimodal else {"vit"}

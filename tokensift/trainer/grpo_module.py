@@ -64,7 +64,7 @@ class GRPOTrainer(MLLMScorerTrainer):
         attn_implementation, seed: as ``MLLMScorerTrainer``.
     """
 
-    trains_by_reward = True  # methods marked ``trained_by_reward`` (cacovid) train here; MLLMScorerTrainer refuses them
+    trains_by_reward = True
 
     def __init__(
         self,

@@ -133,11 +133,6 @@ class MLLMScorerTrainer(FrozenBackboneTrainer):
                 "trains methods at pre_llm / llm.<k> (question_selector, dynamic_llava, atp) and methods that train "
                 "by removal at vit.<i> (stts)."
             )
-        if getattr(cls, "trained_by_reward", False) and not getattr(self, "trains_by_reward", False):
-            raise ValueError(
-                f"method {cls.name!r} is trained by reward (its sampled keep decision has no gradient); train it "
-                "with tokensift.trainer.GRPOTrainer."
-            )
 
     @property
     def training_mode(self) -> str:

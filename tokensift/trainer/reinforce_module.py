@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tokensift.scorers import TokenMethod
 from tokensift.trainer.module import ScorerTrainer
 from tokensift.trainer.rl import bernoulli_log_prob, budget_reward, reinforce_loss
 
@@ -33,6 +32,8 @@ class ReinforceTrainer(ScorerTrainer):
         wrong_penalty: the reward ``−γ`` of a wrong prediction (BlockDrop's ``γ``); a right one earns
             ``1 − mean_s ((kept_s − t_s)/t_s)²``.
     """
+
+    trains_by_reward = True
 
     synced_terms = ("reward", "accuracy", "budget_deviation")
 
@@ -69,14 +70,6 @@ class ReinforceTrainer(ScorerTrainer):
             teacher_cache=False,
         )
         self.wrong_penalty = float(wrong_penalty)
-
-    def check_method(self, cls: type[TokenMethod]) -> None:
-        super().check_method(cls)
-        if not callable(getattr(cls, "take_draws", None)):
-            raise ValueError(
-                f"method {cls.name!r} does not sample its keep decisions (no take_draws()); ReinforceTrainer trains a "
-                "sampling policy such as 'ia_red2'. Train gradient-based scorers with ScorerTrainer."
-            )
 
     def training_loss(self, batch: dict) -> dict[str, Tensor]:
         inputs, labels = self.model_inputs(batch), batch["labels"]

@@ -111,6 +111,7 @@ class IARed2Method(TokenMethod):
     config_class = IARed2Config
     num_default_sites = 3
     site_kinds = ("vit",)
+    trained_by_reward = True  # Bernoulli draws without gradient: ReinforceTrainer, not ScorerTrainer
     description = "IA-RED² multi-head interpreters: per-head [CLS]-query keep maps, trained by REINFORCE (learned)"
 
     def __init__(self, config: IARed2Config | None = None):
