@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokensift.bench.seeds import markdown_tables, summarize_seeds
+from tokensift.bench.seeds import fold_seeds, markdown_tables, seed_groups, summarize_seeds
 from tokensift.cli import main
 from tokensift.quickstart import parse_seeds
 
@@ -104,6 +104,26 @@ def test_seed_summary_folds_the_runs_of_one_method():
     assert "0.850 ± 0.071 (2 seeds)" in text and "0.700 [0.690, 0.710]" in text and "1/2" in text
     with pytest.raises(ValueError, match="groups: no bench rows for \\['c'\\]"):
         summarize_seeds(result, {"learned": ["a", "c"]})
+
+
+def test_bench_folds_a_method_given_with_several_artifacts(tmp_path, capsys):
+    def row(method, kind, accuracy):
+        return {"method": method, "kind": kind, "keep_ratio": 0.5, "accuracy": accuracy, "flops_ratio": 0.5,
+                "accuracy_low": accuracy - 0.01, "accuracy_high": accuracy + 0.01}  # fmt: skip
+
+    rows = [
+        row("ia_red2:seed0", "learned", 0.8),
+        row("ia_red2:seed1", "learned", 0.9),
+        row("dynamicvit", "learned", 0.7),
+    ]
+    result = {"rows": [*rows, row("random", "training-free", 0.6)], "matched_flops": [], "comparisons": []}
+    assert seed_groups(result) == {"ia_red2 (learned)": ["ia_red2:seed0", "ia_red2:seed1"]}  # one artifact: no group
+    folded = fold_seeds(dict(result), tmp_path, quiet=False)
+    assert "| ia_red2 (learned) | 0.850 ± 0.071 (2 seeds) |" in (tmp_path / "summary.md").read_text()
+    assert "ia_red2 (learned): 2" in capsys.readouterr().out
+    assert folded["files"]["summary_md"] == str(tmp_path / "summary.md") and "seeds" in folded
+    single = {"rows": rows[2:], "matched_flops": [], "comparisons": []}
+    assert fold_seeds(single, tmp_path / "none", quiet=True) is single and not (tmp_path / "none").exists()
 
 
 def test_scorer_seeds_are_checked():

@@ -21,6 +21,7 @@ from tokensift.bench.image import run_image_bench
 from tokensift.bench.measure import MEMORY_MEASURE, environment_metadata, measure_speed_and_memory
 from tokensift.bench.mllm import run_mllm_bench
 from tokensift.bench.results import FIELDS, budget_label, finalize_rows, print_table, write_results
+from tokensift.bench.seeds import fold_seeds
 from tokensift.bench.settings import BenchSettings, bench_settings, torch_threads
 from tokensift.bench.specs import ORACLE, UNPRUNED, MethodSpec, parse_keep_ratios, parse_methods, parse_skip_layers
 from tokensift.bench.stats import (
@@ -110,7 +111,9 @@ def run_bench(
             block); ``None``: 0 .. the top of each artifact's ``trained_skip_range``.
 
     Returns ``{"rows": [...], "metadata": {...}, "matched_flops": [...], "comparisons": [...], "files": {...}}``
-    (and ``"site_sweep"`` with a sweep); the same is in ``results.json``.
+    (and ``"site_sweep"`` with a sweep); the same is in ``results.json``. A learned method given with several
+    artifacts (``NAME:DIR`` each, one per training seed) is also folded into one row per budget, mean ± sd over
+    them (``"seeds"``; ``summary.md`` / ``summary.json``, printed unless ``quiet``).
     """
     # -- validate everything before any expensive work -----------------------------------------------
     model_path = Path(model_dir)
@@ -127,7 +130,7 @@ def run_bench(
                 "sweep_sites: the site sweep covers image classifiers' vit.<i> sites; on a multimodal LLM pick "
                 "sites per method instead (not swept yet), and leave sweep_sites unset."
             )
-        return run_mllm_bench(
+        result = run_mllm_bench(
             model_dir=model_path,
             data=data,
             methods=methods,
@@ -149,6 +152,7 @@ def run_bench(
             bootstrap_seed=bootstrap_seed,
             skip_layers=skip_layers,
         )
+        return fold_seeds(result, Path(out), quiet)
     if thresholds is not None:
         raise ValueError(
             "thresholds: only exit methods on multimodal LLMs (dyvte) take decision thresholds; "
@@ -161,7 +165,7 @@ def run_bench(
     settings = bench_settings(
         data, batch_size, out, timing_batches, repeats, warmup, num_overlay_images, max_batches, device
     )
-    return run_image_bench(
+    result = run_image_bench(
         model_path,
         specs,
         oracle_requested,
@@ -176,6 +180,7 @@ def run_bench(
         sweep,
         skip_layers=counts,
     )
+    return fold_seeds(result, Path(out), quiet)
 
 
 __all__ = [

@@ -9,8 +9,10 @@ counts at each budget how many seeds beat the best training-free method with a p
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 
 def _spread(values: Sequence[float]) -> dict:
@@ -148,3 +150,32 @@ def markdown_tables(summary: Mapping) -> str:
                 f"{w['seeds_above']}/{w['seeds']} | {w['seeds_below']}/{w['seeds']} |"
             )
     return "\n".join(lines)
+
+
+def seed_groups(result: Mapping) -> dict[str, list[str]]:
+    """The learned methods benched with several artifacts (each row labelled ``NAME:FOLDER``, e.g. one per training
+    seed): ``"NAME (learned)"`` → their row labels, in bench order. A method with one artifact is not a group."""
+    labels: dict[str, list[str]] = {}
+    for row in result["rows"]:
+        if row.get("kind") == "learned":
+            labels.setdefault(row["method"].split(":")[0], []).append(row["method"])
+    return {f"{name} (learned)": list(dict.fromkeys(v)) for name, v in labels.items() if len(set(v)) > 1}
+
+
+def fold_seeds(result: dict, out_dir: Path, quiet: bool) -> dict:
+    """``result`` with its seeded learned methods folded (``result["seeds"]``, :func:`summarize_seeds` over
+    :func:`seed_groups`), written as ``summary.md`` / ``summary.json`` next to the bench's files and printed unless
+    ``quiet``; unchanged when no method has several artifacts."""
+    from tokensift.io import write_text_atomic
+
+    groups = seed_groups(result)
+    if not groups:
+        return result
+    summary = summarize_seeds(result, groups)
+    tables = markdown_tables(summary)
+    files = result.setdefault("files", {})
+    files["summary_md"] = str(write_text_atomic(out_dir / "summary.md", tables + "\n"))
+    files["summary_json"] = str(write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n"))
+    if not quiet:
+        print(f"\nseeds folded ({', '.join(f'{n}: {len(v)}' for n, v in groups.items())}):\n\n{tables}")
+    return result | {"seeds": summary}
