@@ -23,13 +23,13 @@ from tokensift.cli import main
 from tokensift.data.contract import repeat_samples
 from tokensift.scorers.base import top_k_mask
 from tokensift.scorers.cacovid import CaCoVIDConfig, CaCoVIDMethod
+from tokensift.scorers.learned import sample_without_replacement
 from tokensift.trainer import GRPOTrainer
 from tokensift.trainer.rl import (
     balance_weights,
     clipped_policy_loss,
     combination_log_prob,
     group_advantages,
-    sample_without_replacement,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,6 +280,74 @@ def test_sampling_mode_draws_counts_reproducibly_and_records_the_rollout(family)
     assert torch.equal(rollout.mask[~greedy], masks[0][~greedy])
 
 
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_a_prompts_copies_share_one_policy_pass_and_draw_different_combinations(family):
+    torch.manual_seed(0)
+    model = build_tiny_mllm(family)
+    method = CaCoVIDMethod.for_backbone(adapt(model))
+    ids = qwen_ids() if family == "qwen2_vl" else dict(image_token_id=image_token_id("llava"))
+    copies = 6
+    inputs = repeat_samples(make_batch(family).inputs(), copies, **ids)
+    rows = inputs["input_ids"].shape[0]
+    greedy = torch.arange(rows) % copies == 0
+    sampling = method.sampling(greedy, group_size=copies)
+    with ts.apply(model, method, keep_ratio=0.5) as handle, torch.no_grad(), sampling as rollouts:
+        handle.set_samples(torch.arange(rows), draw=(0, 1))
+        model(**inputs)
+    (rollout,) = rollouts
+    # the policy ran on each prompt's first copy only; its inputs are the same in every copy, so are the logits
+    hidden = rollout.inputs.hidden
+    assert torch.equal(hidden, hidden[::copies].repeat_interleave(copies, dim=0))
+    assert torch.equal(rollout.logits, rollout.logits[::copies].repeat_interleave(copies, dim=0))
+    assert torch.equal(method.keep_logits(rollout.inputs, copies), rollout.logits)  # what the PPO epochs recompute
+    # running it on every row gives the same up to the float rounding of a GEMM of another height (LLaVA: 1.5e-8)
+    torch.testing.assert_close(method.keep_logits(rollout.inputs), rollout.logits, atol=1e-6, rtol=0)
+    for prompt in range(rows // copies):
+        masks = rollout.mask[prompt * copies : (prompt + 1) * copies]
+        sampled = {tuple(m.tolist()) for m in masks[1:]}
+        assert len(sampled) > 1, "the sampled copies of one prompt drew one combination"
+        assert sampled != {tuple(masks[0].tolist())}, "the sampled copies are the top-k row"
+    with pytest.raises(ValueError, match="group_size"):
+        method.keep_logits(rollout.inputs, 4)
+
+
+def test_nan_policy_logits_stop_the_rollout_instead_of_drawing_at_random():
+    model = build_tiny_mllm("llava")
+    method = CaCoVIDMethod.for_backbone(adapt(model))
+    with torch.no_grad():
+        method.head[-1].weight.fill_(float("nan"))
+    failing = pytest.raises(FloatingPointError, match=r"cacovid scores .* NaN")
+    with ts.apply(model, method, keep_ratio=0.5), method.sampling(), torch.no_grad(), failing:
+        model(**make_batch("llava").inputs())
+
+
+def test_analytic_flops_charge_the_products_that_run():
+    """FlopCounterMode counts matrix products (not the CPU SDPA kernel, norms or softmax): cacovid's count minus
+    random's is its projections, MLP and token head, the head on every packed token."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tokensift.flops import SiteShape
+
+    torch.manual_seed(0)
+    model = build_tiny_mllm("llava")
+    method = CaCoVIDMethod.for_backbone(adapt(model))
+    inputs = make_batch("llava").sample(0)  # 6 text + 16 visual tokens
+    counted = {}
+    for name, chosen in (("random", "random"), ("cacovid", method)):
+        with ts.apply(model, chosen, keep_ratio=0.25), FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(**inputs)
+        counted[name] = counter.get_total_flops()
+    cfg = method.config
+    n, d, h, kv, e = 22, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    site = SiteShape("pre_llm", n, 16, 4, d, h, e, kv)
+    not_counted = 3 * site.normalize(n, d) + 2 * site.matmul(n, e, n) * h + 6.0 * h * n * n
+    assert counted["cacovid"] - counted["random"] == method.analytic_flops(site) - not_counted
+    widths = [d, d // 2, d // 4, d // 8, max(2, d // 16), 2]
+    head = sum(2 * n * a * b for a, b in itertools.pairwise(widths))
+    projections, mlp = 2 * n * d * e * (2 * h + 2 * kv), 2 * n * d * 3 * cfg.intermediate_size
+    assert counted["cacovid"] - counted["random"] == projections + mlp + head
+
+
 # -- GRPO fit, export, apply -------------------------------------------------------------------------------------
 
 
@@ -368,13 +436,103 @@ def test_grpo_trains_on_qwen2_vl_video_batches(saved_mllms, tmp_path):
     assert any(not torch.equal(v, before[k]) for k, v in module.method.state_dict().items()), "the policy trained"
 
 
+def fit_steps(module, batch, loader_batches: int, **trainer_options) -> L.Trainer:
+    trainer = L.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **trainer_options,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader([batch] * loader_batches, batch_size=None))
+    return trainer
+
+
+@pytest.mark.parametrize(
+    ("trainer_options", "batches"),
+    [(dict(max_steps=4), 2), (dict(max_epochs=1), 3)],  # max_steps counts optimizer steps: 2 per batch
+    ids=["max_steps", "epochs"],
+)
+def test_the_schedule_steps_once_per_optimizer_step_and_reaches_its_end(saved_mllms, trainer_options, batches):
+    from test_mllm_trainer import labelled_batch
+
+    L.seed_everything(0)
+    module = GRPOTrainer(
+        saved_mllms["llava"],
+        num_generations=2,
+        num_iterations=2,
+        lr=1e-2,
+        warmup_fraction=0.25,
+        keep_ratio_range=(0.3, 0.5),
+    )
+    trainer = fit_steps(module, labelled_batch(module, "llava"), 3, **trainer_options)
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == batches
+    assert trainer.global_step == module.schedule_steps == 2 * batches
+    assert module.lr_schedulers().last_epoch == 2 * batches
+    groups = {group["name"]: group for group in module.optimizers().optimizer.param_groups}
+    assert set(groups) == {"scorer", "policy_layer"}
+    assert all(group["lr"] < 1e-12 for group in groups.values()), "the cosine decay ran to its end"
+
+
+def test_the_pretrained_policy_layer_learns_at_a_tenth_of_the_rate(saved_mllms):
+    module = GRPOTrainer(saved_mllms["llava"], num_generations=2, lr=1e-2)
+    groups = {group["name"]: group for group in module.parameter_groups()}
+    assert groups["policy_layer"]["lr"] == pytest.approx(1e-3) and groups["scorer"]["lr"] == 1e-2
+    assert {id(p) for p in groups["policy_layer"]["params"]} == {id(p) for p in module.method.layer.parameters()}
+    rest = {id(p) for p in module.method.parameters()} - {id(p) for p in module.method.layer.parameters()}
+    assert {id(p) for p in groups["scorer"]["params"]} == rest and rest
+    one = GRPOTrainer(saved_mllms["llava"], num_generations=2, lr=1e-2, layer_lr_factor=1.0).parameter_groups()
+    assert {group["lr"] for group in one} == {1e-2}
+
+
+def test_ppo_epochs_start_at_ratio_one_and_rows_without_answer_are_left_out(saved_mllms):
+    from test_mllm_trainer import labelled_batch
+
+    L.seed_everything(0)
+    copies = 4
+    module = GRPOTrainer(
+        saved_mllms["llava"], num_generations=copies, num_iterations=2, lr=5e-2, keep_ratio_range=(0.3, 0.5)
+    )
+    batch = labelled_batch(module, "llava")
+    batch["labels"][0] = -100  # sample 0 has no answer token
+    calls = []
+    keep_logits = module.method.keep_logits
+
+    def recording(inputs, group_size=1):
+        logits = keep_logits(inputs, group_size)
+        if group_size > 1:  # the trainer's calls (the inner per-group call passes 1)
+            calls.append((torch.is_grad_enabled(), logits.detach().clone(), inputs.visual))
+        return logits
+
+    module.method.keep_logits = recording
+    fit_steps(module, batch, 1, max_steps=2)
+    (rollout, first, second) = calls
+    assert [grad for grad, _, _ in calls] == [False, True, True]
+    assert torch.equal(first[1], rollout[1]), "the first PPO epoch's log-probabilities are the rollout's: ratio 1"
+    visual = rollout[2]
+    assert not torch.equal(second[1][visual], rollout[1][visual]), "the second epoch sees the updated policy"
+    rows = batch["labels"].shape[0]
+    assert module.last_rewards.shape == ((rows - 1) * copies,)  # sample 0's copies are not rewarded
+
+    # the loss averages over the answered rows only: the unanswered rows' zero terms do not dilute it
+    module.method.keep_logits = keep_logits
+    sampled, rewards, _, answered_rows = module.rollout(batch)
+    assert answered_rows.tolist() == [False] * copies + [True] * (rows - 1) * copies
+    advantages, _ = group_advantages(rewards, copies)
+    masked = module.policy_terms(sampled, advantages, answered_rows)["loss"]
+    everything = module.policy_terms(sampled, advantages)["loss"]
+    torch.testing.assert_close(masked * answered_rows.sum(), everything * answered_rows.numel())
+
+
 def test_bad_arguments_name_the_field(saved_mllms):
     for kwargs, field in (
         (dict(num_generations=1), "num_generations"),
         (dict(num_iterations=0), "num_iterations"),
         (dict(scale_rewards="global"), "scale_rewards"),
         (dict(epsilon_high=1.5), "epsilon_high"),
-        (dict(token_cost=-1.0), "token_cost"),
+        (dict(layer_lr_factor=0.0), "layer_lr_factor"),
+        (dict(beta=-0.1), "beta"),
         (dict(max_grad_norm=0.0), "max_grad_norm"),
         (dict(method="question_selector"), "learns from gradients"),
         (dict(method_options={"sites": ["llm.1"]}), "sites"),

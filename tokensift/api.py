@@ -18,8 +18,8 @@ from tokensift.reduce import Mode, PruningHandle
 from tokensift.reduce_mllm import HANDLE_ATTRIBUTE, MLLMPruningHandle
 from tokensift.scorers import build_method, get_method_class
 from tokensift.scorers import methods as _methods
-from tokensift.scorers.base import Method
-from tokensift.skip import LayerSkipHandle, is_skip_method
+from tokensift.scorers.base import Method, is_skip_method
+from tokensift.skip import LayerSkipHandle
 
 
 def methods() -> dict[str, dict]:
@@ -65,7 +65,9 @@ def apply(
     Layer-skip methods (``das``) remove whole blocks rather than tokens: their budget is ``skip_layers``, how many
     blocks run the method's adapters instead (an artifact's default: the count it was trained for), and the handle
     is a :class:`tokensift.skip.LayerSkipHandle` (``set_skip(n)``); ``keep_ratio`` / ``keep_count`` / ``sites`` do not
-    apply to them, nor ``skip_layers`` to a token method.
+    apply to them, nor ``skip_layers`` to a token method. While blocks are skipped, ``output_hidden_states`` holds
+    one entry fewer per skipped block (the indices after it shift): read per-layer states with the handle's
+    ``enabled = False``.
 
     An artifact trained with LoRA carries a peft adapter folder: it is applied to ``model`` first (in
     place, removed again by ``remove()``), then the scorer.

@@ -10,70 +10,29 @@ Every block family tokensift adapts (ViT / CLIP / SigLIP layers, Llama / Qwen2 /
 returns a bare hidden-states tensor in transformers 5.x, so a skipped block returns one too. A skipped decoder layer
 computes no keys and values, so it writes nothing to a KV cache: its cache layer stays empty through prefill and
 every decoding step, while the layers it does not skip cache as usual. Layer 0 of a decoder is never skipped:
-transformers reads the past length (positions, masks) from cache layer 0. Change the skipped set between
-``generate()`` calls, not inside one (a layer skipped at prefill has no cache to attend to when decoding).
+transformers reads the past length (positions, masks) from cache layer 0, and the mask sizes from the first cache
+layer of each attention type (a sliding-window model's first sliding layer): those are refused too
+(:func:`cache_anchor_layers`). Change the skipped set between ``generate()`` calls, not inside one (a layer
+skipped at prefill has no cache to attend to when decoding).
+
+A :class:`SkippedLayer` is not the block's class, so transformers' ``output_hidden_states`` / ``output_attentions``
+(recorded by hooks on the block class) record nothing for a skipped block: with ``n`` blocks skipped the tuple has
+``n`` entries fewer and the indices after a skipped block shift. Read per-layer hidden states only with
+``enabled = False`` (or after ``remove()``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import ClassVar
 
 from torch import Tensor, nn
 
 from tokensift import attention as attn
 from tokensift.reduce_mllm import HANDLE_ATTRIBUTE
-from tokensift.scorers.base import Method
+from tokensift.scorers.base import SITE_KIND, LayerSkipMethod, cache_anchor_layers, is_skip_method
 
-SITE_KIND = "layers"  # what ts.methods() lists as a layer-skip method's sites
-
-
-class LayerSkipMethod(Method):
-    """Base of methods that skip whole blocks: which blocks to skip for a count, and what replaces each one.
-
-    Subclasses implement ``candidate_layers`` (the blocks that may be skipped), ``skip_order`` (those blocks,
-    the first to skip first) and ``replacement(layer)`` (the module that runs instead of block ``layer``).
-    """
-
-    skips_layers: ClassVar[bool] = True
-    site_kinds: ClassVar[tuple[str, ...]] = (SITE_KIND,)
-    # the adapters of the blocks a step does not skip get no gradient: DDP has to look for them
-    has_unused_parameters: ClassVar[bool] = True
-
-    @property
-    def candidate_layers(self) -> list[int]:
-        raise NotImplementedError(f"{type(self).__name__} must implement candidate_layers")
-
-    def skip_order(self) -> list[int]:
-        """The candidate layers, the one to skip first first."""
-        raise NotImplementedError(f"{type(self).__name__} must implement skip_order()")
-
-    def replacement(self, layer: int) -> nn.Module:
-        """The module run in place of block ``layer`` (hidden states in, hidden states out)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement replacement(layer)")
-
-    def replacement_flops(self, layer: int, tokens: int) -> float:
-        """FLOPs of ``replacement(layer)`` on ``tokens`` hidden states (``tokensift.flops`` charges it in place of the
-        block)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement replacement_flops(layer, tokens)")
-
-    def check_skip_count(self, skip_layers: int, field: str = "skip_layers") -> int:
-        """``skip_layers`` as an int in ``[0, len(candidate_layers)]``, or a ValueError naming ``field``."""
-        limit = len(self.candidate_layers)
-        if isinstance(skip_layers, bool) or not isinstance(skip_layers, int) or not 0 <= skip_layers <= limit:
-            raise ValueError(
-                f"{field} must be a whole number of layers in [0, {limit}] ({self.name} may skip layers "
-                f"{self.candidate_layers}), got {skip_layers!r}."
-            )
-        return skip_layers
-
-    def skipped(self, skip_layers: int) -> list[int]:
-        """The ``skip_layers`` layers skipped first (``skip_order``'s head), in layer order."""
-        count = self.check_skip_count(skip_layers)
-        return sorted(self.skip_order()[:count])
-
-    def check_backbone(self, adapter) -> None:
-        """Raise unless the method was built for a backbone of this shape (a ValueError naming the field)."""
+# LayerSkipMethod, SITE_KIND, is_skip_method live with the other methods (scorers never import the reduction
+# layer); they are re-exported here for the handle's users
 
 
 class SkippedLayer(nn.Module):
@@ -109,7 +68,7 @@ class LayerSkipHandle:
     """
 
     def __init__(self, adapter, method: LayerSkipMethod, skip_layers: int = 0):
-        if not getattr(method, "skips_layers", False):
+        if not is_skip_method(method):
             raise TypeError(
                 f"LayerSkipHandle takes a layer-skip method (das); {type(method).__name__} reduces tokens: apply it "
                 "with ts.apply(model, method, keep_ratio=...)."
@@ -124,11 +83,16 @@ class LayerSkipHandle:
         self.adapter = adapter
         self.method = method
         self.model = model
-        if getattr(adapter, "is_multimodal", False) and 0 in method.candidate_layers:
-            raise ValueError(
-                f"{method.name}: candidate_layers includes decoder layer 0, which cannot be skipped (the KV cache's "
-                "past length is read from its layer 0); give layers 1 .. num_layers-1."
-            )
+        if getattr(adapter, "is_multimodal", False):
+            anchors = cache_anchor_layers(adapter.text_config)
+            refused = [layer for layer in method.candidate_layers if layer in anchors]
+            if refused:
+                raise ValueError(
+                    f"{method.name}: candidate_layers includes decoder layer(s) {refused}, which cannot be skipped: "
+                    f"transformers reads the KV cache's past length and mask sizes from the first layer of each "
+                    f"attention type (layers {sorted(anchors)} here), and a skipped layer caches nothing. Leave "
+                    "them out of DASConfig.candidate_layers."
+                )
         self._originals: list[nn.Module] = list(adapter.layers)
         self._replacements = {
             layer: SkippedLayer(method.replacement(layer), layer) for layer in method.candidate_layers
@@ -214,9 +178,17 @@ class LayerSkipHandle:
         self.remove()
 
 
-def is_skip_method(method: object) -> bool:
-    """True for a layer-skip method (class or instance): its budget is ``skip_layers``, not a keep ratio."""
-    return bool(getattr(method, "skips_layers", False))
+def skipped_site_labels(handle: LayerSkipHandle) -> list[str]:
+    """A benchmark row's ``sites`` for a layer-skip handle: the skipped blocks, ``layer.<i>``."""
+    return [f"layer.{layer}" for layer in handle.skipped_layers]
 
 
-__all__ = ["SITE_KIND", "LayerSkipHandle", "LayerSkipMethod", "SkippedLayer", "is_skip_method"]
+__all__ = [
+    "SITE_KIND",
+    "LayerSkipHandle",
+    "LayerSkipMethod",
+    "SkippedLayer",
+    "cache_anchor_layers",
+    "is_skip_method",
+    "skipped_site_labels",
+]

@@ -10,6 +10,7 @@ fully measured, at the site validation picked.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -27,13 +28,14 @@ from tokensift.bench.measure import environment_metadata, measure_speed_and_memo
 from tokensift.bench.oracle import OracleMethod
 from tokensift.bench.results import MATCHED_FLOPS_NOTE, finalize_rows, print_report, summarize, write_results
 from tokensift.bench.settings import BenchSettings, torch_threads
-from tokensift.bench.specs import ORACLE, UNPRUNED, MethodSpec, skip_counts
+from tokensift.bench.specs import ORACLE, UNPRUNED, MethodSpec, bench_skip_spec
 from tokensift.bench.stats import Bootstrap
 from tokensift.bench.sweep import best_site_label, choose_best_sites, resolve_sweep_sites
 from tokensift.export.artifact import Artifact, FingerprintMismatch
 from tokensift.flops import pruned_flops, vit_skip_flops
 from tokensift.reduce import PruningHandle
-from tokensift.skip import LayerSkipHandle, is_skip_method
+from tokensift.scorers.base import is_skip_method
+from tokensift.skip import LayerSkipHandle, skipped_site_labels
 
 
 def _forward(model: nn.Module, batch: dict[str, Tensor], method: nn.Module | None, handle=None) -> Tensor:
@@ -192,7 +194,7 @@ class _Context:
             "flops_ratio": flops["ratio"],
             "peak_mem_bytes": memory,
             "num_samples": result.num_samples,
-            "sites": [f"layer.{i}" for i in handle.skipped_layers] if skips else list(getattr(handle, "sites", [])),
+            "sites": skipped_site_labels(handle) if skips else list(getattr(handle, "sites", [])),
             "artifact": None,
             "skip_layers": handle.skip_layers if skips else None,
             "_correct": result.correct,
@@ -242,7 +244,9 @@ def _bench_spec(context: _Context, spec: MethodSpec, ratios, overlay_batch, over
             row["artifact"] = None if spec.artifact is None else str(spec.artifact.path)
             rows.append(row)
         handle.set_budget(keep_ratio=overlay_ratio)
-        with torch.no_grad():
+        # ia_red2: its interpreters' per-head keep maps of this pass only (recorded on request: the timed passes don't)
+        recording = getattr(method, "recording_head_maps", None)
+        with torch.no_grad(), recording() if callable(recording) else contextlib.nullcontext():
             logits = _forward(context.model, overlay_batch, method, handle)
         size = int(overlay_batch["pixel_values"].shape[0])
         kept = _kept_patches(handle, size, context.num_patches, context.num_prefix, context.device)
@@ -251,32 +255,13 @@ def _bench_spec(context: _Context, spec: MethodSpec, ratios, overlay_batch, over
             "kept": kept.cpu().numpy(),
             "preds": logits.argmax(-1).cpu().numpy(),
         }
-        head_maps = getattr(method, "head_maps", None)  # ia_red2: its interpreters' per-head keep maps
-        if callable(head_maps):  # only maps of this overlay pass (a site that dropped nothing kept older ones)
-            maps = {site: m.cpu().numpy() for site, m in head_maps().items() if m.shape[0] == size}
-            column["head_maps"] = maps or None
+        if callable(recording):
+            column["head_maps"] = {site: m.cpu().numpy() for site, m in method.head_maps().items()} or None
     finally:
         handle.remove()
         if isinstance(method, OracleMethod):
             method.oracle_mask = None
     return rows, column
-
-
-def _bench_skip_spec(context: _Context, spec: MethodSpec, requested: list[int] | None) -> list[dict]:
-    """A layer-skip method (das) at each of its skip counts (:func:`~tokensift.bench.specs.skip_counts`): measured
-    rows, no overlay column (it keeps every token)."""
-    counts = skip_counts(spec.artifact, requested)
-    handle = ts.apply(context.model, spec.build(), skip_layers=counts[0])
-    rows = []
-    try:
-        for count in counts:
-            handle.set_skip(count)
-            row = context.measure(spec.label, spec.kind, None, handle, handle.method)
-            row["artifact"] = str(spec.artifact.path)
-            rows.append(row)
-    finally:
-        handle.remove()
-    return rows
 
 
 def _best_site_rows(context: _Context, specs, ratios, chosen: dict[tuple[str, float], str]) -> list[dict]:
@@ -374,7 +359,12 @@ def run_image_bench(
 
         for spec in specs:
             if spec.artifact is not None and is_skip_method(spec.artifact.method):
-                rows += _bench_skip_spec(context, spec, skip_layers)
+                rows += bench_skip_spec(
+                    context.model,
+                    spec,
+                    skip_layers,
+                    lambda h, s=spec: context.measure(s.label, s.kind, None, h, h.method),
+                )
                 continue
             spec_rows, column = _bench_spec(context, spec, ratios, overlay_batch, overlay_ratio)
             rows += spec_rows

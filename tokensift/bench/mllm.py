@@ -62,11 +62,11 @@ from tokensift.bench.specs import (
     ORACLE,
     UNPRUNED,
     MethodSpec,
+    bench_skip_spec,
     parse_fractions,
     parse_keep_ratios,
     parse_methods,
     parse_skip_layers,
-    skip_counts,
 )
 from tokensift.bench.stats import (
     DEFAULT_FLOPS_RATIOS,
@@ -81,7 +81,8 @@ from tokensift.data.vqa import ANSWER_CUE, IGNORE_INDEX, qwen2_vl_images
 from tokensift.export.artifact import Artifact, FingerprintMismatch
 from tokensift.flops import TowerFlopsCounter, mllm_prefill_flops, mllm_skip_prefill_flops
 from tokensift.scorers import TokenMethod
-from tokensift.skip import LayerSkipHandle, is_skip_method
+from tokensift.scorers.base import is_skip_method
+from tokensift.skip import LayerSkipHandle, skipped_site_labels
 
 MLLM_SITE_KINDS = ("pre_llm", "llm")
 
@@ -326,25 +327,8 @@ def _row_sites(handle) -> list[str]:
     """A row's ``sites``: a token method's sites, the blocks a layer-skip handle skips (``layer.<i>``); none
     unpruned."""
     if isinstance(handle, LayerSkipHandle):
-        return [f"layer.{i}" for i in handle.skipped_layers]
+        return skipped_site_labels(handle)
     return list(handle.sites) if handle is not None else []
-
-
-def _bench_skip_spec(evaluator: _MLLMEvaluator, spec: MethodSpec, requested: list[int] | None) -> list[dict]:
-    """A layer-skip method (das) at each of its skip counts (:func:`~tokensift.bench.specs.skip_counts`): measured
-    rows, no overlay column (it keeps every visual token)."""
-    counts = skip_counts(spec.artifact, requested)
-    handle = ts.apply(evaluator.model, spec.build(), skip_layers=counts[0])
-    rows = []
-    try:
-        for count in counts:
-            handle.set_skip(count)
-            row = evaluator.measure(spec.label, spec.kind, handle, handle.method)
-            row["artifact"] = str(spec.artifact.path)
-            rows.append(row)
-    finally:
-        handle.remove()
-    return rows
 
 
 def _apply(model: nn.Module, spec: MethodSpec, keep_ratio: float | None, threshold: float | None):
@@ -509,7 +493,9 @@ def run_mllm_bench(
         oracle = [MethodSpec(ORACLE, ORACLE, ORACLE, ORACLE)] if has_oracle else []
         for spec in [*specs, *oracle]:
             if spec.artifact is not None and is_skip_method(spec.artifact.method):
-                rows += _bench_skip_spec(evaluator, spec, counts)
+                rows += bench_skip_spec(
+                    evaluator.model, spec, counts, lambda h, s=spec: evaluator.measure(s.label, s.kind, h, h.method)
+                )
                 continue
             shown = (overlay, overlay_ratio, overlay_threshold, words)
             spec_rows, column = _bench_spec(evaluator, spec, ratios, exit_thresholds, shown)

@@ -171,6 +171,12 @@ def _to_display(image: np.ndarray) -> tuple[np.ndarray, str | None]:
     return np.transpose(image[:3], (1, 2, 0)), None
 
 
+def _per_pixel(per_patch: np.ndarray, grid: tuple[int, int], height: int, width: int) -> np.ndarray:
+    """``[P]`` (or ``[rows, cols]``) values per patch → ``[height, width]``, each patch's value over its pixels."""
+    cells = np.ones((height // grid[0], width // grid[1]), dtype=np.float32)
+    return np.kron(np.asarray(per_patch, dtype=np.float32).reshape(grid), cells)
+
+
 def plot_overlays(
     images: np.ndarray,
     labels: Sequence[int | str],
@@ -209,7 +215,7 @@ def plot_overlays(
                 dropped = ~kept[r].reshape(grid)
                 shade = np.zeros((height, width, 4), dtype=np.float32)
                 shade[..., :3] = (0.05, 0.1, 0.35)
-                shade[..., 3] = np.kron(dropped.astype(np.float32), np.ones((int(ph), int(pw)))) * 0.72
+                shade[..., 3] = _per_pixel(dropped, grid, height, width) * 0.72
                 ax.imshow(shade, interpolation="nearest")
             if oracle is not None and oracle.any():
                 rr, cc = np.nonzero(oracle)
@@ -273,7 +279,6 @@ def plot_head_maps(
     panels = [(site, head) for site, maps in head_maps.items() for head in range(maps.shape[1])]
     fig, axes = plt.subplots(rows, 1 + len(panels), figsize=(1.7 * (1 + len(panels)), 1.85 * rows), squeeze=False)
     height, width = images.shape[-2:]
-    cells = np.ones((height // grid[0], width // grid[1]), dtype=np.float32)
     shown = None
     for r in range(rows):
         display, cmap = _to_display(images[r])
@@ -283,7 +288,7 @@ def plot_head_maps(
             ax = axes[r][c]
             grey = display if display.ndim == 2 else display.mean(-1)
             ax.imshow(grey, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            keep = np.kron(head_maps[site][r, head].reshape(grid), cells)
+            keep = _per_pixel(head_maps[site][r, head], grid, height, width)
             shown = ax.imshow(keep, cmap="magma", vmin=0, vmax=1, alpha=0.75, interpolation="nearest")
             if r == 0:
                 ax.set_title(f"{site} · head {head}", fontsize=8)

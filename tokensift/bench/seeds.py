@@ -5,6 +5,8 @@ it says nothing about how much another training run would move it. ``summarize_s
 runs of one method (benched side by side, each ``NAME:ARTIFACT``) into one row per budget, with the mean, the
 sample standard deviation and the range over seeds, next to the training-free rows and their intervals, and
 counts at each budget how many seeds beat the best training-free method with a paired interval above zero.
+A layer-skip method's rows (``skip_layers``, no keep ratio) fold per skip count. Artifacts of one method trained
+with different method configs are different methods, not seeds: they fold separately.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ def summarize_seeds(result: Mapping, groups: Mapping[str, Sequence[str]]) -> dic
         groups: a learned method's display name → the row labels of its seeded runs (``rows[i]["method"]``).
 
     Returns:
-        ``{"budgets": [...], "matched_flops": [...], "wins": [...]}``: per (method, keep ratio) and per
-        (method, FLOPs target) either a seeded spread (``seeds``) or a single run's interval; ``wins``: per learned
+        ``{"budgets": [...], "skips": [...], "matched_flops": [...], "wins": [...]}``: per (method, keep ratio), per
+        (method, skip count) of layer-skip methods and per (method, FLOPs target) either a seeded spread
+        (``seeds``) or a single run's interval; ``wins``: per learned
         method and comparison point, how many seeds are above the best training-free method with a 95% paired
         interval above zero, and the mean difference.
     """
@@ -62,6 +65,7 @@ def summarize_seeds(result: Mapping, groups: Mapping[str, Sequence[str]]) -> dic
         return out
 
     budgets = fold([r for r in result["rows"] if r.get("keep_ratio") is not None], "keep_ratio")
+    skips = fold([r for r in result["rows"] if r.get("skip_layers") is not None], "skip_layers")
     matched = fold([m for m in result.get("matched_flops") or [] if m.get("accuracy") is not None], "flops_ratio")
     wins = {}
     for comparison in result.get("comparisons") or []:
@@ -83,7 +87,7 @@ def summarize_seeds(result: Mapping, groups: Mapping[str, Sequence[str]]) -> dic
         }
         for (name, at, value), runs in wins.items()
     ]
-    return {"budgets": budgets, "matched_flops": matched, "wins": win_rows}
+    return {"budgets": budgets, "skips": skips, "matched_flops": matched, "wins": win_rows}
 
 
 def _accuracy_text(entry: Mapping) -> str:
@@ -122,6 +126,13 @@ def markdown_tables(summary: Mapping) -> str:
             recall = mid.get("oracle_recall")
             tail = f"{recall:.3f} / {mid['flops_ratio']:.3f}" if recall is not None else f"— / {mid['flops_ratio']:.3f}"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {tail} |")
+    skips = summary.get("skips") or []
+    if skips:
+        lines += ["", "| method | skip_layers | accuracy | FLOPs ratio |", "|---|---|---|---|"]
+        for entry in skips:
+            flops = entry.get("flops_ratio")
+            flops_text = "—" if flops is None else f"{flops:.3f}"
+            lines.append(f"| {entry['method']} | {entry['skip_layers']} | {_accuracy_text(entry)} | {flops_text} |")
     matched = summary["matched_flops"]
     if matched:
         targets = sorted({e["flops_ratio"] for e in matched})
@@ -152,14 +163,39 @@ def markdown_tables(summary: Mapping) -> str:
     return "\n".join(lines)
 
 
+def _artifact_config(row: Mapping) -> dict | None:
+    """The method config in the manifest of the row's artifact (``None``: no artifact folder on the row)."""
+    from tokensift.export.artifact import MANIFEST
+
+    folder = row.get("artifact")
+    if not folder or not (Path(folder) / MANIFEST).is_file():
+        return None
+    return json.loads((Path(folder) / MANIFEST).read_text()).get("config")
+
+
 def seed_groups(result: Mapping) -> dict[str, list[str]]:
-    """The learned methods benched with several artifacts (each row labelled ``NAME:FOLDER``, e.g. one per training
-    seed): ``"NAME (learned)"`` → their row labels, in bench order. A method with one artifact is not a group."""
-    labels: dict[str, list[str]] = {}
+    """The learned methods benched with several artifacts of one method config (each row labelled ``NAME:FOLDER``,
+    e.g. one per training seed): ``"NAME (learned)"`` → their row labels, in bench order. Artifacts of one name
+    whose configs differ group per config, named by the fields that differ (``"das (learned, skip_layers=2)"``);
+    a config with one artifact is not a group. Rows without an ``artifact`` folder group by name alone."""
+    by_name: dict[str, dict[str, dict | None]] = {}
     for row in result["rows"]:
         if row.get("kind") == "learned":
-            labels.setdefault(row["method"].split(":")[0], []).append(row["method"])
-    return {f"{name} (learned)": list(dict.fromkeys(v)) for name, v in labels.items() if len(set(v)) > 1}
+            by_name.setdefault(row["method"].split(":")[0], {}).setdefault(row["method"], _artifact_config(row))
+    groups = {}
+    for name, configs in by_name.items():
+        variants: dict[str, list[str]] = {}
+        for label, config in configs.items():
+            variants.setdefault(json.dumps(config, sort_keys=True), []).append(label)
+        keys = [json.loads(key) or {} for key in variants]
+        differing = sorted(
+            {field for config in keys for field in config if len({json.dumps(c.get(field)) for c in keys}) > 1}
+        )
+        for config, labels in zip(keys, variants.values(), strict=True):
+            if len(labels) > 1:
+                detail = "".join(f", {field}={config.get(field)}" for field in differing)
+                groups[f"{name} (learned{detail})"] = labels
+    return groups
 
 
 def fold_seeds(result: dict, out_dir: Path, quiet: bool) -> dict:
@@ -170,6 +206,8 @@ def fold_seeds(result: dict, out_dir: Path, quiet: bool) -> dict:
 
     groups = seed_groups(result)
     if not groups:
+        for stale in ("summary.md", "summary.json"):  # an earlier run's summary would read as this run's
+            (out_dir / stale).unlink(missing_ok=True)
         return result
     summary = summarize_seeds(result, groups)
     tables = markdown_tables(summary)

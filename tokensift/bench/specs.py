@@ -4,7 +4,7 @@ and the keep ratios, validated before any expensive work."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import tokensift as ts
 from tokensift.bench.oracle import OracleMethod
 from tokensift.export.artifact import MANIFEST, Artifact
 from tokensift.scorers import TokenMethod, build_method
+from tokensift.scorers.base import is_skip_method
 
 UNPRUNED = "unpruned"
 ORACLE = "oracle"
@@ -137,6 +138,25 @@ def skip_counts(artifact: Artifact, requested: list[int] | None = None) -> list[
     return list(range(0, min(high, limit) + 1))
 
 
+def bench_skip_spec(
+    model, spec: MethodSpec, requested: list[int] | None, measure: Callable[[object], dict]
+) -> list[dict]:
+    """A layer-skip method (das) at each of its skip counts (:func:`skip_counts`): one row each, ``measure(handle)``
+    with the count set, tagged with the artifact; no overlay column (every token stays)."""
+    counts = skip_counts(spec.artifact, requested)
+    handle = ts.apply(model, spec.build(), skip_layers=counts[0])
+    rows = []
+    try:
+        for count in counts:
+            handle.set_skip(count)
+            row = measure(handle)
+            row["artifact"] = str(spec.artifact.path)
+            rows.append(row)
+    finally:
+        handle.remove()
+    return rows
+
+
 def parse_skip_layers(skip_layers: Sequence[int] | str | None, specs: list[MethodSpec]) -> list[int] | None:
     """Skip counts for the layer-skip artifacts among ``specs`` (comma-separated or listed whole numbers >= 0,
     distinct, ascending), each checked against every such artifact; ``None``: each artifact's own
@@ -151,7 +171,7 @@ def parse_skip_layers(skip_layers: Sequence[int] | str | None, specs: list[Metho
         counts.append(int(part))
     if not counts:
         raise ValueError("skip_layers: give at least one skip count (e.g. 0,1,2), or leave it unset.")
-    skipping = [spec for spec in specs if spec.artifact is not None and spec.artifact.method.skips_layers]
+    skipping = [spec for spec in specs if spec.artifact is not None and is_skip_method(spec.artifact.method)]
     if not skipping:
         raise ValueError(
             "skip_layers: the skip counts of layer-skip methods (das:ARTIFACT_DIR); methods names none, so leave "
@@ -202,6 +222,7 @@ __all__ = [
     "ORACLE",
     "UNPRUNED",
     "MethodSpec",
+    "bench_skip_spec",
     "parse_fractions",
     "parse_keep_ratios",
     "parse_methods",

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from tokensift.budget import Budget
 from tokensift.io import atomic_directory, check_replaceable
-from tokensift.scorers.base import Method
+from tokensift.scorers.base import Method, is_skip_method
 from tokensift.scorers.registry import get_method_class
 
 FORMAT = "tokensift-artifact"
@@ -269,7 +269,7 @@ def validate_manifest(manifest: object, where: str = MANIFEST) -> None:
 
 def _check_budget(budget: dict, cls: type[Method], where: str) -> None:
     knobs = sorted(budget)
-    if cls.skips_layers:  # a layer-skip method's budget is a count of layers, not of tokens
+    if is_skip_method(cls):  # a layer-skip method's budget is a count of layers, not of tokens
         count = budget.get("skip_layers")
         if knobs != ["skip_layers"] or isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise InvalidArtifact(

@@ -18,6 +18,7 @@ from tokensift.backbones.lora import ADAPTER_DIR, is_lora_parameter, save_adapte
 from tokensift.export.artifact import MANIFEST, FingerprintMismatch, check_fingerprint, save_artifact
 from tokensift.export.zero import load_shard, read_zero_checkpoint
 from tokensift.io import check_replaceable
+from tokensift.scorers.base import is_skip_method
 from tokensift.scorers.dyvte import check_threshold
 from tokensift.scorers.registry import get_method_class
 
@@ -69,7 +70,7 @@ def export(
     method = cls(cls.config_class.from_dict(meta["config"]))
     method.load_state_dict(_strip(state, METHOD_PREFIX))
     budget = dict(meta["default_budget"])
-    if cls.skips_layers:  # a layer-skip method's budget is the skip_layers count it was trained for
+    if is_skip_method(cls):  # a layer-skip method's budget is the skip_layers count it was trained for
         if keep_ratio is not None or threshold is not None:
             raise ValueError(
                 f"{meta['method']} skips layers: its default budget is {budget} (the count it was trained for), not "

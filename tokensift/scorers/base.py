@@ -63,7 +63,7 @@ class MethodConfig:
 class Method(nn.Module):
     """What every method has, whatever it reduces: a registered name, learned or not, its config, where it runs.
 
-    ``TokenMethod`` (tokens) and ``tokensift.skip.LayerSkipMethod`` (whole blocks, ``skips_layers``) build on it; the
+    ``TokenMethod`` (tokens) and ``LayerSkipMethod`` (whole blocks, ``skips_layers``) build on it; the
     registry, artifacts and ``tokensift export`` take any ``Method``.
     """
 
@@ -73,7 +73,8 @@ class Method(nn.Module):
     description: ClassVar[str] = ""
     site_kinds: ClassVar[tuple[str, ...]] = ()
     skips_layers: ClassVar[bool] = False  # removes whole blocks (budget ``skip_layers``) instead of tokens
-    # its sampled decision carries no gradient: trained by reward (cacovid: GRPOTrainer, ia_red2: ReinforceTrainer)
+    # a sampled *token* decision, without gradient, trained by policy gradient on a reward (cacovid: GRPOTrainer,
+    # ia_red2: ReinforceTrainer); das's layer-skip bandit also learns from a reward but is ``skips_layers`` instead
     trained_by_reward: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
@@ -84,6 +85,89 @@ class Method(nn.Module):
     def for_backbone(cls, adapter, config: MethodConfig | None = None) -> Method:
         """The method sized for ``adapter``'s backbone; a method with backbone-dependent fields overrides it."""
         return cls(config)
+
+
+SITE_KIND = "layers"  # what ts.methods() lists as a layer-skip method's sites
+
+
+class LayerSkipMethod(Method):
+    """Base of methods that skip whole blocks: which blocks to skip for a count, and what replaces each one.
+
+    Subclasses implement ``candidate_layers`` (the blocks that may be skipped), ``skip_order`` (those blocks,
+    the first to skip first) and ``replacement(layer)`` (the module that runs instead of block ``layer``). A method
+    trained by the bandit (``tokensift.trainer.LayerSkipTrainer``) also holds ``scores`` (a ``[C]`` buffer, one arm
+    per candidate layer, moved by the search) and implements ``probabilities()``. ``tokensift.skip`` applies it.
+    """
+
+    skips_layers: ClassVar[bool] = True
+    site_kinds: ClassVar[tuple[str, ...]] = (SITE_KIND,)
+    # the adapters of the blocks a step does not skip get no gradient: DDP has to look for them
+    has_unused_parameters: ClassVar[bool] = True
+    scores: Tensor  # ``[C]`` the bandit's score of each candidate layer (a buffer of the subclass)
+
+    @property
+    def candidate_layers(self) -> list[int]:
+        raise NotImplementedError(f"{type(self).__name__} must implement candidate_layers")
+
+    def skip_order(self) -> list[int]:
+        """The candidate layers, the one to skip first first."""
+        raise NotImplementedError(f"{type(self).__name__} must implement skip_order()")
+
+    def replacement(self, layer: int) -> nn.Module:
+        """The module run in place of block ``layer`` (hidden states in, hidden states out)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement replacement(layer)")
+
+    def replacement_flops(self, layer: int, tokens: int) -> float:
+        """FLOPs of ``replacement(layer)`` on ``tokens`` hidden states (``tokensift.flops`` charges it in place of the
+        block)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement replacement_flops(layer, tokens)")
+
+    def probabilities(self) -> Tensor:
+        """``[C]`` each candidate layer's probability of being skipped by a search step (the bandit trainer draws
+        from it)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement probabilities() (and hold a `scores` buffer) to be trained by "
+            "the bandit (LayerSkipTrainer / MLLMLayerSkipTrainer)."
+        )
+
+    def layers_of(self, arms: Tensor) -> list[int]:
+        """The layers of bandit arms (indices into ``candidate_layers``)."""
+        candidates = self.candidate_layers
+        return [candidates[int(arm)] for arm in arms]
+
+    def check_skip_count(self, skip_layers: int, field: str = "skip_layers") -> int:
+        """``skip_layers`` as an int in ``[0, len(candidate_layers)]``, or a ValueError naming ``field``."""
+        limit = len(self.candidate_layers)
+        if isinstance(skip_layers, bool) or not isinstance(skip_layers, int) or not 0 <= skip_layers <= limit:
+            raise ValueError(
+                f"{field} must be a whole number of layers in [0, {limit}] ({self.name} may skip layers "
+                f"{self.candidate_layers}), got {skip_layers!r}."
+            )
+        return skip_layers
+
+    def skipped(self, skip_layers: int) -> list[int]:
+        """The ``skip_layers`` layers skipped first (``skip_order``'s head), in layer order."""
+        count = self.check_skip_count(skip_layers)
+        return sorted(self.skip_order()[:count])
+
+    def check_backbone(self, adapter) -> None:
+        """Raise unless the method was built for a backbone of this shape (a ValueError naming the field)."""
+
+
+def cache_anchor_layers(text_config) -> set[int]:
+    """The decoder layers whose KV cache transformers reads the past length and mask sizes from: layer 0, and the
+    first layer of each attention type (``layer_types``: Qwen2's sliding-window layers size the sliding mask from
+    the first sliding layer's cache, the causal mask from the first full-attention one)."""
+    layer_types = getattr(text_config, "layer_types", None) or []
+    anchors = {0}
+    for kind in set(layer_types):
+        anchors.add(list(layer_types).index(kind))
+    return anchors
+
+
+def is_skip_method(method: object) -> bool:
+    """True for a layer-skip method (class or instance): its budget is ``skip_layers``, not a keep ratio."""
+    return bool(getattr(method, "skips_layers", False))
 
 
 class TokenMethod(Method):

@@ -126,6 +126,47 @@ def soft_top_k(logits: Tensor, candidates: Tensor, num_keep: Tensor, tau: float,
     return torch.where(candidates, soft, torch.zeros_like(soft))
 
 
+# -- sampling a combination (a reward-trained policy's rollout, e.g. cacovid) ----------------------------
+
+
+def sample_without_replacement(
+    probs: Tensor, counts: Tensor, uniform: Tensor, candidates: Tensor | None = None
+) -> Tensor:
+    """``[R, N]`` bool: per row ``counts[r]`` distinct columns, drawn one after another, each with probability
+    proportional to ``probs`` among the columns not drawn yet: ``torch.multinomial(probs, k, replacement=False)``'s
+    scheme (CaCoVID samples its token combinations so), from the given noise instead of a generator.
+
+    Exponential races (Efraimidis–Spirakis): column ``n`` finishes at ``−log(u_n) / p_n``; the ``counts[r]``
+    earliest win, which is the successive draw's distribution. Zero-probability candidates finish after every
+    positive one (a row asked for more than it has positive columns takes them at random); non-candidates never.
+
+    Args:
+        probs: ``[R, N]`` non-negative weights (need not sum to 1).
+        counts: ``[R]`` how many columns each row draws (clamped to its candidates).
+        uniform: ``[R, N]`` noise in ``[0, 1)`` (``TokenState.uniform``).
+        candidates: ``[R, N]`` bool, the columns that may be drawn (default: all).
+    """
+    if probs.shape != uniform.shape or (candidates is not None and candidates.shape != probs.shape):
+        raise ValueError(
+            f"sample_without_replacement: probs {tuple(probs.shape)}, uniform {tuple(uniform.shape)} and "
+            f"candidates {None if candidates is None else tuple(candidates.shape)} must all be [R, N]."
+        )
+    if bool((probs < 0).any()) or not bool(torch.isfinite(probs).all()):
+        raise ValueError("sample_without_replacement: probs must be finite and >= 0.")
+    rows = probs.shape[0]
+    counts = torch.as_tensor(counts, device=probs.device).long().reshape(-1)
+    if counts.shape != (rows,):
+        raise ValueError(f"sample_without_replacement: counts must be [R] = ({rows},), got {tuple(counts.shape)}.")
+    candidates = torch.ones_like(probs, dtype=torch.bool) if candidates is None else candidates.bool()
+    wait = -uniform.double().clamp_min(2.0**-40).log()  # Exp(1)
+    positive = candidates & (probs > 0)
+    finish = torch.where(positive, wait / probs.double().clamp_min(1e-300), 1e300 * (1.0 + wait))
+    finish = finish.masked_fill(~candidates, float("inf"))
+    rank = finish.argsort(dim=1).argsort(dim=1)
+    take = torch.minimum(counts.clamp_min(0), candidates.sum(1))
+    return candidates & (rank < take.unsqueeze(1))
+
+
 # -- config checks: every error names the field and the fix ----------------------------------------------
 
 
@@ -218,6 +259,7 @@ __all__ = [
     "logistic_noise",
     "masked_mean",
     "pack_index",
+    "sample_without_replacement",
     "straight_through",
     "straight_through_top_k",
     "unpack",

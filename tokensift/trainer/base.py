@@ -242,31 +242,55 @@ class FrozenBackboneTrainer(L.LightningModule):
         return {}
 
     def check_method(self, cls: type[TokenMethod]) -> None:
-        """Refuse a method this trainer cannot train (a ValueError naming it): by default a training-free one, and a
-        layer-skip method (das) outside the layer-skip trainers, and a
-        reward-trained policy (cacovid, ia_red2) outside the reward trainers (and the reverse)."""
-        if getattr(cls, "skips_layers", False) != self.trains_layer_skips:
-            raise ValueError(
-                f"method {cls.name!r} skips whole layers: train it with tokensift.trainer.LayerSkipTrainer (image "
-                "classifiers) or MLLMLayerSkipTrainer (multimodal LLMs)."
-                if self.trains_layer_skips is False
-                else f"{type(self).__name__} trains layer-skip methods (das); {cls.name!r} prunes tokens."
-            )
-        if cls.trained_by_reward != self.trains_by_reward:
-            raise ValueError(
-                f"method {cls.name!r} is trained by reward (its sampled keep decision has no gradient): train it with "
-                "tokensift.trainer.GRPOTrainer (multimodal LLMs) or ReinforceTrainer (image classifiers)."
-                if cls.trained_by_reward
-                else f"{type(self).__name__} trains reward-trained policies (cacovid, ia_red2); {cls.name!r} learns "
-                "from gradients: train it with ScorerTrainer or MLLMScorerTrainer."
-            )
+        """Refuse a method this trainer cannot train, with a ValueError naming the trainer that can (``trainer_for``):
+        a training-free method; a layer-skip method (das) outside the layer-skip trainers, or a token method inside
+        them; a method trained by reward (``trained_by_reward``: a sampled token decision trained by policy
+        gradient, cacovid, ia_red2) outside the reward trainers, or a gradient-trained one inside them; a method
+        that runs only inside a multimodal LLM on an image classifier; a reward-trained one on the other kind of
+        backbone than its trainer's. Subclasses refuse more after ``super().check_method(cls)``."""
         if cls.kind != "learned":
-            kinds = {"vit", "pre_llm", "llm"} if self.multimodal else {"vit"}
-            learned = [n for n in sorted(registered_methods()) if _learned_on(get_method_class(n), kinds)]
+            learned = [n for n in sorted(registered_methods()) if self._trainable(get_method_class(n))]
             raise ValueError(
-                f"method {cls.name!r} is training-free; train a learned method such as "
+                f"method {cls.name!r} is training-free; {type(self).__name__} trains a learned method such as "
                 f"{' or '.join(repr(n) for n in learned) or 'dynamicvit'}."
             )
+        use = f"train it with tokensift.trainer.{trainer_for(cls)}"
+        if getattr(cls, "skips_layers", False) != self.trains_layer_skips:
+            raise ValueError(
+                f"method {cls.name!r} skips whole layers: {use}."
+                if self.trains_layer_skips is False
+                else f"{type(self).__name__} trains layer-skip methods (das); {cls.name!r} prunes tokens: {use}."
+            )
+        if self.trains_layer_skips:
+            return
+        if cls.trained_by_reward != self.trains_by_reward:
+            raise ValueError(
+                f"method {cls.name!r} is trained by reward (its sampled keep decision has no gradient): {use}."
+                if cls.trained_by_reward
+                else f"{type(self).__name__} trains reward-trained policies (cacovid, ia_red2); {cls.name!r} learns "
+                f"from gradients: {use}."
+            )
+        if not self.multimodal and "vit" not in cls.site_kinds:
+            raise ValueError(
+                f"method {cls.name!r} runs inside a multimodal LLM (sites {list(cls.site_kinds)}); "
+                f"{type(self).__name__} trains on image classifiers: {use}."
+            )
+        if self.multimodal and cls.trained_by_reward and not {"pre_llm", "llm"} & set(cls.site_kinds):
+            raise ValueError(
+                f"method {cls.name!r} runs in vision towers only (sites {list(cls.site_kinds)}); "
+                f"{type(self).__name__} trains policies inside a multimodal LLM: {use}."
+            )
+
+    def _trainable(self, cls: type[TokenMethod]) -> bool:
+        """Whether ``cls`` is a learned method of this trainer's sort (what a training-free method's error suggests)."""
+        if cls.kind != "learned" or getattr(cls, "skips_layers", False) != self.trains_layer_skips:
+            return False
+        if self.trains_layer_skips:
+            return True
+        kinds = {"vit"}
+        if self.multimodal:  # MLLMScorerTrainer also trains a vision-tower method by removal (stts); GRPOTrainer: no
+            kinds = {"pre_llm", "llm"} if self.trains_by_reward else {"vit", "pre_llm", "llm"}
+        return cls.trained_by_reward == self.trains_by_reward and _learned_on(cls, kinds)
 
     # -- construction ---------------------------------------------------------------------------
     def load_backbone(self, backbone: str, attn_implementation: str) -> nn.Module:
@@ -625,6 +649,19 @@ class FrozenBackboneTrainer(L.LightningModule):
 
 def _learned_on(cls: type[TokenMethod], site_kinds: set[str]) -> bool:
     return cls.kind == "learned" and bool(set(cls.site_kinds) & site_kinds)
+
+
+def trainer_for(cls: type[TokenMethod]) -> str:
+    """The ``tokensift.trainer`` class (or classes, by backbone) that trains the learned method ``cls``."""
+    if getattr(cls, "skips_layers", False):
+        return "LayerSkipTrainer (image classifiers) or MLLMLayerSkipTrainer (multimodal LLMs)"
+    if getattr(cls, "decides_exits", False):
+        return "ExitRouterTrainer"
+    if cls.trained_by_reward:
+        return "ReinforceTrainer (image classifiers)" if "vit" in cls.site_kinds else "GRPOTrainer (multimodal LLMs)"
+    if "vit" not in cls.site_kinds:
+        return "MLLMScorerTrainer (multimodal LLMs)"
+    return "ScorerTrainer (image classifiers) or MLLMScorerTrainer (multimodal LLMs)"
 
 
 def budget_key(ratio) -> str:

@@ -16,43 +16,63 @@ from torch import Tensor
 # -- REINFORCE with a baseline (ia_red2) ------------------------------------------------------------------
 
 
-def bernoulli_log_prob(probs: Tensor, actions: Tensor, mask: Tensor) -> Tensor:
-    """``[B]`` log-probability of independent Bernoulli ``actions`` (``[B, N]`` bool, 1 = kept) under ``probs``
-    (``[B, N]``), summed over the entries in ``mask`` (``[B, N]`` bool); differentiable in ``probs``.
+def budget_deviation(kept: Tensor, targets: Tensor) -> Tensor:
+    """``[B]`` how far a draw's kept fractions are from the budget's: ``mean_s ((kept_s − t_s) / t_s)²``.
 
-    ``probs`` are clamped to ``[1e-6, 1 - 1e-6]`` so a saturated probability gives a finite log-probability."""
-    if probs.shape != actions.shape or probs.shape != mask.shape:
+    Args:
+        kept: ``[B, S]`` kept fraction of the patches after each of the ``S`` sites.
+        targets: ``[S]`` (or ``[B, S]``) the budget's kept fraction there (> 0).
+    """
+    targets = torch.as_tensor(targets, dtype=torch.float32, device=kept.device)
+    if bool((targets <= 0).any()):
         raise ValueError(
-            f"bernoulli_log_prob: probs {tuple(probs.shape)}, actions {tuple(actions.shape)} and mask "
-            f"{tuple(mask.shape)} must all be [B, N]."
+            f"budget_deviation: targets must be > 0 (the budget's kept fraction at each site), got {targets.tolist()}."
         )
-    p = probs.float().clamp(1e-6, 1 - 1e-6)
-    per_entry = torch.where(actions.bool(), p.log(), (-p).log1p())
-    return (per_entry * mask.to(per_entry.dtype)).sum(1)
+    return (((kept.float() - targets) / targets) ** 2).mean(-1)
 
 
 def budget_reward(correct: Tensor, kept: Tensor, targets: Tensor, wrong_penalty: float) -> Tensor:
-    """``[B]`` reward of a token-dropping draw: ``1 − mean_s ((kept_s − t_s) / t_s)²`` when the prediction is right,
+    """``[B]`` reward of a token-dropping draw: ``1 − min(1, budget_deviation)`` when the prediction is right,
     ``−wrong_penalty`` when it is wrong (BlockDrop's form, with the kept fraction measured against the budget's).
+
+    The deviation is capped at 1 so a right answer earns ``[0, 1]`` and always outranks a wrong one (``−γ < 0``),
+    however far its kept fractions are from the budget: uncapped, keeping about 2.2× the budget and being right
+    would score below being wrong, and the policy would learn to answer wrong rather than keep too much.
 
     Args:
         correct: ``[B]`` bool, the pruned model's prediction equals the label.
         kept: ``[B, S]`` kept fraction of the patches after each of the ``S`` sites.
         targets: ``[S]`` (or ``[B, S]``) the budget's kept fraction there (> 0).
-        wrong_penalty: ``γ`` ≥ 0.
+        wrong_penalty: ``γ`` > 0, finite.
     """
-    targets = torch.as_tensor(targets, dtype=torch.float32, device=kept.device)
-    if bool((targets <= 0).any()):
-        raise ValueError(f"budget_reward: targets must be > 0, got {targets.tolist()}.")
-    deviation = (((kept.float() - targets) / targets) ** 2).mean(-1)
+    if not (math.isfinite(wrong_penalty) and wrong_penalty > 0):
+        raise ValueError(
+            f"budget_reward: wrong_penalty must be a finite number > 0 (a wrong answer's reward is its negative, "
+            f"below every right answer's), got {wrong_penalty!r}."
+        )
+    deviation = budget_deviation(kept, targets).clamp(max=1.0)
     return torch.where(correct.bool(), 1.0 - deviation, torch.full_like(deviation, -float(wrong_penalty)))
 
 
-def reinforce_loss(log_prob: Tensor, reward: Tensor, baseline: Tensor | float) -> Tensor:
-    """REINFORCE with a baseline: ``−mean_b((r_b − baseline) · log π(a_b))``; the advantage carries no gradient.
+def leave_one_out_baseline(rewards: Tensor, total: Tensor | float, count: int) -> Tensor:
+    """``[B]`` each sample's baseline: the mean reward of the *other* ``count − 1`` samples of the global batch,
+    ``(total − r_b) / (count − 1)``, with ``total`` the global batch's reward sum (every rank's). A baseline that
+    does not depend on the sample's own draw leaves the policy gradient unbiased; the plain batch mean includes it
+    (its gradient is scaled by ``1 − 1/count``). One sample alone has no other: baseline 0."""
+    if count < 1:
+        raise ValueError(f"leave_one_out_baseline: count must be >= 1 (the global batch size), got {count}.")
+    if count == 1:
+        return torch.zeros_like(rewards, dtype=torch.float32)
+    total = torch.as_tensor(total, dtype=torch.float32, device=rewards.device)
+    return (total - rewards.float()) / (count - 1)
 
-    Its gradient is the score-function estimate of ``−∇ E[r]``; the baseline lowers its variance without biasing it
-    (when it does not depend on the sample's own action, e.g. a moving average, or a batch mean over many samples).
+
+def reinforce_loss(log_prob: Tensor, reward: Tensor, baseline: Tensor | float) -> Tensor:
+    """REINFORCE with a baseline: ``−mean_b((r_b − baseline_b) · log π(a_b))``; the advantage carries no gradient.
+
+    Its gradient estimates ``−∇ E[r]`` without bias when ``baseline_b`` does not depend on sample ``b``'s own
+    action (a constant, a moving average, :func:`leave_one_out_baseline`); the plain batch mean does (through
+    ``r_b``), which biases the estimate by the factor ``1 − 1/B``.
     """
     if log_prob.shape != reward.shape:
         raise ValueError(f"reinforce_loss: log_prob {tuple(log_prob.shape)} and reward {tuple(reward.shape)} differ.")
@@ -97,25 +117,47 @@ def sample_distinct_skip_sets(
     return sets
 
 
-def reward_baseline(rewards: Tensor, all_reduce_mean=None) -> Tensor:
-    """The bandit's baseline: the mean reward of this process's sub-networks, averaged over processes by
-    ``all_reduce_mean`` (a callable, e.g. ``lambda t: strategy.reduce(t, reduce_op="mean")``; ``None``: one process)."""
-    local = rewards.float().mean()
-    return local if all_reduce_mean is None else all_reduce_mean(local)
+def reward_baseline(rewards: Tensor, all_reduce_sum=None) -> Tensor:
+    """The bandit's baseline: the mean reward of every process's sub-networks. Each process contributes its reward
+    sum and count, summed over processes by ``all_reduce_sum`` (a callable on a ``[2]`` tensor, e.g.
+    ``lambda t: strategy.reduce(t, reduce_op="sum")``; ``None``: one process), so a process with no rewards (an empty
+    ``rewards``) joins the collective with weight 0. 0 when no process has a reward."""
+    totals = torch.stack([rewards.float().sum(), torch.tensor(float(rewards.numel()))])
+    if all_reduce_sum is not None:
+        totals = all_reduce_sum(totals)
+    return totals[0] / totals[1].clamp(min=1.0)
+
+
+def bandit_step(
+    probabilities: Tensor, skip_sets: list[Tensor], rewards: Tensor, baseline: Tensor | float, lr: float
+) -> Tensor:
+    """DAS's score increment ``[C]``: for every sub-network ``k`` and every arm ``i`` it skipped,
+    ``(r_k − b) · p_i (1 − p_i) · lr``, with ``p`` the probabilities the sets were drawn from (the derivative of
+    ``sigmoid(score_i)``)."""
+    step = torch.zeros(probabilities.shape, dtype=torch.float32, device=probabilities.device)
+    slope = (probabilities * (1 - probabilities)).float()
+    for skip_set, reward in zip(skip_sets, rewards, strict=True):
+        advantage = (reward.float() - torch.as_tensor(baseline, dtype=torch.float32)).to(step.device)
+        step.index_add_(0, skip_set.to(step.device), advantage * slope[skip_set] * lr)
+    return step
 
 
 def bandit_update(
     scores: Tensor, probabilities: Tensor, skip_sets: list[Tensor], rewards: Tensor, baseline: Tensor | float, lr: float
 ) -> Tensor:
-    """DAS's score update: for every sub-network ``k`` and every arm ``i`` it skipped,
-    ``score_i += (r_k − b) · p_i (1 − p_i) · lr``, with ``p`` the probabilities the sets were drawn from (the
-    derivative of ``sigmoid(score_i)``). Returns the new scores ``[C]``."""
-    step = torch.zeros_like(scores, dtype=torch.float32)
-    slope = (probabilities * (1 - probabilities)).float()
-    for skip_set, reward in zip(skip_sets, rewards, strict=True):
-        advantage = (reward.float() - torch.as_tensor(baseline, dtype=torch.float32)).to(step.device)
-        step.index_add_(0, skip_set.to(step.device), advantage * slope[skip_set] * lr)
+    """DAS's score update on one process: ``scores + bandit_step(...)``. Returns the new scores ``[C]``."""
+    step = bandit_step(probabilities, skip_sets, rewards, baseline, lr).to(scores.device)
     return (scores.float() + step).to(scores.dtype)
+
+
+def mean_step_over_contributors(step: Tensor, contributed: bool, all_reduce_sum=None) -> Tensor:
+    """The score increment averaged over the processes that rewarded sub-networks this search (DAS averages the
+    processes' updated scores): every process calls it, one without rewards with ``contributed=False`` (its zero
+    step then weighs nothing). ``all_reduce_sum`` sums a tensor over processes (``None``: one process)."""
+    packed = torch.cat([step.float().flatten(), torch.tensor([float(contributed)], device=step.device)])
+    if all_reduce_sum is not None:
+        packed = all_reduce_sum(packed)
+    return (packed[:-1] / packed[-1].clamp(min=1.0)).view_as(step)
 
 
 # -- GRPO over token combinations (cacovid) ---------------------------------------------------------------
@@ -124,49 +166,12 @@ _ADVANTAGE_EPS = 1e-4  # CaCoVID's (and TRL's) epsilon under the reward std
 REWARD_SCALES = ("group", "batch", "none")
 
 
-def sample_without_replacement(
-    probs: Tensor, counts: Tensor, uniform: Tensor, candidates: Tensor | None = None
-) -> Tensor:
-    """``[R, N]`` bool: per row ``counts[r]`` distinct columns, drawn one after another, each with probability
-    proportional to ``probs`` among the columns not drawn yet: ``torch.multinomial(probs, k, replacement=False)``'s
-    scheme (CaCoVID samples its token combinations so), from the given noise instead of a generator.
-
-    Exponential races (Efraimidis–Spirakis): column ``n`` finishes at ``−log(u_n) / p_n``; the ``counts[r]``
-    earliest win, which is the successive draw's distribution. Zero-probability candidates finish after every
-    positive one (a row asked for more than it has positive columns takes them at random); non-candidates never.
-
-    Args:
-        probs: ``[R, N]`` non-negative weights (need not sum to 1).
-        counts: ``[R]`` how many columns each row draws (clamped to its candidates).
-        uniform: ``[R, N]`` noise in ``[0, 1)`` (``TokenState.uniform``).
-        candidates: ``[R, N]`` bool, the columns that may be drawn (default: all).
-    """
-    if probs.shape != uniform.shape or (candidates is not None and candidates.shape != probs.shape):
-        raise ValueError(
-            f"sample_without_replacement: probs {tuple(probs.shape)}, uniform {tuple(uniform.shape)} and "
-            f"candidates {None if candidates is None else tuple(candidates.shape)} must all be [R, N]."
-        )
-    if bool((probs < 0).any()) or not bool(torch.isfinite(probs).all()):
-        raise ValueError("sample_without_replacement: probs must be finite and >= 0.")
-    rows = probs.shape[0]
-    counts = torch.as_tensor(counts, device=probs.device).long().reshape(-1)
-    if counts.shape != (rows,):
-        raise ValueError(f"sample_without_replacement: counts must be [R] = ({rows},), got {tuple(counts.shape)}.")
-    candidates = torch.ones_like(probs, dtype=torch.bool) if candidates is None else candidates.bool()
-    wait = -uniform.double().clamp_min(2.0**-40).log()  # Exp(1)
-    positive = candidates & (probs > 0)
-    finish = torch.where(positive, wait / probs.double().clamp_min(1e-300), 1e300 * (1.0 + wait))
-    finish = finish.masked_fill(~candidates, float("inf"))
-    rank = finish.argsort(dim=1).argsort(dim=1)
-    take = torch.minimum(counts.clamp_min(0), candidates.sum(1))
-    return candidates & (rank < take.unsqueeze(1))
-
-
 def combination_log_prob(logits: Tensor, mask: Tensor, candidates: Tensor) -> Tensor:
     """``[R, N]`` per-token Bernoulli log-probabilities of a sampled combination: ``log p`` where the token was
     kept, ``log(1 − p)`` where it was dropped (``p = sigmoid(logit)``, CaCoVID's two-way ``log_softmax``), 0 off
-    ``candidates``. Their row sum is the combination's log-probability under independent keeps; CaCoVID takes the
-    PPO ratio per token instead (:func:`clipped_policy_loss`)."""
+    ``candidates``. Their row sum is the combination's log-probability under independent keeps (ia_red2's
+    REINFORCE sums it so); CaCoVID takes the PPO ratio per token instead (:func:`clipped_policy_loss`). Logits, not
+    probabilities: ``logsigmoid`` stays finite and exact where a probability saturates to 0 or 1 in float32."""
     if logits.shape != mask.shape or logits.shape != candidates.shape:
         raise ValueError(
             f"combination_log_prob: logits {tuple(logits.shape)}, mask {tuple(mask.shape)} and candidates "
@@ -253,7 +258,9 @@ def clipped_policy_loss(
 
 def bernoulli_kl_penalty(log_probs: Tensor, reference_log_probs: Tensor, weights: Tensor) -> Tensor:
     """The k3 estimate of KL(π ‖ π_ref) per token, ``exp(ref − lp) − (ref − lp) − 1``, averaged as
-    :func:`clipped_policy_loss` averages (GRPO's / CaCoVID's penalty term)."""
+    :func:`clipped_policy_loss` averages: GRPO's penalty with ``π_ref`` the policy as training started (what
+    ``GRPOTrainer`` passes). CaCoVID's code has the same form but anchors to a constant Bernoulli(0.5)
+    (``reference_log_probs = log 0.5``), and its runs weigh it 0."""
     delta = reference_log_probs.float().detach() - log_probs.float()
     per_token = delta.exp() - delta - 1.0
     weights = weights.float().detach()

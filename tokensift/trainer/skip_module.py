@@ -6,15 +6,17 @@ A step has two phases (``DASConfig.search_steps`` long, then the rest of the fit
   (ramped up over ``warmup_steps`` as DAS does), and trains those layers' adapters on the task loss. From
   ``warmup_steps`` on, every ``search_interval`` steps it also draws ``num_subnetworks`` distinct skip sets of the
   same size, scores each on the batch under ``torch.no_grad()`` with reward ``exp(-loss)``, takes the mean reward
-  averaged over every process as the baseline, and moves the scores (``tokensift.trainer.rl.bandit_update``); every
-  process then holds the mean of the processes' updated scores.
+  over every process as the baseline, and moves the scores (``tokensift.trainer.rl.bandit_step``); every process
+  then holds the scores plus the mean of the processes' increments. A process whose batch has nothing to reward
+  (an MLLM batch without answer tokens) still joins both all-reduces, with weight 0.
 - fine-tuning: the scores stay; each step skips the ``n`` top-scoring layers, ``n`` drawn uniformly from
   ``[k - finetune_skip_spread, k + finetune_skip_spread]`` (within ``[1, candidates]``), and trains their
   adapters. ``ts.apply(model, artifact, skip_layers=n)`` for ``n`` in that range is thus served by trained adapters;
   outside it the adapters of the extra layers saw only the search phase.
 
 Draws come from a generator seeded by ``(seed, step)``: every process draws the same skip sets without any
-communication, and a resumed fit draws what the uninterrupted one would.
+communication, and a resumed fit draws what the uninterrupted one would. Gradient accumulation is refused: every
+micro-batch of a step would draw the same sets and search again (the bandit's step size times the accumulation).
 
 ``LayerSkipTrainer`` trains on an image classifier (cross-entropy on ``labels``, accuracy), ``MLLMLayerSkipTrainer``
 on a multimodal LLM (answer cross-entropy, answer accuracy); both are :class:`LayerSkipTraining`, which holds the
@@ -31,12 +33,14 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from tokensift.scorers.base import LayerSkipMethod
 from tokensift.scorers.das import DASMethod
 from tokensift.skip import LayerSkipHandle
 from tokensift.trainer.base import FrozenBackboneTrainer
 from tokensift.trainer.losses import answer_accuracy, answer_loss, answered
 from tokensift.trainer.rl import (
-    bandit_update,
+    bandit_step,
+    mean_step_over_contributors,
     ramped_skip_count,
     reward_baseline,
     sample_distinct_skip_sets,
@@ -59,7 +63,7 @@ class LayerSkipTraining(FrozenBackboneTrainer):
         gradient_checkpointing: recompute the kept blocks' activations during backward.
     """
 
-    method: DASMethod
+    method: LayerSkipMethod
     handle: LayerSkipHandle
     trains_layer_skips = True
 
@@ -99,6 +103,11 @@ class LayerSkipTraining(FrozenBackboneTrainer):
         self.train_skip_count = MeanMetric()
 
     # -- what a subclass says -------------------------------------------------------------------
+    def has_reward_signal(self, batch: dict) -> bool:
+        """False when the batch has nothing to learn from or reward (the step then only joins the search's
+        all-reduces)."""
+        return True
+
     def task_loss(self, batch: dict, inputs: dict) -> Tensor:
         """The scalar loss of one forward with the handle as it is."""
         raise NotImplementedError(f"{type(self).__name__} must implement task_loss(batch, inputs)")
@@ -114,11 +123,22 @@ class LayerSkipTraining(FrozenBackboneTrainer):
     def build_handle(self) -> LayerSkipHandle:
         return LayerSkipHandle(self.adapter, self.method, 0)
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        accumulation = int(getattr(self.trainer, "accumulate_grad_batches", 1))
+        if stage == "fit" and accumulation > 1:
+            raise ValueError(
+                f"{type(self).__name__} cannot accumulate gradients (trainer.accumulate_grad_batches="
+                f"{accumulation}): every micro-batch of a step would draw the same skip sets and run its own bandit "
+                "search. Set --trainer.accumulate_grad_batches 1 and raise the data's batch_size instead."
+            )
+
     def training_loss(self, batch: dict) -> dict[str, Tensor] | None:
         cfg = self.method.config
         step = int(self.global_step)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        inputs = self.model_inputs(batch)
+        rewarded = self.has_reward_signal(batch)
+        inputs = self.model_inputs(batch) if rewarded else {}
         terms: dict[str, Tensor] = {}
         if step < cfg.search_steps:
             count = ramped_skip_count(cfg.skip_layers, step + 1, cfg.warmup_steps)
@@ -127,44 +147,62 @@ class LayerSkipTraining(FrozenBackboneTrainer):
             self.handle.set_layers(self.method.layers_of(arms))
             searching = step >= cfg.warmup_steps and (step - cfg.warmup_steps) % cfg.search_interval == 0
             if searching:
-                terms["reward_baseline"] = self.search(batch, inputs, count, generator)
+                # every process joins the search's all-reduces, one without a reward signal with weight 0
+                terms["reward_baseline"] = self.search(batch, inputs, count, generator, rewarded)
                 self.handle.set_layers(self.method.layers_of(arms))
         else:
-            low = max(1, cfg.skip_layers - cfg.finetune_skip_spread)
-            high = min(len(self.method.candidate_layers), cfg.skip_layers + cfg.finetune_skip_spread)
+            low, high = self.finetune_skip_range()
             count = int(torch.randint(low, high + 1, (1,), generator=generator))
             self.handle.set_skip(count)
+        if not rewarded:
+            return None  # nothing to learn: the step still takes part in DDP (zero_loss)
         self.method.train()
         loss = self.task_loss(batch, inputs)
         self.train_skip_count(float(count))
         self.log("train/skip_layers", self.train_skip_count, batch_size=self.logged_batch_size(batch))
         return {"loss": loss, **terms}
 
-    def search(self, batch: dict, inputs: dict, count: int, generator: torch.Generator) -> Tensor:
+    def search(
+        self, batch: dict, inputs: dict, count: int, generator: torch.Generator, rewarded: bool = True
+    ) -> Tensor:
         """One bandit search on this batch: ``num_subnetworks`` distinct skip sets of ``count`` layers, each
-        rewarded ``exp(-loss)``; the scores move by DAS's rule. Returns the baseline."""
+        rewarded ``exp(-loss)``; the scores move by DAS's rule. ``rewarded=False``: this process has nothing to
+        reward and only joins the all-reduces. Returns the baseline."""
         cfg = self.method.config
         probabilities = self.method.probabilities().cpu()
         skip_sets = sample_distinct_skip_sets(probabilities, count, cfg.num_subnetworks, generator)
         rewards = []
-        self.method.eval()
-        with torch.no_grad():
-            for arms in skip_sets:
-                self.handle.set_layers(self.method.layers_of(arms))
-                rewards.append(torch.exp(-self.task_loss(batch, inputs).float()).cpu())
-        self.method.train()
-        rewards = torch.stack(rewards)
-        baseline = reward_baseline(rewards, self.mean_over_processes)
-        scores = bandit_update(self.method.scores.cpu(), probabilities, skip_sets, rewards, baseline, cfg.bandit_lr)
-        # each process rewarded its own batch: every one keeps the mean of their updated scores (DAS all-reduces)
-        self.method.scores.copy_(self.mean_over_processes(scores.to(self.method.scores.device)))
+        if rewarded:
+            self.method.eval()
+            with torch.no_grad():
+                for arms in skip_sets:
+                    self.handle.set_layers(self.method.layers_of(arms))
+                    rewards.append(torch.exp(-self.task_loss(batch, inputs).float()).cpu())
+            self.method.train()
+        rewards = torch.stack(rewards) if rewards else torch.zeros(0)
+        baseline = reward_baseline(rewards, self.sum_over_processes)
+        step = bandit_step(probabilities, skip_sets, rewards, baseline, cfg.bandit_lr) if rewarded else None
+        step = mean_step_over_contributors(
+            step if step is not None else torch.zeros_like(probabilities), rewarded, self.sum_over_processes
+        )
+        # each process rewarded its own batch: every one adds the mean of their increments (DAS all-reduces)
+        scores = self.method.scores
+        scores.copy_((scores.float() + step.to(scores.device)).to(scores.dtype))
         return torch.as_tensor(baseline, dtype=torch.float32)
 
-    def mean_over_processes(self, value: Tensor) -> Tensor:
-        """``value`` averaged over every process of the fit (itself with one process)."""
+    def sum_over_processes(self, value: Tensor) -> Tensor:
+        """``value`` summed over every process of the fit (itself with one process)."""
         if self._trainer is None or self.trainer.world_size == 1:
             return value
-        return self.trainer.strategy.reduce(value.to(self.device), reduce_op="mean").cpu()
+        return self.trainer.strategy.reduce(value.to(self.device), reduce_op="sum").cpu()
+
+    def finetune_skip_range(self) -> tuple[int, int]:
+        """``(low, high)``: the skip counts fine-tuning draws from, ``k ± finetune_skip_spread`` within
+        ``[1, candidates]``."""
+        cfg = self.method.config
+        low = max(1, cfg.skip_layers - cfg.finetune_skip_spread)
+        high = min(len(self.method.candidate_layers), cfg.skip_layers + cfg.finetune_skip_spread)
+        return low, high
 
     def validation_metrics(self, batch: dict, stage: str) -> None:
         """Accuracy unpruned and at each ``eval_skip_layers`` (the top-scoring layers skipped)."""
@@ -184,10 +222,11 @@ class LayerSkipTraining(FrozenBackboneTrainer):
         return {"skip_layers": self.method.config.skip_layers}
 
     def artifact_extras(self) -> dict:
-        cfg = self.method.config
-        low = max(1, cfg.skip_layers - cfg.finetune_skip_spread)
-        high = min(len(self.method.candidate_layers), cfg.skip_layers + cfg.finetune_skip_spread)
-        return {"manifest_extra": {"trained_skip_range": [low, high]}}
+        # only adapters that fine-tuning trained at those counts earn the claim: a fit that stopped within the
+        # search phase (global_step <= search_steps) leaves it out
+        if self._trainer is None or int(self.global_step) <= self.method.config.search_steps:
+            return {}
+        return {"manifest_extra": {"trained_skip_range": list(self.finetune_skip_range())}}
 
 
 class LayerSkipTrainer(LayerSkipTraining):
@@ -209,10 +248,8 @@ class MLLMLayerSkipTrainer(LayerSkipTraining):
 
     multimodal = True
 
-    def training_loss(self, batch: dict) -> dict[str, Tensor] | None:
-        if not bool(answered(batch["labels"]).any()):
-            return None  # nothing to learn, nothing to reward: the step still takes part in DDP (zero_loss)
-        return super().training_loss(batch)
+    def has_reward_signal(self, batch: dict) -> bool:
+        return bool(answered(batch["labels"]).any())
 
     def task_loss(self, batch: dict, inputs: dict) -> Tensor:
         labels = batch["labels"]

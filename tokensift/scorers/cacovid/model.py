@@ -11,7 +11,7 @@ sample's visual tokens is CaCoVID's sampling distribution.
 
 Inference keeps the top ``num_keep[b]`` visual tokens by logit (``TokenMethod.select``). Inside ``sampling()``
 (a GRPO rollout, gather mode) each row instead draws ``num_keep[b]`` tokens without replacement from
-``softmax(logit)`` (``tokensift.trainer.rl.sample_without_replacement``, noise ``state.uniform(0,
+``softmax(logit)`` (``tokensift.scorers.learned.sample_without_replacement``, noise ``state.uniform(0,
 "cacovid.sample")``) and the method records what the trainer needs to recompute the log-probabilities with
 gradient (``Rollout``: the packed, detached policy inputs, the old logits and the sampled mask).
 """
@@ -26,8 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokensift.scorers.base import MethodConfig, TokenMethod
-from tokensift.scorers.learned import check_bool, check_float, check_int, gather_tokens, pack_index, unpack
+from tokensift.scorers.base import MethodConfig, TokenMethod, check_scores, top_k_mask
+from tokensift.scorers.learned import (
+    check_bool,
+    check_float,
+    check_int,
+    gather_tokens,
+    pack_index,
+    sample_without_replacement,
+    unpack,
+)
 from tokensift.scorers.multimodal import require
 from tokensift.scorers.registry import register
 from tokensift.state import SampleCounter, TokenState, with_sample_index
@@ -96,6 +104,10 @@ class PolicyInputs:
     positions: Tensor  # [B, M] long: its place in the sample's own sequence (rotary angle)
     visual: Tensor  # [B, M] bool: a candidate visual token
     index: Tensor  # [B, M] long: its slot in the state
+
+    def every(self, step: int) -> PolicyInputs:
+        """Rows ``0, step, 2·step, ...``: the first of each group of ``step`` consecutive rows."""
+        return PolicyInputs(**{name: getattr(self, name)[::step] for name in self.__dataclass_fields__})
 
 
 @dataclass
@@ -235,6 +247,7 @@ class CaCoVIDMethod(TokenMethod):
         )
         self.sampling_rollouts: list[Rollout] | None = None  # a list inside sampling(): rollouts record there
         self._greedy_rows: Tensor | None = None  # inside sampling(): rows that keep the top-k instead
+        self._group_size = 1  # inside sampling(): rows in groups of copies of one sample
         self._samples = SampleCounter()  # noise for states without a sample index: rows in arrival order
 
     @classmethod
@@ -288,8 +301,18 @@ class CaCoVIDMethod(TokenMethod):
             index=index,
         )
 
-    def keep_logits(self, inputs: PolicyInputs) -> Tensor:
-        """``[B, M]`` float32 keep logits of the packed tokens (meaningful at ``inputs.visual``)."""
+    def keep_logits(self, inputs: PolicyInputs, group_size: int = 1) -> Tensor:
+        """``[B, M]`` float32 keep logits of the packed tokens (meaningful at ``inputs.visual``).
+
+        ``group_size`` > 1: the rows come in consecutive groups of copies of one sample (a GRPO rollout's
+        combinations of one prompt); the policy runs once per group and its logits are repeated, since the copies
+        differ only in what is sampled from them."""
+        if group_size > 1:
+            if inputs.hidden.shape[0] % group_size:
+                raise ValueError(
+                    f"keep_logits: {inputs.hidden.shape[0]} rows are not groups of group_size={group_size}."
+                )
+            return self.keep_logits(inputs.every(group_size)).repeat_interleave(group_size, dim=0)
         angles = inputs.positions.float().unsqueeze(-1) * self.inv_freq.float()
         angles = torch.cat((angles, angles), dim=-1)
         rotary = (angles.cos(), angles.sin())
@@ -307,49 +330,50 @@ class CaCoVIDMethod(TokenMethod):
 
     # -- rollouts --------------------------------------------------------------------------------
     @contextmanager
-    def sampling(self, greedy_rows: Tensor | None = None) -> Iterator[list[Rollout]]:
+    def sampling(self, greedy_rows: Tensor | None = None, group_size: int = 1) -> Iterator[list[Rollout]]:
         """Within the block ``select`` samples each row's combination from the policy and records a ``Rollout``
         per call into the yielded list (a GRPO rollout, gather mode). Rows marked in ``greedy_rows`` (``[B]`` bool)
-        keep the policy's top-k instead, the combination inference keeps (CaCoVID's first token-mode sample)."""
-        self.sampling_rollouts, self._greedy_rows = [], greedy_rows
+        keep the policy's top-k instead, the combination inference keeps (CaCoVID's first token-mode sample).
+        ``group_size``: the rows are consecutive groups of that many copies of one sample (``keep_logits``)."""
+        self.sampling_rollouts, self._greedy_rows, self._group_size = [], greedy_rows, group_size
         try:
             yield self.sampling_rollouts
         finally:
-            self.sampling_rollouts, self._greedy_rows = None, None
+            self.sampling_rollouts, self._greedy_rows, self._group_size = None, None, 1
 
     def select(self, state: TokenState, num_keep: Tensor) -> Tensor:
         if self.sampling_rollouts is None:
             return super().select(state, num_keep)
-        from tokensift.trainer.rl import sample_without_replacement  # tokensift.trainer imports the scorers
-
         inputs = self.policy_inputs(state)
         with torch.no_grad():
-            logits = self.keep_logits(inputs)
+            logits = self.keep_logits(inputs, self._group_size)
+        # NaN logits would turn into zero probabilities and silently random draws
+        check_scores(logits, inputs.visual, self.name, state.site)
         uniform = with_sample_index(state, self._samples).uniform(0, stream=SAMPLE_STREAM).gather(1, inputs.index)
         # softmax over a row's visual tokens: CaCoVID's sampling distribution (the two-way softmax's odds)
         probs = logits.masked_fill(~inputs.visual, float("-inf")).softmax(dim=1).nan_to_num(0.0)
         mask = sample_without_replacement(probs, num_keep, uniform, candidates=inputs.visual)
-        if self._greedy_rows is not None:
-            ranked = logits.masked_fill(~inputs.visual, float("-inf")).argsort(dim=1, descending=True, stable=True)
-            rank = ranked.argsort(dim=1)
-            best = inputs.visual & (rank < num_keep.to(rank.device).unsqueeze(1))
-            mask = torch.where(self._greedy_rows.to(mask.device).unsqueeze(1), best, mask)
-        self.sampling_rollouts.append(Rollout(inputs=inputs, logits=logits, mask=mask))
         keep = unpack(mask.float(), inputs.index, inputs.valid, state.hidden.shape[1]) > 0.5
+        if self._greedy_rows is not None:
+            scores = unpack(logits, inputs.index, inputs.visual, state.hidden.shape[1])
+            greedy = self._greedy_rows.to(keep.device).unsqueeze(1)
+            keep = torch.where(greedy, top_k_mask(scores, state, num_keep), keep)
+            mask = torch.where(greedy.to(mask.device), keep.gather(1, inputs.index) & inputs.visual, mask)
+        self.sampling_rollouts.append(Rollout(inputs=inputs, logits=logits, mask=mask))
         return keep | (state.protected & state.alive)
 
     def analytic_flops(self, site) -> float:
         """One sample at ``pre_llm`` (``n`` tokens, ``v`` visual, width ``d``; the layer's heads ``h`` / ``h_kv`` of
         width ``e``, MLP width ``f``): three RMS norms ``9 n d``; q / k / v / o ``2 n d e (2h + 2h_kv)``; scores and
-        weighted sum ``4 n² h e``, softmax ``6 h n²``; the gated MLP ``6 n d f``; the token head on the ``v`` visual
-        tokens."""
+        weighted sum ``4 n² h e``, softmax ``6 h n²``; the gated MLP ``6 n d f``; the token head on all ``n`` tokens
+        (``keep_logits`` runs it on every packed token; only the visual ones' logits are read)."""
         cfg = self.config
-        n, v, d = site.prunable + site.protected, site.prunable, site.hidden
-        if v == 0:
+        n, d = site.prunable + site.protected, site.hidden
+        if site.prunable == 0:
             return 0.0
         h, kv, e, f = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
         projections = site.matmul(n, d, e * (2 * h + 2 * kv))
         attention = 2 * site.matmul(n, e, n) * h + 6.0 * h * n * n
         mlp = site.matmul(n, d, 3 * f)
-        head = sum(site.matmul(v, m.in_features, m.out_features) for m in self.head if isinstance(m, nn.Linear))
+        head = sum(site.matmul(n, m.in_features, m.out_features) for m in self.head if isinstance(m, nn.Linear))
         return float(3 * site.normalize(n, d) + projections + attention + mlp + head)

@@ -14,15 +14,14 @@ zero-initialised up-projection, so a fresh adapter is the identity: an untrained
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
-from tokensift.scorers.base import MethodConfig
+from tokensift.scorers.base import LayerSkipMethod, MethodConfig, cache_anchor_layers
 from tokensift.scorers.learned import check_float, check_int
 from tokensift.scorers.registry import register
-from tokensift.skip import LayerSkipMethod
 
 
 @dataclass
@@ -160,13 +159,16 @@ class DASMethod(LayerSkipMethod):
 
     @classmethod
     def for_backbone(cls, adapter, config: DASConfig | None = None) -> DASMethod:
-        config = config or DASConfig()
+        # a copy: the caller's config may size a second backbone
+        config = replace(config) if config is not None else DASConfig()
         if config.hidden_size is None:
             config.hidden_size = adapter.hidden_size
         if config.num_layers is None:
             config.num_layers = adapter.num_layers
         if config.candidate_layers is None:
-            config.candidate_layers = list(range(1, adapter.num_layers - 1))
+            # a decoder's cache-anchor layers cannot be skipped (tokensift.skip): leave them out of the default
+            anchors = cache_anchor_layers(adapter.text_config) if getattr(adapter, "is_multimodal", False) else set()
+            config.candidate_layers = [i for i in range(1, adapter.num_layers - 1) if i not in anchors]
         if config.dim_replace is None:
             config.dim_replace = max(1, min(256, adapter.hidden_size // 2))
         config.__post_init__()  # candidate layers and skip_layers against the model's depth
@@ -191,10 +193,6 @@ class DASMethod(LayerSkipMethod):
 
     def replacement_flops(self, layer: int, tokens: int) -> float:
         return self.replacement(layer).analytic_flops(tokens)
-
-    def layers_of(self, arms: Tensor) -> list[int]:
-        """The layers of bandit arms (indices into ``candidate_layers``)."""
-        return [self.candidate_layers[int(arm)] for arm in arms]
 
     def check_backbone(self, adapter) -> None:
         cfg = self.config

@@ -4,7 +4,9 @@ No official code exists (the project page says "coming soon"); the interpreter f
 re-implementation (``PerBlockAgent``, ``docs/methods.md``): the tokens are layer-normed (no affine), one query from
 the [CLS] token and one key per token are projected into ``H`` heads of width ``w``, and head ``h`` gives token
 ``j`` the keep probability ``sigmoid(q_h · k_hj / sqrt(w) + a_h · logit(c) + b_h)``; the keep probability is the
-mean of the ``H`` heads' maps, which are the interpretation (``last_head_maps``). ``c`` is the share of the live
+mean of the ``H`` heads' maps, which are the interpretation (``head_maps()``, recorded on request inside
+``recording_head_maps()``). The query is the mean of the protected live tokens ([CLS], and any register tokens the
+tower has, averaged with it), or of every live token in a tower without them (SigLIP). ``c`` is the share of the live
 patches the site keeps under the budget (``keep_target · patches / live patches``); ``a_h`` starts at 1 and ``b_h``
 at 0, so an untrained interpreter keeps about the budget's share in expectation and one artifact serves a range of
 budgets (the conditioning is tokensift's: IA-RED² trains one interpreter per budget).
@@ -13,18 +15,21 @@ budgets (the conditioning is tokensift's: IA-RED² trains one interpreter per bu
   patch dropped at one stage is never seen again.
 - Training (``keep_policy`` in mask mode): each live patch is kept with its probability, a Bernoulli draw from
   ``state.uniform(0, "ia_red2.bernoulli")`` (a function of the sample, the trainer's draw and the token), hard 0/1
-  without gradient, multiplied into ``state.policy`` (dropped stays dropped). Each site adds the draw's
-  draw (its probabilities, what it kept, over which live patches) to the forward's list, which the trainer takes
+  without gradient, multiplied into ``state.policy`` (dropped stays dropped). Each site adds its draw (the keep
+  logits with their graph, what it kept, over which live patches) to the forward's list, which the trainer takes
   (``take_draws``) and turns into the ``[B]`` log-probability of the REINFORCE loss
-  (``tokensift.trainer.rl.bernoulli_log_prob``, ``tokensift.trainer.reinforce_module``).
+  (``tokensift.trainer.rl.combination_log_prob`` summed per row, ``tokensift.trainer.reinforce_module``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokensift.scorers.base import MethodConfig, TokenMethod, check_scores
@@ -68,11 +73,12 @@ class IARed2Config(MethodConfig):
 
 @dataclass
 class BernoulliDraw:
-    """One site's training draw: ``probs`` ``[B, N]`` keep probabilities (with gradient), ``kept`` ``[B, N]`` bool
-    the draw, ``candidates`` ``[B, N]`` bool the live patches it was drawn over."""
+    """One site's training draw: ``logits`` ``[B, N]`` the logit of each patch's keep probability (with gradient;
+    ``sigmoid(logits)`` is the mean of the heads' probabilities the draw used), ``kept`` ``[B, N]`` bool the draw,
+    ``candidates`` ``[B, N]`` bool the live patches it was drawn over."""
 
     site: str
-    probs: Tensor
+    logits: Tensor
     kept: Tensor
     candidates: Tensor
 
@@ -93,7 +99,8 @@ class _Interpreter(nn.Module):
         b, n, _ = hidden.shape
         x = self.norm(hidden.to(self.query.weight.dtype))  # a float32 interpreter reads a bf16 / fp16 tower too
         w = query_weight.to(x.dtype).unsqueeze(-1)
-        source = (x * w).sum(1) / w.sum(1).clamp_min(1e-6)  # [B, D]: the [CLS] token (the live tokens without one)
+        # [B, D]: the mean of the weighted tokens: [CLS] (with any registers), or the live tokens without one
+        source = (x * w).sum(1) / w.sum(1).clamp_min(1e-6)
         q = self.query(source).view(b, self.heads, 1, self.width)
         k = self.key(x).view(b, n, self.heads, self.width).transpose(1, 2)
         logits = (q @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(self.width)  # [B, H, N]
@@ -124,10 +131,11 @@ class IARed2Method(TokenMethod):
         )
         self._samples = SampleCounter()  # Bernoulli draws for states without a sample index: rows in arrival order
         self._draws: list[BernoulliDraw] = []
-        # site -> [B, H, P]: each head's keep probability over the original patch grid in the last forward pass
-        # (0 for patches already dropped before the site): the interpretation the bench draws. Sites that did not
-        # run in that pass (nothing to drop) have no entry
-        self.last_head_maps: dict[str, Tensor] = {}
+        # site -> [B, H, P]: each head's keep probability over the original patch grid (0 for patches already
+        # dropped before the site), recorded only inside recording_head_maps(): training and timed passes skip the
+        # scatter and the [B, H, P] copy
+        self._head_maps: dict[str, Tensor] = {}
+        self._recording_head_maps = False
 
     @classmethod
     def for_backbone(cls, adapter, config: IARed2Config | None = None) -> IARed2Method:
@@ -144,41 +152,70 @@ class IARed2Method(TokenMethod):
         return False
 
     # -- the interpreter -------------------------------------------------------------------------
-    def head_probabilities(self, state: TokenState) -> Tensor:
-        """``[B, H, N]`` each head's keep probability of every token of ``state`` (meaningful at live patches)."""
+    def head_logits(self, state: TokenState) -> Tensor:
+        """``[B, H, N]`` each head's keep logit of every token of ``state`` (meaningful at live patches)."""
         if state.site not in self.config.sites:
-            raise ValueError(f"ia_red2 has interpreters at {self.config.sites}, not at {state.site!r}.")
+            raise ValueError(
+                f"ia_red2 has interpreters at {self.config.sites}, not at {state.site!r}: apply it with the sites it "
+                "was built for (the artifact's), or build it with IARed2Config(sites=[...]) for these."
+            )
         if state.keep_target is None:
-            raise ValueError(f"ia_red2 at {state.site} needs the site's keep target (TokenState.keep_target).")
+            raise ValueError(
+                f"ia_red2 at {state.site} needs the site's keep target (TokenState.keep_target): run it through a "
+                "PruningHandle / ts.apply with a keep_ratio or keep_count budget, which sets it."
+            )
         candidates = state.prunable
         live = candidates.sum(1).clamp_min(1).float()
         patches = float(state.grid[0] * state.grid[1])
         keep_share = state.keep_target.float().to(live.device) * patches / live
+        # the reference's query is [CLS]; the state marks every prefix token protected without telling [CLS] from
+        # registers, so a tower with registers averages them into the query (they summarise the image too)
         cls_present = (state.protected & state.alive).any(1, keepdim=True)
         query_weight = torch.where(cls_present, state.protected & state.alive, state.alive)
         stage = self.config.sites.index(state.site)
-        probs = torch.sigmoid(self.interpreters[stage](state.hidden, query_weight, keep_share).float())
-        self._record_maps(state, probs)
-        return probs
+        logits = self.interpreters[stage](state.hidden, query_weight, keep_share).float()
+        if self._recording_head_maps:
+            self._record_maps(state, torch.sigmoid(logits.detach()))
+        return logits
+
+    def head_probabilities(self, state: TokenState) -> Tensor:
+        """``[B, H, N]`` each head's keep probability of every token of ``state`` (meaningful at live patches)."""
+        return torch.sigmoid(self.head_logits(state))
 
     def score(self, state: TokenState) -> Tensor:
         """``[B, N]`` keep probability: the mean of the heads' maps."""
         return self.head_probabilities(state).mean(1)
 
+    @contextmanager
+    def recording_head_maps(self) -> Iterator[None]:
+        """Record each site's per-head keep maps of the forward pass run inside (``head_maps()`` then returns them).
+
+        Entering forgets the maps of any earlier pass, so a site that did not run (nothing to drop) has no entry
+        rather than an old one; a further pass inside the same context replaces the maps from its first site on
+        (sites run in order). Outside the context nothing is recorded."""
+        self._head_maps, self._recording_head_maps = {}, True
+        try:
+            yield
+        finally:
+            self._recording_head_maps = False
+
     def _record_maps(self, state: TokenState, probs: Tensor) -> None:
         b, heads = probs.shape[:2]
         patches = state.grid[0] * state.grid[1]
-        maps = probs.detach() * state.prunable.unsqueeze(1)
-        index = (state.orig_index - state.num_prefix).clamp(0, patches - 1)
-        full = maps.new_zeros(b, heads, patches)
-        full.scatter_(2, index.unsqueeze(1).expand(-1, heads, -1), maps * (~state.protected).unsqueeze(1))
-        if state.site == self.config.sites[0]:
-            self.last_head_maps = {}  # a new forward pass: no maps of an earlier one at later sites
-        self.last_head_maps[state.site] = full
+        sites = self.config.sites
+        if any(sites.index(site) >= sites.index(state.site) for site in self._head_maps):
+            self._head_maps = {}  # a new forward pass inside the same recording
+        # prefix tokens ([CLS], registers) go to a spare last column, so only patches land on the patch grid
+        patch = state.orig_index - state.num_prefix
+        column = torch.where(patch >= 0, patch, torch.full_like(patch, patches))
+        full = probs.new_zeros(b, heads, patches + 1)
+        full.scatter_(2, column.unsqueeze(1).expand(-1, heads, -1), probs * state.prunable.unsqueeze(1))
+        self._head_maps[state.site] = full[..., :patches]
 
     def head_maps(self) -> dict[str, Tensor]:
-        """Each site's ``[B, H, P]`` per-head keep maps of the last forward pass (``P`` the original patch grid)."""
-        return dict(self.last_head_maps)
+        """Each site's ``[B, H, P]`` per-head keep maps (``P`` the original patch grid) of the pass last run inside
+        ``recording_head_maps()``; empty when none was."""
+        return dict(self._head_maps)
 
     # -- training ---------------------------------------------------------------------------------
     def keep_policy(self, state: TokenState, num_keep: Tensor) -> Tensor:
@@ -188,12 +225,15 @@ class IARed2Method(TokenMethod):
             return super().keep_policy(state, num_keep)
         if state.site == self.config.sites[0]:
             self._draws = []  # a new forward pass
-        probs = self.score(state)
+        head_logits = self.head_logits(state)
+        probs = torch.sigmoid(head_logits).mean(1)
+        # logit of the heads' mean probability, log p − log(1 − p), each a logsumexp: exact where p saturates
+        logits = torch.logsumexp(F.logsigmoid(head_logits), 1) - torch.logsumexp(F.logsigmoid(-head_logits), 1)
         candidates = state.prunable
         check_scores(probs, candidates, self.name, state.site)
         u = with_sample_index(state, self._samples).uniform(0, stream=BERNOULLI_STREAM)
         kept = (u.to(probs.device) < probs.detach()) & candidates
-        self._draws.append(BernoulliDraw(state.site, probs, kept, candidates))
+        self._draws.append(BernoulliDraw(state.site, logits, kept, candidates))
         policy = (kept | (state.protected & state.alive)).to(state.hidden.dtype)
         return policy if state.policy is None else policy * state.policy
 
