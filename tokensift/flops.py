@@ -418,15 +418,7 @@ def mllm_prefill_flops(
         llm += layer_flops(tokens[:, index], linear, width)
         unpruned += layer_flops(full[:, index], linear, width)
     scorer = _mllm_scorer_flops(adapter, method, sites, num_text, visual, num_visual)
-    total = llm + scorer
-    return {
-        "llm": float(llm.sum()),
-        "scorer": float(scorer.sum()),
-        "total": float(total.sum()),
-        "unpruned": float(unpruned.sum()),
-        "ratio": float(total.sum() / unpruned.sum()),
-        "per_sample_ratio": total / unpruned,
-    }
+    return _prefill_summary(llm, scorer, unpruned)
 
 
 def _mllm_sites(adapter, method: nn.Module, sites: Sequence[str] | None) -> list:
@@ -490,6 +482,19 @@ def mllm_site_shape(adapter, site, num_text: int, visual: int, kept: int, num_vi
     return SiteShape(
         site.name, num_text + visual, visual, kept, adapter.hidden_size, heads, head_dim, kv_heads, True, **tower
     )
+
+
+def _prefill_summary(llm: Tensor, scorer: Tensor, unpruned: Tensor) -> dict[str, Any]:
+    """Per-sample LLM and scorer FLOPs ``[B]`` against the unpruned prefill: totals, the ratio, per-sample ratios."""
+    total = llm + scorer
+    return {
+        "llm": float(llm.sum()),
+        "scorer": float(scorer.sum()),
+        "total": float(total.sum()),
+        "unpruned": float(unpruned.sum()),
+        "ratio": float(total.sum() / unpruned.sum()),
+        "per_sample_ratio": total / unpruned,
+    }
 
 
 def _mllm_scorer_flops(adapter, method, sites, num_text: Tensor, visual: Tensor, num_visual: Tensor) -> Tensor:
@@ -682,15 +687,7 @@ def mllm_skip_prefill_flops(handle, num_text: Tensor, num_visual: Tensor) -> dic
             scorer += torch.tensor([method.replacement_flops(index, int(n)) for n in tokens.tolist()])
         else:
             llm += cost
-    total = llm + scorer
-    return {
-        "llm": float(llm.sum()),
-        "scorer": float(scorer.sum()),
-        "total": float(total.sum()),
-        "unpruned": float(unpruned.sum()),
-        "ratio": float(total.sum() / unpruned.sum()),
-        "per_sample_ratio": total / unpruned,
-    }
+    return _prefill_summary(llm, scorer, unpruned)
 
 
 def last_prefill_flops(handle) -> dict[str, Any]:
