@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import NUM_PATCHES, build_tiny, make_pixel_values
-from transformers import ViTConfig, ViTForImageClassification
+from test_bench import save_backbone
 
 import tokensift as ts
 from tokensift.backbones import adapt, load_backbone
@@ -304,26 +304,10 @@ def test_reinforce_loss_and_the_leave_one_out_baseline_by_hand():
         assert float(-theta.grad) == pytest.approx(float(p * (1 - p) * 1.5), abs=1e-6)
 
 
-def _save_vit(path: Path) -> Path:
-    torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=4,
-        num_labels=10,
-        initializer_range=0.2,
-    )
-    ViTForImageClassification(config).eval().save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("ia_red2")
-    backbone = _save_vit(root / "backbone")
+    backbone = save_backbone(root / "backbone")
     module = ReinforceTrainer(str(backbone), keep_ratio_range=(0.25, 0.5), lr=0.01)
     initial = {k: v.clone() for k, v in module.method.state_dict().items()}
     frozen = {k: v.clone() for k, v in module.backbone.state_dict().items()}
