@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from transformers import ViTConfig, ViTForImageClassification
 
 from tokensift.io import atomic_directory, check_replaceable
-from tokensift.trainer.schedule import warmup_cosine
+from tokensift.schedule import warmup_cosine
 
 REPORT = "tokensift_backbone.json"  # what the recipe measured, beside the weights
 

@@ -54,7 +54,7 @@ from tokensift.data.contract import answer_tokens, check_vqa_batch
 from tokensift.data.resolve import resolve_datamodule
 from tokensift.data.vqa import FAMILIES, IGNORE_INDEX, IMAGE_TOKEN, QWEN2_VL_MERGE, QWEN2_VL_TEMPORAL, check_family
 from tokensift.io import atomic_directory, check_replaceable
-from tokensift.trainer.schedule import warmup_cosine
+from tokensift.schedule import warmup_cosine
 
 __all__ = [
     "FAMILIES",

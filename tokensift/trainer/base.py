@@ -28,6 +28,7 @@ from tokensift.backbones import load_backbone as load_vision_backbone
 from tokensift.backbones.loading import load_mllm_backbone
 from tokensift.backbones.lora import add_lora, is_lora_parameter, lora_modules
 from tokensift.backbones.vqa import mllm_inputs, padded_position_ids
+from tokensift.schedule import warmup_cosine
 from tokensift.scorers import TokenMethod, get_method_class
 from tokensift.scorers.registry import methods as registered_methods
 from tokensift.trainer.losses import IGNORE_INDEX, answered
@@ -41,7 +42,6 @@ from tokensift.trainer.reliability import (
     remove_stale_partial_files,
     set_global_rng_state,
 )
-from tokensift.trainer.schedule import warmup_cosine
 
 CHECKPOINT_KEY = "tokensift"
 # keys of a multimodal batch that are the model's own inputs (a Qwen2-VL batch with patches and grids passes as is)
