@@ -88,7 +88,8 @@ class Run:
             trainer = L.Trainer(
                 accelerator="cpu",
                 devices=1,
-                max_steps=self.total_steps,
+                # max_steps counts optimizer steps: GRPO takes num_iterations of them per batch
+                max_steps=self.total_steps * getattr(self.module, "num_iterations", 1),
                 logger=False,
                 enable_checkpointing=False,
                 enable_progress_bar=False,
@@ -110,7 +111,9 @@ class Run:
 
     def turn(self) -> None:
         self.turns.go.set()
-        self.turns.done.wait()
+        while not self.turns.done.wait(timeout=1.0):
+            if not self.thread.is_alive():  # the fit ended before this turn: waiting longer would hang
+                raise RuntimeError(f"{self.name}: the fit stopped before its turn ({self.turns.count} batches ran)")
         self.turns.done.clear()
         if self.error is not None:
             raise RuntimeError(f"{self.name}: the fit failed") from self.error

@@ -8,12 +8,13 @@ Needs the demo ViT ``runs/quickstart/backbone`` (``make demo``) and the demo LLa
 (``make demo-vqa``); their dynamicvit artifacts (``runs/quickstart/artifacts/seed*``) and gradient-trained MLLM scorers
 (``runs/vqa/artifacts/{question_selector,atp,dynamic_llava}/seed*``) are benched when present, never retrained.
 
-- image: ``tokensift fit -c configs/ia_red2_digits.yaml --seed_everything S`` exported to ``<out>/ia_red2/seedS``
-  and ``configs/das_digits.yaml`` (``--model.init_args.seed S`` too) to ``<out>/das_vit/seedS``, then one
+- every fit of seed S runs with ``--seed_everything S --model.init_args.seed S``;
+- image: ``tokensift fit -c configs/ia_red2_digits.yaml`` exported to ``<out>/ia_red2/seedS``
+  and ``configs/das_digits.yaml`` to ``<out>/das_vit/seedS``, then one
   ``tokensift bench`` on the ViT (``<out>/bench_image``) with them, the dynamicvit seeds and the image demo's
   training-free methods;
 - vqa: ``configs/cacovid_digit_vqa.yaml`` to ``<out>/cacovid/seedS`` and ``configs/das_digit_vqa.yaml`` to
-  ``<out>/das_llava/seedS`` (both with ``--model.init_args.seed S``), then one bench on the LLaVA
+  ``<out>/das_llava/seedS``, then one bench on the LLaVA
   (``<out>/bench_vqa``) with them, the existing gradient-trained scorers and the VQA demo's training-free methods.
 
 An artifact folder that exists is reused (a second run only re-benches); fits log under ``<out>/logs/...``. The end
@@ -72,7 +73,6 @@ def train_seeds(
     out: Path,
     seeds: Sequence[int],
     data_options: Mapping,
-    model_seed: bool,
 ) -> list[Path]:
     """One fit + export of ``recipe`` on ``backbone`` per seed into ``out/<name>/seed<s>`` (reused when there)."""
     from tokensift.quickstart import fit_and_export
@@ -81,11 +81,9 @@ def train_seeds(
     for seed in seeds:
         artifact = out / name / f"seed{seed}"
         logs = out / "logs" / name / f"seed{seed}"
-        # seeded as the methods' own runs were: ia_red2 (like the demo's dynamicvit) by --seed_everything only, its
-        # Bernoulli noise stream (the model's seed) fixed; cacovid and das by both
-        extra = [f"--seed_everything={seed}", f"--trainer.default_root_dir={logs}"]
-        if model_seed:
-            extra.append(f"--model.init_args.seed={seed}")
+        # a seed moves everything a run draws: the initial weights (--seed_everything) and the model's own draws
+        # (keep ratios, Bernoulli / Gumbel noise, skip sets: --model.init_args.seed)
+        extra = [f"--seed_everything={seed}", f"--trainer.default_root_dir={logs}", f"--model.init_args.seed={seed}"]
         fit_and_export(
             console,
             artifact,
@@ -199,10 +197,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     if args.image:
         methods = [f"ia_red2:{a}" for a in train_seeds(
-            console, "ia_red2", CONFIGS / "ia_red2_digits.yaml", VIT, out, seeds, {}, model_seed=False
+            console, "ia_red2", CONFIGS / "ia_red2_digits.yaml", VIT, out, seeds, {}
         )]  # fmt: skip
         if args.das:
-            das = train_seeds(console, "das_vit", CONFIGS / "das_digits.yaml", VIT, out, seeds, {}, model_seed=True)
+            das = train_seeds(console, "das_vit", CONFIGS / "das_digits.yaml", VIT, out, seeds, {})
             methods += [f"das:{a}" for a in das]
         methods += [f"dynamicvit:{a}" for a in existing(sorted(DYNAMICVIT.glob("seed*")))]
         methods += list(TRAINING_FREE)
@@ -214,11 +212,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         report = json.loads((LLAVA / "tokensift_mllm.json").read_text())
         scene = {key: report["data"][key] for key in SCENE_OPTIONS if key in report["data"]}
         methods = [f"cacovid:{a}" for a in train_seeds(
-            console, "cacovid", CONFIGS / "cacovid_digit_vqa.yaml", LLAVA, out, seeds, scene, model_seed=True
+            console, "cacovid", CONFIGS / "cacovid_digit_vqa.yaml", LLAVA, out, seeds, scene
         )]  # fmt: skip
         if args.das:
             das = train_seeds(
-                console, "das_llava", CONFIGS / "das_digit_vqa.yaml", LLAVA, out, seeds, scene, model_seed=True
+                console, "das_llava", CONFIGS / "das_digit_vqa.yaml", LLAVA, out, seeds, scene
             )
             methods += [f"das:{a}" for a in das]
         for name in GRADIENT_TRAINED_MLLM:
@@ -233,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name, result in results.items():
         summary = result.get("seeds")
         if summary is None:
+            console.print(f"{name}: no method has several artifacts, so no seed-folded table (see the bench's tables)")
             continue
         tables[f"{name}: accuracy (learned rows: mean ± sd over seeds)"] = markdown_tables(summary)
         if args.das:

@@ -291,10 +291,15 @@ def test_a_prompts_copies_share_one_policy_pass_and_draw_different_combinations(
     rows = inputs["input_ids"].shape[0]
     greedy = torch.arange(rows) % copies == 0
     sampling = method.sampling(greedy, group_size=copies)
+    policy_rows = []
+    watch = method.layer.register_forward_pre_hook(lambda module, args: policy_rows.append(args[0].shape[0]))
     with ts.apply(model, method, keep_ratio=0.5) as handle, torch.no_grad(), sampling as rollouts:
         handle.set_samples(torch.arange(rows), draw=(0, 1))
         model(**inputs)
     (rollout,) = rollouts
+    method.keep_logits(rollout.inputs, copies)
+    watch.remove()
+    assert policy_rows == [rows // copies] * 2  # the rollout and a PPO epoch's recomputation: one row per prompt
     # the policy ran on each prompt's first copy only; its inputs are the same in every copy, so are the logits
     hidden = rollout.inputs.hidden
     assert torch.equal(hidden, hidden[::copies].repeat_interleave(copies, dim=0))

@@ -341,6 +341,14 @@ def for_model(name: str, model) -> object:
     return cls.for_backbone(adapt(model))
 
 
+@pytest.mark.parametrize("name", ["question_selector", "dynamic_llava", "atp", "cacovid"])
+def test_for_backbone_leaves_the_callers_config_as_given(tiny_models, name):
+    cls = for_model(name, tiny_models["llava"]).__class__
+    given = cls.config_class()
+    method = cls.for_backbone(adapt(tiny_models["llava"]), given)
+    assert given == cls.config_class() and method.config is not given and method.config.hidden_size is not None
+
+
 def generate(model, inputs: dict, family: str) -> torch.Tensor:
     with torch.no_grad():
         out = model.generate(

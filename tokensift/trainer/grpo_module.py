@@ -154,7 +154,8 @@ class GRPOTrainer(MLLMScorerTrainer):
         if not callable(getattr(cls, "sampling", None)) or "pre_llm" not in cls.site_kinds:
             raise ValueError(
                 f"method {cls.name!r} has no sampling() mode at pre_llm; GRPOTrainer trains policies that sample "
-                "token combinations before the LLM in a sampling() context and record their rollouts (cacovid)."
+                "token combinations before the LLM in a sampling() context and record their rollouts: give the method "
+                "pre_llm sites and a sampling() context as tokensift/scorers/cacovid/model.py does."
             )
 
     @property

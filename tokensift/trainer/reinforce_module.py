@@ -96,7 +96,7 @@ class ReinforceTrainer(ScorerTrainer):
             raise ValueError(
                 f"method {cls.name!r} hands over no Bernoulli draws (take_draws()); ReinforceTrainer trains "
                 "vision-tower policies that draw each patch's keep decision in training mode and hand the draws over "
-                "(ia_red2)."
+                "(ia_red2): give the method a take_draws() as tokensift/scorers/ia_red2/model.py does."
             )
 
     def training_loss(self, batch: dict) -> dict[str, Tensor]:

@@ -24,7 +24,7 @@ listed in ``docs/methods.md``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -141,7 +141,7 @@ class ATPMethod(TokenMethod):
 
     @classmethod
     def for_backbone(cls, adapter, config: ATPConfig | None = None) -> ATPMethod:
-        config = config or ATPConfig()
+        config = replace(config) if config is not None else ATPConfig()  # the caller's config stays as given
         if config.hidden_size is None:
             config.hidden_size = adapter.hidden_size
         if config.width is None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -254,7 +254,7 @@ class CaCoVIDMethod(TokenMethod):
     def for_backbone(cls, adapter, config: CaCoVIDConfig | None = None) -> CaCoVIDMethod:
         """The policy sized as ``adapter``'s LLM, its layer a copy of the LLM's first decoder layer (CaCoVID's
         initialisation) when ``init_from_llm``."""
-        config = config or CaCoVIDConfig()
+        config = replace(config) if config is not None else CaCoVIDConfig()  # the caller's config stays as given
         text = adapter.text_config
         layer = adapter.layers[0]
         attention, mlp = layer.self_attn, layer.mlp

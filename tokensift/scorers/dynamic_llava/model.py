@@ -32,7 +32,7 @@ Reference: Osilly/dynamic_llava ``llava/model/language_model/dynamic_modeling_ll
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -270,7 +270,7 @@ class DynamicLLaVAMethod(TokenMethod):
 
     @classmethod
     def for_backbone(cls, adapter, config: DynamicLLaVAConfig | None = None) -> DynamicLLaVAMethod:
-        config = config or DynamicLLaVAConfig()
+        config = replace(config) if config is not None else DynamicLLaVAConfig()  # the caller's config stays as given
         if config.hidden_size is None:
             config.hidden_size = adapter.hidden_size
         if config.width is None:

@@ -31,7 +31,7 @@ the predictors (``removal_gradient``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -136,7 +136,7 @@ class DynamicViTMethod(TokenMethod):
 
     @classmethod
     def for_backbone(cls, adapter, config: DynamicViTConfig | None = None) -> DynamicViTMethod:
-        config = config or DynamicViTConfig()
+        config = replace(config) if config is not None else DynamicViTConfig()  # the caller's config stays as given
         if config.hidden_size is None:
             config.hidden_size = adapter.hidden_size
         if config.sites is None:

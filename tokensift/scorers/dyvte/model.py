@@ -25,7 +25,7 @@ with and without its visual tokens from ``k`` on; ``forced_exit_layer`` is that 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +129,7 @@ class DyVTEMethod(TokenMethod):
 
     @classmethod
     def for_backbone(cls, adapter, config: DyVTEConfig | None = None) -> DyVTEMethod:
-        config = config or DyVTEConfig()
+        config = replace(config) if config is not None else DyVTEConfig()  # the caller's config stays as given
         if config.hidden_size is None:
             config.hidden_size = adapter.hidden_size
         if config.num_layers is None:

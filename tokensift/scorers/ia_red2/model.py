@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -139,7 +139,7 @@ class IARed2Method(TokenMethod):
 
     @classmethod
     def for_backbone(cls, adapter, config: IARed2Config | None = None) -> IARed2Method:
-        config = config or IARed2Config()
+        config = replace(config) if config is not None else IARed2Config()  # the caller's config stays as given
         if config.hidden_size is None:
             config.hidden_size = adapter.hidden_size
         if config.sites is None:

@@ -19,7 +19,7 @@ Cost: ``analytic_flops``; on the tiny demo models it is below 2 % of the LLM's p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -147,7 +147,7 @@ class QuestionSelectorMethod(TokenMethod):
 
     @classmethod
     def for_backbone(cls, adapter, config: QuestionSelectorConfig | None = None) -> QuestionSelectorMethod:
-        config = config or QuestionSelectorConfig()
+        config = replace(config) if config is not None else QuestionSelectorConfig()  # the caller keeps its config
         if config.hidden_size is None:
             config.hidden_size = adapter.hidden_size
         if config.width is None:

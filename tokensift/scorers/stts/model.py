@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -241,7 +241,7 @@ class STTSMethod(TokenMethod):
 
     @classmethod
     def for_backbone(cls, adapter, config: STTSConfig | None = None) -> STTSMethod:
-        config = config or STTSConfig()
+        config = replace(config) if config is not None else STTSConfig()  # the caller's config stays as given
         model = adapter.model
         family = adapter.family
         tower = family.tower(model).config
