@@ -268,6 +268,8 @@ def test_a_subclass_writes_only_the_hooks(tmp_path):
     assert saved["state_dict"] and all(k.startswith("method.") for k in saved["state_dict"]), "backbone left out"
     assert saved["tokensift"]["default_budget"] == {"keep_ratio": 0.5}
     assert saved["tokensift"]["trained_keep_ratio_range"] == [0.5, 0.5] and "tokensift_rng" in saved
+    # the model card's training record: the data module's class path
+    assert saved["tokensift"]["data_module"] == f"{type(data).__module__}.{type(data).__qualname__}"
     with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["train/keep_target"]) for r in rows if r.get("train/keep_target")] == [0.5, 0.5]

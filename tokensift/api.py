@@ -13,7 +13,8 @@ from tokensift import attention as attn
 from tokensift.backbones import MLLMAdapter, adapt
 from tokensift.backbones.lora import load_adapter
 from tokensift.budget import Budget
-from tokensift.export.artifact import Artifact, FingerprintMismatch, check_fingerprint, load_artifact
+from tokensift.export.artifact import Artifact, FingerprintMismatch, check_fingerprint
+from tokensift.export.hub import from_pretrained, looks_like_hub_id
 from tokensift.reduce import Mode, PruningHandle
 from tokensift.reduce_mllm import HANDLE_ATTRIBUTE, MLLMPruningHandle
 from tokensift.scorers import build_method, get_method_class
@@ -27,9 +28,16 @@ def methods() -> dict[str, dict]:
     return _methods()
 
 
-def load(path: str | os.PathLike) -> Artifact:
-    """Read an exported artifact (JSON + safetensors, never pickle)."""
-    return load_artifact(path)
+def load(
+    path: str | os.PathLike,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+) -> Artifact:
+    """Read an exported artifact (JSON + safetensors, never pickle): a local folder, else a hub id ``org/name``
+    resolved through huggingface_hub's cache (``revision``, ``cache_dir``, ``local_files_only``; offline under
+    ``HF_HUB_OFFLINE=1``). An existing folder wins over a hub id of the same spelling."""
+    return from_pretrained(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
 
 
 def apply(
@@ -49,7 +57,8 @@ def apply(
     ``model`` is a vision transformer (sites ``vit.<i>``) or a multimodal LLM, LLaVA, Qwen2-VL or Molmo2 (sites
     ``vit.<i>``, ``pre_llm``, ``llm.<k>``; the budget counts each sample's visual tokens).
 
-    ``method`` is a registered name (``ts.methods()``), an artifact directory or ``Artifact``, or a
+    ``method`` is a registered name (``ts.methods()``), an artifact directory, a hub id ``org/name`` of one in
+    huggingface_hub's cache (see :func:`load`), an ``Artifact``, or a
     ``TokenMethod``. ``keep_ratio`` / ``keep_count`` apply to the last site (earlier sites follow a
     geometric schedule) or per site as a mapping; an artifact falls back to its default budget.
     ``options`` configure a method given by name (e.g. ``seed`` for ``random``); a ``TokenMethod`` carries its
@@ -81,8 +90,8 @@ def apply(
     expected_name = None
     if isinstance(method, str) and _method_prefix(method) is not None:
         expected_name, method = _method_prefix(method)
-    if isinstance(method, (str, os.PathLike)) and _looks_like_path(method):
-        method = load_artifact(method)
+    if isinstance(method, (str, os.PathLike)) and (_looks_like_path(method) or looks_like_hub_id(method)):
+        method = from_pretrained(method)  # a local folder first, then a hub id from huggingface_hub's cache
         if expected_name is not None and method.method.name != expected_name:
             held = method.method.name
             raise ValueError(

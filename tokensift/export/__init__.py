@@ -9,6 +9,8 @@ from tokensift.export.artifact import (
     save_artifact,
     validate_manifest,
 )
+from tokensift.export.card import write_model_card
+from tokensift.export.hub import from_pretrained, push_to_hub
 from tokensift.export.zero import UnsafeCheckpoint
 
 __all__ = [
@@ -17,7 +19,10 @@ __all__ = [
     "InvalidArtifact",
     "UnsafeCheckpoint",
     "check_fingerprint",
+    "from_pretrained",
     "load_artifact",
+    "push_to_hub",
     "save_artifact",
     "validate_manifest",
+    "write_model_card",
 ]

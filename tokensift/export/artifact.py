@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tokensift.budget import Budget
+from tokensift.export.card import model_card_text
 from tokensift.io import atomic_directory, check_replaceable
 from tokensift.scorers.base import Method, is_skip_method
 from tokensift.scorers.registry import get_method_class
@@ -41,6 +43,59 @@ class Artifact:
     @property
     def default_budget(self) -> dict:
         return dict(self.manifest.get("default_budget") or {})
+
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write this artifact to ``save_directory`` (the atomic writer :func:`save_artifact`); returns the path.
+
+        The manifest's training record (steps, ranges, metrics) is kept; an adapter or fine-tuned backbone folder
+        is copied from the directory the artifact was loaded from.
+        """
+        folders = [self.manifest[field] for field in ("adapter", "backbone_weights") if field in self.manifest]
+        if folders and self.path is None:
+            raise ValueError(
+                f"this artifact names the folders {folders} but was not loaded from a directory; load it with "
+                "Artifact.from_pretrained(path) so save_pretrained can copy them."
+            )
+
+        def copy_folders(directory: Path) -> None:
+            for folder in folders:
+                shutil.copytree(self.path / folder, directory / folder)
+
+        extra = {k: v for k, v in self.manifest.items() if k not in _WRITER_FIELDS}
+        return save_artifact(
+            self.method,
+            self.manifest["backbone"],
+            save_directory,
+            default_budget=self.default_budget,
+            extra=extra,
+            overwrite=overwrite,
+            add_files=copy_folders if folders else None,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        id_or_path: str | os.PathLike,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+    ) -> Artifact:
+        """An artifact from a local folder or a hub id ``org/name`` (:func:`tokensift.export.hub.from_pretrained`)."""
+        from tokensift.export.hub import from_pretrained  # hub.py builds on this module
+
+        return from_pretrained(id_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        token: str | None = None,
+        private: bool | None = None,
+        commit_message: str = "Upload tokensift artifact",
+    ):
+        """Upload this artifact to the hub repo ``repo_id`` (see :func:`tokensift.export.hub.push_to_hub`)."""
+        from tokensift.export.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, token=token, private=private, commit_message=commit_message)
 
 
 class FingerprintMismatch(ValueError):
@@ -92,7 +147,7 @@ def save_artifact(
                     f"save_artifact: field {folder!r} names {manifest[folder]!r}, but add_files wrote no such folder."
                 )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(_model_card(manifest))
+        (tmp / "README.md").write_text(model_card_text(manifest))
     return out
 
 
@@ -176,6 +231,9 @@ _MANIFEST_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "trained_layers": ((list,), False),
     "exit_label_rule": ((dict,), False),
     "trained_skip_range": ((list,), False),  # layer-skip methods: the skip counts whose adapters were fine-tuned
+    # the model card's training record: the hub id the backbone came from, the data module's class path
+    "base_model": ((str,), False),
+    "data_module": ((str,), False),
 }
 _BACKBONE_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "model_class": ((str,), True),
@@ -190,6 +248,8 @@ _BACKBONE_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "fingerprint_version": (_INT, False),
     "weights_groups": ((dict,), False),
 }
+# what save_artifact writes itself; the rest of a manifest is its `extra`
+_WRITER_FIELDS = ("format", "format_version", "method", "kind", "config", "sites", "default_budget", "backbone")
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object", list: "a list"}
 
 
@@ -326,44 +386,3 @@ def check_fingerprint(manifest: dict, fingerprint: dict, strict: bool = True) ->
             f"the model differs from the artifact's backbone ({detail}); pass strict=False to apply it anyway."
         )
     return soft
-
-
-def _model_card(manifest: dict) -> str:
-    fp = manifest["backbone"]
-    skips = "skip_layers" in manifest["default_budget"]
-    what = "layer-skip method (whole blocks replaced by adapters)" if skips else "token scorer"
-    lines = [
-        f"# tokensift artifact: {manifest['method']}",
-        "",
-        f"A {manifest['kind']} {what} for a frozen `{fp.get('model_class')}` "
-        f"({fp.get('model_type')}, hidden {fp.get('hidden_size')}, {fp.get('num_hidden_layers')} layers).",
-        "",
-        "```python",
-        "import tokensift as ts",
-        # the default budget's own knob: keep_ratio / keep_count, or an exit method's threshold
-        f"handle = ts.apply(model, 'path/to/this/dir', {_budget_arguments(manifest['default_budget'])})",
-        "```",
-        "",
-        f"- candidate layers: {manifest['config'].get('candidate_layers')}"
-        if skips
-        else f"- sites: {', '.join(manifest['sites'])}",
-        f"- default budget: {manifest['default_budget']}",
-    ]
-    if manifest.get("adapter"):
-        lines.append(f"- LoRA adapter (peft folder `{manifest['adapter']}/`): `ts.apply` loads it before the scorer")
-    if manifest.get("backbone_weights"):
-        lines.append(
-            f"- the backbone was fine-tuned with the scorer: load it from `{manifest['backbone_weights']}/` "
-            "(`from_pretrained`) and apply the scorer to that model"
-        )
-    if "trained_keep_ratio_range" in manifest:
-        lines.append(f"- trained over keep ratios {manifest['trained_keep_ratio_range']}")
-    if "trained_skip_range" in manifest:
-        lines.append(f"- adapters fine-tuned for skip_layers {manifest['trained_skip_range']}")
-    for name, value in sorted((manifest.get("metrics") or {}).items()):
-        lines.append(f"- {name}: {value}")
-    return "\n".join(lines) + "\n"
-
-
-def _budget_arguments(budget: dict) -> str:
-    return ", ".join(f"{name}={value!r}" for name, value in budget.items()) or "keep_ratio=0.5"

@@ -16,6 +16,7 @@ from tokensift.backbones import adapt, load_backbone
 from tokensift.backbones.loading import load_mllm_backbone
 from tokensift.backbones.lora import ADAPTER_DIR, is_lora_parameter, save_adapter
 from tokensift.export.artifact import MANIFEST, FingerprintMismatch, check_fingerprint, save_artifact
+from tokensift.export.hub import looks_like_hub_id
 from tokensift.export.zero import load_shard, read_zero_checkpoint
 from tokensift.io import check_replaceable
 from tokensift.scorers.base import is_skip_method
@@ -90,9 +91,12 @@ def export(
         "source_checkpoint": checkpoint.name,
         "global_step": int(ckpt.get("global_step", 0)),
     }
-    for field in ("trained_keep_ratio_range", "trained_skip_range"):
+    for field in ("trained_keep_ratio_range", "trained_skip_range", "data_module"):
         if field in meta:
             extra[field] = meta[field]
+    source = meta.get("backbone")
+    if isinstance(source, str) and looks_like_hub_id(source) and not Path(source).exists():
+        extra["base_model"] = source  # the card's base_model: only a hub id, never a local training path
     fingerprint = meta["fingerprint"]
     add_files = None
     if meta.get("lora") or meta.get("backbone_trained"):

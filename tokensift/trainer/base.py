@@ -580,6 +580,9 @@ class FrozenBackboneTrainer(L.LightningModule):
         }
         if self.keep_ratio_range is not None:
             meta["trained_keep_ratio_range"] = list(self.keep_ratio_range)
+        datamodule = getattr(self._trainer, "datamodule", None)  # the model card's training data record
+        if datamodule is not None:
+            meta["data_module"] = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
         meta["default_budget"] = self.default_budget()
         return meta | self.artifact_extras()
 
