@@ -159,7 +159,7 @@ def chat_prompt(processor, question: str) -> str:
 
 
 def _classifier_rows(model_path, pictures, spec, keep_ratio, sites, device) -> list[dict]:
-    from tokensift.bench.image import _kept_patches
+    from tokensift.bench.image import kept_patches
 
     processor = _image_processor(model_path)
     model = load_backbone(str(model_path)).eval().to(device)
@@ -178,7 +178,7 @@ def _classifier_rows(model_path, pictures, spec, keep_ratio, sites, device) -> l
         with torch.no_grad():
             output = model(pixel_values=pixel_values)
         count = int(pixel_values.shape[0])
-        kept = _kept_patches(handle, count, grid[0] * grid[1], adapter.num_prefix, device).cpu().numpy()
+        kept = kept_patches(handle, count, grid[0] * grid[1], adapter.num_prefix, device).cpu().numpy()
     finally:
         handle.remove()
     if adapter.has_classifier:
@@ -196,7 +196,13 @@ def _classifier_rows(model_path, pictures, spec, keep_ratio, sites, device) -> l
 
 def _mllm_rows(model_path, pictures, spec, keep_ratio, sites, question, max_new_tokens, device) -> list[dict]:
     from tokensift.backbones.vqa import generate_answers, visual_token_id
-    from tokensift.bench.mllm import _check_runs_on_mllms, _kept_patches, _overlay_images, _prepare, _visual_grid
+    from tokensift.bench.mllm import (
+        check_runs_on_mllms,
+        kept_visual_patches,
+        overlay_images,
+        prepare_batch,
+        visual_grid,
+    )
 
     processor = _mllm_processor(model_path)
     model = load_mllm_backbone(str(model_path)).to(device)
@@ -205,7 +211,7 @@ def _mllm_rows(model_path, pictures, spec, keep_ratio, sites, question, max_new_
             f"model: {model_path} holds a {model.config.model_type!r} model; show draws {list(SHOWN_FAMILIES)}."
         )
     try:
-        _check_runs_on_mllms([spec])
+        check_runs_on_mllms([spec])
     except ValueError as error:
         raise ValueError(str(error).replace("methods:", "method:", 1)) from None
     tokenizer = processor.tokenizer
@@ -220,17 +226,17 @@ def _mllm_rows(model_path, pictures, spec, keep_ratio, sites, question, max_new_
             _check_tower_size(model, encoded["pixel_values"], model_path)
             encoded["labels"] = torch.full_like(encoded["input_ids"], IGNORE_INDEX)  # a prompt, no answer
             image_token = visual_token_id(model, encoded)
-            prepared = _prepare(model, encoded, image_token, pad, device)
+            prepared = prepare_batch(model, encoded, image_token, pad, device)
             with torch.no_grad():
                 model(**prepared.inputs, logits_to_keep=1)
-                kept = _kept_patches(handle, prepared)[0].cpu().numpy()
+                kept = kept_visual_patches(handle, prepared)[0].cpu().numpy()
                 answer = generate_answers(model, prepared.prompt, max_new_tokens, pad_token_id=pad)[0]
             words = tokenizer.decode([t for t in answer.tolist() if t >= 0], skip_special_tokens=True).strip()
             rows.append(
                 {
-                    "image": _overlay_images(prepared, model)[0],
+                    "image": overlay_images(prepared, model)[0],
                     "kept": kept[: int(prepared.num_visual[0])],
-                    "grid": _visual_grid(prepared, model, None),
+                    "grid": visual_grid(prepared, model, None),
                     "prediction": f"{question.strip()} → {words or '(no answer)'}",
                 }
             )
@@ -256,16 +262,16 @@ def _draw(rows: list[dict], path: Path, title: str) -> Path:
     """One row per image: the image as the model saw it, and again with its dropped patches dimmed."""
     import matplotlib.pyplot as plt
 
-    from tokensift.bench.plots import _per_pixel, _to_display, save_figure
+    from tokensift.bench.plots import per_pixel, save_figure, to_display
 
     fig, axes = plt.subplots(len(rows), 2, figsize=(6.4, 3.3 * len(rows)), squeeze=False)
     for (plain, pruned), row in zip(axes, rows, strict=True):
-        display, cmap = _to_display(row["image"])
+        display, cmap = to_display(row["image"])
         height, width = display.shape[:2]
         kept = np.asarray(row["kept"], dtype=bool)
         shade = np.zeros((height, width, 4), dtype=np.float32)
         shade[..., :3] = (0.05, 0.1, 0.35)
-        shade[..., 3] = _per_pixel(~kept, row["grid"], height, width) * 0.72
+        shade[..., 3] = per_pixel(~kept, row["grid"], height, width) * 0.72
         for ax in (plain, pruned):
             ax.imshow(display, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])

@@ -47,7 +47,7 @@ def _forward(model: nn.Module, batch: dict[str, Tensor], method: nn.Module | Non
     return model(pixel_values=batch["pixel_values"]).logits
 
 
-def _kept_patches(handle: PruningHandle | None, batch_size: int, num_patches: int, num_prefix: int, device) -> Tensor:
+def kept_patches(handle: PruningHandle | None, batch_size: int, num_patches: int, num_prefix: int, device) -> Tensor:
     """``[B, P]`` bool: patches whose original index survived the last site (ToMe: merge anchors)."""
     kept = getattr(handle, "kept_orig_index", None)  # None: unpruned, or a layer-skip handle (every token stays)
     if kept is None:
@@ -78,7 +78,7 @@ def _evaluate(model, batches, method, handle, num_patches, num_prefix, device) -
             oracle = batch.get("oracle_mask")
             if oracle is not None:
                 oracle = oracle.bool()
-                kept = _kept_patches(handle, oracle.shape[0], num_patches, num_prefix, device)
+                kept = kept_patches(handle, oracle.shape[0], num_patches, num_prefix, device)
                 hits += int((kept & oracle).sum())
                 total += int(oracle.sum())
     per_sample = torch.cat(correct).double().numpy()
@@ -249,7 +249,7 @@ def _bench_spec(context: _Context, spec: MethodSpec, ratios, overlay_batch, over
         with torch.no_grad(), recording() if callable(recording) else contextlib.nullcontext():
             logits = _forward(context.model, overlay_batch, method, handle)
         size = int(overlay_batch["pixel_values"].shape[0])
-        kept = _kept_patches(handle, size, context.num_patches, context.num_prefix, context.device)
+        kept = kept_patches(handle, size, context.num_patches, context.num_prefix, context.device)
         column = {
             "title": f"{spec.label} @ {overlay_ratio:g}",
             "kept": kept.cpu().numpy(),

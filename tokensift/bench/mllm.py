@@ -105,7 +105,7 @@ def _method_of(built: TokenMethod | Artifact) -> TokenMethod:
     return built.method if isinstance(built, Artifact) else built
 
 
-def _check_runs_on_mllms(specs: list[MethodSpec]) -> None:
+def check_runs_on_mllms(specs: list[MethodSpec]) -> None:
     for spec in specs:
         if spec.artifact is not None:  # trained on a multimodal model (its fingerprint is checked when applied)
             continue
@@ -162,7 +162,7 @@ def _check_batch(batch: dict, model: nn.Module) -> None:
 
 
 @dataclass
-class _PreparedBatch:
+class PreparedBatch:
     """One test batch, ready to run: the model's inputs and what the measures compare them with."""
 
     prompt: dict[str, Tensor]  # the prompt-only batch (each row ends where its answer starts)
@@ -175,7 +175,7 @@ class _PreparedBatch:
     index: Tensor | None = None  # [B] dataset index of each sample: its random draws follow it, not the batch
 
 
-def _prepare(model: nn.Module, batch: dict, image_token_id: int, pad_token_id: int, device) -> _PreparedBatch:
+def prepare_batch(model: nn.Module, batch: dict, image_token_id: int, pad_token_id: int, device) -> PreparedBatch:
     batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
     prompt, answers = split_answers(batch, pad_token_id)
     input_ids = prompt["input_ids"]
@@ -196,7 +196,7 @@ def _prepare(model: nn.Module, batch: dict, image_token_id: int, pad_token_id: i
     visual_positions = torch.full((input_ids.shape[0], int(num_visual.max())), length, dtype=torch.long, device=device)
     rows = torch.arange(input_ids.shape[0], device=device).unsqueeze(1).expand_as(input_ids)
     visual_positions[rows[is_visual], rank[is_visual]] = positions[is_visual]
-    return _PreparedBatch(
+    return PreparedBatch(
         prompt=prompt,
         inputs=mllm_inputs(model, prompt),
         answers=answers,
@@ -208,7 +208,7 @@ def _prepare(model: nn.Module, batch: dict, image_token_id: int, pad_token_id: i
     )
 
 
-def _kept_patches(handle, batch: _PreparedBatch) -> Tensor:
+def kept_visual_patches(handle, batch: PreparedBatch) -> Tensor:
     """``[B, P]`` bool: patches whose visual token is still in the sequence after the method's last site."""
     kept = getattr(handle, "kept_orig_index", None)  # None also for a layer-skip handle: every token stays
     real = batch.visual_positions < batch.prompt["input_ids"].shape[1]
@@ -231,7 +231,7 @@ class _MLLMEvaluator:
         self._unpruned_vision: dict[int, float] = {}  # per batch: the tower's FLOPs without a method
 
     def forward_fn(self, method: nn.Module | None, handle=None):
-        def forward(batch: _PreparedBatch) -> Tensor:
+        def forward(batch: PreparedBatch) -> Tensor:
             self._select(batch, method, handle)
             # only the next-token logits are read: the LM head runs on the last position (a prefill)
             return self.model(**batch.inputs, logits_to_keep=1).logits[:, -1]
@@ -239,14 +239,14 @@ class _MLLMEvaluator:
         return forward
 
     @staticmethod
-    def _select(batch: _PreparedBatch, method, handle) -> None:
+    def _select(batch: PreparedBatch, method, handle) -> None:
         """Name the batch's samples (and, for the oracle, its masks) before a pass."""
         if isinstance(method, MLLMOracleMethod):
             method.oracle_mask = batch.oracle_mask
         if hasattr(handle, "set_samples") and batch.index is not None:  # token handles (random draws per sample)
             handle.set_samples(batch.index)
 
-    def run(self, batch: _PreparedBatch, method, handle) -> dict:
+    def run(self, batch: PreparedBatch, method, handle) -> dict:
         """One prefill (and, for answers longer than one token, greedy ``generate`` with the method on).
 
         Returns ``tokens`` (the predicted answer tokens ``[B, T]``), the prefill's records (``per_layer``: visual
@@ -255,7 +255,7 @@ class _MLLMEvaluator:
         result = {
             "per_layer": getattr(handle, "visual_tokens_per_layer", None),  # None: unpruned, or layers skipped
             "exit_layers": getattr(handle, "exit_layers", None),
-            "kept": _kept_patches(handle, batch),
+            "kept": kept_visual_patches(handle, batch),
             "tokens": restricted_argmax(logits, self.answer_ids).unsqueeze(1),
         }
         if batch.answers.shape[1] > 1:
@@ -444,7 +444,7 @@ def run_mllm_bench(
 
     model_path = Path(model_dir)
     specs, _ = parse_methods(methods)  # the oracle is benched whenever the batches carry oracle masks
-    _check_runs_on_mllms(specs)
+    check_runs_on_mllms(specs)
     counts = parse_skip_layers(skip_layers, specs)
     ratios = parse_keep_ratios(keep_ratios)
     exit_thresholds = parse_thresholds(ratios if thresholds is None else thresholds)
@@ -469,7 +469,7 @@ def run_mllm_bench(
         answer_ids = answer_ids_of(datamodule)
         pad = pad_token_id_of(datamodule, model)
         image_token = visual_token_id(model, raw[0])
-        batches = [_prepare(model, batch, image_token, pad, torch_device) for batch in raw]
+        batches = [prepare_batch(model, batch, image_token, pad, torch_device) for batch in raw]
         count = sum(int(b.answers.shape[0]) for b in batches)
         size = int(getattr(datamodule, "batch_size", None) or batches[0].answers.shape[0])
         timing = batches[:timing_batches]
@@ -478,7 +478,7 @@ def run_mllm_bench(
 
         # the overlay samples: the first test samples, as their own small batch
         n_overlay = min(num_overlay_images, int(raw[0]["input_ids"].shape[0]))
-        overlay = _prepare(model, take_rows(raw[0], n_overlay), image_token, pad, torch_device)
+        overlay = prepare_batch(model, take_rows(raw[0], n_overlay), image_token, pad, torch_device)
         tokenizer = _tokenizer(datamodule, model_path)
         questions = [_question_text(row, tokenizer, image_token) for row in _rows(overlay.prompt)]
         answers = _words(overlay.answers, overlay.answers, tokenizer)
@@ -541,11 +541,11 @@ def run_mllm_bench(
         )
         return {"rows": rows, "metadata": metadata, **summary, "files": {k: str(v) for k, v in files.items()}}
     files["overlays"] = plot_overlays(
-        _overlay_images(overlay, model),
+        overlay_images(overlay, model),
         answers,
         None if overlay.oracle_mask is None else overlay.oracle_mask.cpu().numpy(),
         columns,
-        _visual_grid(overlay, model, datamodule),
+        visual_grid(overlay, model, datamodule),
         out_dir / "overlays.png",
         title=f"kept visual tokens at keep ratio {overlay_ratio:g} (exit methods: threshold {overlay_threshold:g})",
         row_titles=questions,
@@ -644,7 +644,7 @@ def _question_text(ids: list[int], tokenizer, image_token_id: int) -> str:
     return question[: -len(ANSWER_CUE)].rstrip() if question.endswith(ANSWER_CUE) else question
 
 
-def _overlay_images(overlay: _PreparedBatch, model: nn.Module):
+def overlay_images(overlay: PreparedBatch, model: nn.Module):
     """``[R, C, H, W]`` images of the overlay samples (Qwen2-VL's flattened patches put back together)."""
     pixels = overlay.prompt["pixel_values"]
     grid = overlay.prompt.get("image_grid_thw")
@@ -656,7 +656,7 @@ def _overlay_images(overlay: _PreparedBatch, model: nn.Module):
     return pixels.float().cpu().numpy()
 
 
-def _visual_grid(overlay: _PreparedBatch, model: nn.Module, datamodule: Any) -> tuple[int, int]:
+def visual_grid(overlay: PreparedBatch, model: nn.Module, datamodule: Any) -> tuple[int, int]:
     """The (rows, columns) grid of each overlay sample's visual tokens on its image."""
     count = int(overlay.visual_positions.shape[1])
     grid = overlay.prompt.get("image_grid_thw")

@@ -161,7 +161,7 @@ def _interval_bars(ax, points: Sequence[dict], field: str, color, width: float =
         ax.vlines(xs, lows, highs, colors=[color], linewidth=width, alpha=0.55, zorder=3)
 
 
-def _to_display(image: np.ndarray) -> tuple[np.ndarray, str | None]:
+def to_display(image: np.ndarray) -> tuple[np.ndarray, str | None]:
     """``[C, H, W]`` float → an image imshow can draw (min-max scaled; grey when the channels agree)."""
     image = image.astype(np.float32)
     lo, hi = float(image.min()), float(image.max())
@@ -171,7 +171,7 @@ def _to_display(image: np.ndarray) -> tuple[np.ndarray, str | None]:
     return np.transpose(image[:3], (1, 2, 0)), None
 
 
-def _per_pixel(per_patch: np.ndarray, grid: tuple[int, int], height: int, width: int) -> np.ndarray:
+def per_pixel(per_patch: np.ndarray, grid: tuple[int, int], height: int, width: int) -> np.ndarray:
     """``[P]`` (or ``[rows, cols]``) values per patch → ``[height, width]``, each patch's value over its pixels."""
     cells = np.ones((height // grid[0], width // grid[1]), dtype=np.float32)
     return np.kron(np.asarray(per_patch, dtype=np.float32).reshape(grid), cells)
@@ -205,7 +205,7 @@ def plot_overlays(
     height, width = images.shape[-2:]
     ph, pw = height / grid[0], width / grid[1]
     for r in range(rows):
-        display, cmap = _to_display(images[r])
+        display, cmap = to_display(images[r])
         oracle = None if oracle_masks is None else oracle_masks[r].reshape(grid)
         for c, column in enumerate(columns):
             ax = axes[r][c]
@@ -215,7 +215,7 @@ def plot_overlays(
                 dropped = ~kept[r].reshape(grid)
                 shade = np.zeros((height, width, 4), dtype=np.float32)
                 shade[..., :3] = (0.05, 0.1, 0.35)
-                shade[..., 3] = _per_pixel(dropped, grid, height, width) * 0.72
+                shade[..., 3] = per_pixel(dropped, grid, height, width) * 0.72
                 ax.imshow(shade, interpolation="nearest")
             if oracle is not None and oracle.any():
                 rr, cc = np.nonzero(oracle)
@@ -281,14 +281,14 @@ def plot_head_maps(
     height, width = images.shape[-2:]
     shown = None
     for r in range(rows):
-        display, cmap = _to_display(images[r])
+        display, cmap = to_display(images[r])
         axes[r][0].imshow(display, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
         axes[r][0].set_ylabel(f"label {labels[r]}", fontsize=9)
         for c, (site, head) in enumerate(panels, start=1):
             ax = axes[r][c]
             grey = display if display.ndim == 2 else display.mean(-1)
             ax.imshow(grey, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            keep = _per_pixel(head_maps[site][r, head], grid, height, width)
+            keep = per_pixel(head_maps[site][r, head], grid, height, width)
             shown = ax.imshow(keep, cmap="magma", vmin=0, vmax=1, alpha=0.75, interpolation="nearest")
             if r == 0:
                 ax.set_title(f"{site} · head {head}", fontsize=8)
