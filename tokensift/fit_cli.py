@@ -6,6 +6,7 @@ script that dispatches to them.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from lightning.pytorch.callbacks import RichModelSummary
@@ -23,6 +24,11 @@ DEFAULT_CALLBACKS = [
     {"class_path": "tokensift.trainer.reliability.LastCheckpoint"},
 ]
 DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
+# each parameter group's learning rate per step (warmup + cosine) next to the losses; added only to a run that logs
+LR_MONITOR = {
+    "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+    "init_args": {"logging_interval": "step"},
+}
 
 
 class ModelSummary(RichModelSummary):
@@ -135,6 +141,7 @@ class TokensiftCLI(LightningCLI):
                 c for c in config.trainer.callbacks if not str(c.get("class_path", "")).endswith("ProgressBar")
             ]
         _set_checkpoint_every_n_steps(config)
+        _add_lr_monitor(config)
         callbacks = config.trainer.callbacks or []
         if config.trainer.get("enable_model_summary") is not False and not any(
             str(c.get("class_path", "")).endswith("ModelSummary") for c in callbacks
@@ -154,6 +161,18 @@ def _first_union_error(error: ValueError) -> ValueError:
     lines = text.split("Errors:", 1)[1].splitlines()
     first = next((line.strip()[2:] for line in lines if line.strip().startswith("- ")), None)
     return ValueError(first) if first else error
+
+
+def _add_lr_monitor(config) -> None:
+    """Lightning's LearningRateMonitor among the callbacks unless the run has no logger (the monitor raises on one
+    without: ``logger: false``, an empty list, ``barebones``) or the config already lists one (kept as it is)."""
+    logger = config.trainer.get("logger")
+    if logger is False or logger == [] or config.trainer.get("barebones"):
+        return
+    callbacks = config.trainer.callbacks or []
+    if any(str(c.get("class_path", "")).endswith(".LearningRateMonitor") for c in callbacks):
+        return
+    config.trainer.callbacks = [*callbacks, copy.deepcopy(LR_MONITOR)]
 
 
 def _set_checkpoint_every_n_steps(config) -> None:

@@ -26,9 +26,16 @@ from tokensift.backbones.vision import VisionAdapter
 from tokensift.bench.data import as_batch, oracle_on_model_grid
 from tokensift.bench.measure import environment_metadata, measure_speed_and_memory
 from tokensift.bench.oracle import OracleMethod
-from tokensift.bench.results import MATCHED_FLOPS_NOTE, finalize_rows, print_report, summarize, write_results
+from tokensift.bench.results import (
+    MATCHED_FLOPS_NOTE,
+    RowProgress,
+    finalize_rows,
+    print_report,
+    summarize,
+    write_results,
+)
 from tokensift.bench.settings import BenchSettings, torch_threads
-from tokensift.bench.specs import ORACLE, UNPRUNED, MethodSpec, bench_skip_spec
+from tokensift.bench.specs import ORACLE, UNPRUNED, MethodSpec, bench_skip_spec, rows_of_spec
 from tokensift.bench.stats import Bootstrap
 from tokensift.bench.sweep import best_site_label, choose_best_sites, resolve_sweep_sites
 from tokensift.export.artifact import Artifact, FingerprintMismatch
@@ -157,6 +164,7 @@ class _Context:
     device: torch.device
     repeats: int
     warmup: int
+    progress: RowProgress
 
     def evaluate(self, handle, method, batches=None) -> _Eval:
         batches = self.batches if batches is None else batches
@@ -180,7 +188,7 @@ class _Context:
             self.warmup,
             self.device,
         )
-        return {
+        row = {
             "method": label,
             "kind": kind,
             "keep_ratio": ratio,
@@ -201,6 +209,8 @@ class _Context:
             "_times": times,
             "_speedups": speedups,
         }
+        self.progress.advance(row)
+        return row
 
 
 def _site_sweep(context: _Context, val_batches, specs, ratios, sites, bootstrap: Bootstrap) -> list[dict]:
@@ -228,6 +238,7 @@ def _site_sweep(context: _Context, val_batches, specs, ratios, sites, bootstrap:
                             "flops_ratio": context.flops(handle)["ratio"],
                         }
                     )
+                    context.progress.advance(entries[-1])
             finally:
                 handle.remove()
     return entries
@@ -316,7 +327,7 @@ def run_image_bench(
     timing_batches, repeats, warmup, num_overlay_images, max_batches, torch_device, datamodule, *_ = settings
     data_description, out_dir = settings.data_description, settings.out_dir
 
-    with torch_threads(num_threads):
+    with torch_threads(num_threads), RowProgress(quiet) as progress:
         model = load_backbone(str(model_path)).eval().to(torch_device)
         adapter = adapt(model)
         if not adapter.has_classifier:
@@ -347,7 +358,13 @@ def run_image_bench(
         num_prefix = adapter.num_prefix
         timing = batches[:timing_batches]
 
-        context = _Context(model, adapter, batches, timing, num_patches, num_prefix, torch_device, repeats, warmup)
+        context = _Context(
+            model, adapter, batches, timing, num_patches, num_prefix, torch_device, repeats, warmup, progress
+        )
+        # the unpruned row, each method's budgets; a sweep adds every site's entry and a best-site row per budget
+        free = sum(spec.kind == "training-free" for spec in specs)
+        swept = 0 if sweep_sites is None else free * len(ratios) * (len(sweep_sites) + 1)
+        progress.start(1 + sum(rows_of_spec(spec, ratios, skip_layers) for spec in specs) + swept)
         rows = [context.measure(UNPRUNED, "none", 1.0, None, None)]
         bootstrap = Bootstrap(rows[0]["num_samples"], bootstrap_resamples, bootstrap_seed)
         overlay_images = batches[0]

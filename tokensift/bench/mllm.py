@@ -56,7 +56,7 @@ from tokensift.backbones.vqa import (
 from tokensift.bench.data import take_rows, vqa_test_batches
 from tokensift.bench.measure import environment_metadata, measure_speed_and_memory
 from tokensift.bench.oracle import MLLMOracleMethod
-from tokensift.bench.results import MATCHED_FLOPS_NOTE, finalize_rows, summarize, write_results
+from tokensift.bench.results import MATCHED_FLOPS_NOTE, RowProgress, finalize_rows, summarize, write_results
 from tokensift.bench.settings import bench_settings, torch_threads
 from tokensift.bench.specs import (
     ORACLE,
@@ -67,6 +67,7 @@ from tokensift.bench.specs import (
     parse_keep_ratios,
     parse_methods,
     parse_skip_layers,
+    rows_of_spec,
 )
 from tokensift.bench.stats import (
     DEFAULT_FLOPS_RATIOS,
@@ -224,8 +225,9 @@ def kept_visual_patches(handle, batch: PreparedBatch) -> Tensor:
 class _MLLMEvaluator:
     """Runs and measures one (method, budget) on the prepared batches of one model."""
 
-    def __init__(self, model, adapter, batches, timing, answer_ids, pad_token_id, device, repeats, warmup):
+    def __init__(self, model, adapter, batches, timing, answer_ids, pad_token_id, device, repeats, warmup, progress):
         self.model, self.adapter, self.batches, self.timing = model, adapter, batches, timing
+        self.progress: RowProgress = progress
         self.answer_ids = None if answer_ids is None else answer_ids.to(device)
         self.pad_token_id, self.device, self.repeats, self.warmup = pad_token_id, device, repeats, warmup
         self._unpruned_vision: dict[int, float] = {}  # per batch: the tower's FLOPs without a method
@@ -296,7 +298,7 @@ class _MLLMEvaluator:
         )
         decides_exits = bool(getattr(method, "decides_exits", False))
         per_sample = torch.cat(correct).double().numpy()
-        return {
+        row = {
             "method": label,
             "kind": kind,
             "keep_ratio": keep_ratio,
@@ -321,6 +323,8 @@ class _MLLMEvaluator:
             "_times": times,
             "_speedups": speedups,
         }
+        self.progress.advance(row)
+        return row
 
 
 def _row_sites(handle) -> list[str]:
@@ -367,11 +371,16 @@ _MEASURE_NOTES = {
 }
 
 
+def _decides_exits(spec: MethodSpec) -> bool:
+    """Whether the spec is an exit method (dyvte), benched at thresholds rather than keep ratios."""
+    return spec.kind != ORACLE and bool(getattr(_method_of(spec.build()), "decides_exits", False))
+
+
 def _bench_spec(evaluator: _MLLMEvaluator, spec: MethodSpec, ratios, exit_thresholds, shown):
     """One method at every budget (measured rows) and its ``overlays.png`` column; ``shown`` is the overlay batch,
     its keep ratio and threshold, and the answer tokens -> answer words function."""
     overlay, overlay_ratio, overlay_threshold, words = shown
-    exits = bool(getattr(_method_of(spec.build()), "decides_exits", False)) if spec.kind != ORACLE else False
+    exits = _decides_exits(spec)
     budgets = [(None, t) for t in exit_thresholds] if exits else [(r, None) for r in ratios]
     handle, method = _apply(evaluator.model, spec, *budgets[0])
     rows = []
@@ -458,7 +467,7 @@ def run_mllm_bench(
     timing_batches, repeats, warmup, num_overlay_images, max_batches, torch_device, datamodule, *_ = settings
     data_description, out_dir = settings.data_description, settings.out_dir
 
-    with torch_threads(num_threads):
+    with torch_threads(num_threads), RowProgress(quiet) as progress:
         model = load_mllm_backbone(str(model_path)).to(torch_device)
         if model.config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model: {model.config.model_type!r} is not one of {list(SUPPORTED_MODEL_TYPES)}.")
@@ -473,7 +482,9 @@ def run_mllm_bench(
         count = sum(int(b.answers.shape[0]) for b in batches)
         size = int(getattr(datamodule, "batch_size", None) or batches[0].answers.shape[0])
         timing = batches[:timing_batches]
-        evaluator = _MLLMEvaluator(model, adapter, batches, timing, answer_ids, pad, torch_device, repeats, warmup)
+        evaluator = _MLLMEvaluator(
+            model, adapter, batches, timing, answer_ids, pad, torch_device, repeats, warmup, progress
+        )
         has_oracle = all(b.oracle_mask is not None for b in batches)
 
         # the overlay samples: the first test samples, as their own small batch
@@ -486,11 +497,13 @@ def run_mllm_bench(
         def words(tokens: Tensor, reference: Tensor) -> list[str]:
             return _words(tokens, reference, tokenizer)
 
+        oracle = [MethodSpec(ORACLE, ORACLE, ORACLE, ORACLE)] if has_oracle else []
+        per_spec = [rows_of_spec(s, exit_thresholds if _decides_exits(s) else ratios, counts) for s in specs + oracle]
+        progress.start(1 + sum(per_spec))  # the unpruned row first
         rows = [evaluator.measure(UNPRUNED, "none", None, None, keep_ratio=1.0)]
         with torch.no_grad():
             preds = words(evaluator.run(overlay, None, None)["tokens"], overlay.answers)
         columns = [{"title": f"{UNPRUNED} (all tokens)", "kept": None, "preds": preds}]
-        oracle = [MethodSpec(ORACLE, ORACLE, ORACLE, ORACLE)] if has_oracle else []
         for spec in [*specs, *oracle]:
             if spec.artifact is not None and is_skip_method(spec.artifact.method):
                 rows += bench_skip_spec(

@@ -257,6 +257,51 @@ def _console():
     return console
 
 
+class RowProgress:
+    """``tokensift bench``'s progress bar: one step per measured (method, budget) row and per site-sweep entry.
+
+    A context manager around a bench; :meth:`start` gives the total once the rows are known (before that nothing
+    shows), :meth:`advance` steps one finished row and names it. It draws on the console the tables print to and
+    stays off with ``quiet`` and when that console is not a terminal: a log file or a pipe would collect every
+    redraw. Transient, so the tables that follow stand alone.
+    """
+
+    def __init__(self, quiet: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = _console()
+        self._progress = Progress(
+            TextColumn("tokensift bench"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=console,
+            transient=True,
+            disable=quiet or not console.is_terminal,
+        )
+        self._task = None
+
+    def __enter__(self) -> RowProgress:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._task is not None:
+            self._progress.stop()
+
+    def start(self, total: int) -> None:
+        """Show the bar at 0 of ``total`` rows."""
+        self._task = self._progress.add_task("", total=total)
+        self._progress.start()
+
+    def advance(self, row: Mapping) -> None:
+        """One more row done: a measured row or a site-sweep entry (``method``, its ``site`` if any, budget)."""
+        if self._task is None:
+            raise RuntimeError("RowProgress.advance before start: start(total) once the rows are known.")
+        site = f"@{row['site']}" if row.get("site") else ""
+        self._progress.update(self._task, advance=1, description=f"{row['method']}{site} {budget_label(row)}")
+
+
 def print_table(rows: Sequence[dict], title: str = "tokensift bench") -> None:
     from rich.table import Table
 
@@ -383,6 +428,7 @@ __all__ = [
     "MATCHED_FIELDS",
     "MATCHED_FLOPS_NOTE",
     "SWEEP_FIELDS",
+    "RowProgress",
     "budget_label",
     "finalize_rows",
     "matched_flops",

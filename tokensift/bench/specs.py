@@ -157,6 +157,14 @@ def bench_skip_spec(
     return rows
 
 
+def rows_of_spec(spec: MethodSpec, budgets: Sequence, requested_skips: list[int] | None) -> int:
+    """How many rows a bench measures for ``spec``: one per skip count for a layer-skip artifact
+    (:func:`bench_skip_spec`), else one per budget (keep ratio, or threshold of an exit method)."""
+    if spec.artifact is not None and is_skip_method(spec.artifact.method):
+        return len(skip_counts(spec.artifact, requested_skips))
+    return len(budgets)
+
+
 def parse_skip_layers(skip_layers: Sequence[int] | str | None, specs: list[MethodSpec]) -> list[int] | None:
     """Skip counts for the layer-skip artifacts among ``specs`` (comma-separated or listed whole numbers >= 0,
     distinct, ascending), each checked against every such artifact; ``None``: each artifact's own
@@ -227,5 +235,6 @@ __all__ = [
     "parse_keep_ratios",
     "parse_methods",
     "parse_skip_layers",
+    "rows_of_spec",
     "skip_counts",
 ]
