@@ -13,8 +13,8 @@ from tokensift import attention as attn
 from tokensift.backbones import MLLMAdapter, adapt
 from tokensift.backbones.lora import load_adapter
 from tokensift.budget import Budget
-from tokensift.export.artifact import Artifact, FingerprintMismatch, check_fingerprint
-from tokensift.export.hub import from_pretrained, looks_like_hub_id
+from tokensift.export.artifact import Artifact, FingerprintMismatch, check_fingerprint, from_pretrained
+from tokensift.export.hub import looks_like_hub_id
 from tokensift.reduce import Mode, PruningHandle
 from tokensift.reduce_mllm import HANDLE_ATTRIBUTE, MLLMPruningHandle
 from tokensift.scorers import build_method, get_method_class

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in TOOL_COMMANDS:
         from tokensift.backbones.pretrain_mllm import pretrain_mllm_command
         from tokensift.bench import bench
-        from tokensift.export.card import write_model_card
+        from tokensift.export.artifact import write_model_card
         from tokensift.export.checkpoint import export
         from tokensift.quickstart import quickstart
         from tokensift.quickstart_video import quickstart_video

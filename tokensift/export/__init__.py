@@ -5,12 +5,13 @@ from tokensift.export.artifact import (
     FingerprintMismatch,
     InvalidArtifact,
     check_fingerprint,
+    from_pretrained,
     load_artifact,
+    push_to_hub,
     save_artifact,
     validate_manifest,
+    write_model_card,
 )
-from tokensift.export.card import write_model_card
-from tokensift.export.hub import from_pretrained, push_to_hub
 from tokensift.export.zero import UnsafeCheckpoint
 
 __all__ = [

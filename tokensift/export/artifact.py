@@ -21,8 +21,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tokensift.budget import Budget
-from tokensift.export.card import model_card_text
-from tokensift.io import atomic_directory, check_replaceable
+from tokensift.export.card import CARD, bench_rows_for, model_card_text
+from tokensift.export.hub import PICKLE_SUFFIXES, check_repo_id, resolve_artifact_dir, upload_folder
+from tokensift.io import atomic_directory, check_replaceable, write_text_atomic
 from tokensift.scorers.base import Method, is_skip_method
 from tokensift.scorers.registry import get_method_class
 
@@ -80,9 +81,7 @@ class Artifact:
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool | None = None,
     ) -> Artifact:
-        """An artifact from a local folder or a hub id ``org/name`` (:func:`tokensift.export.hub.from_pretrained`)."""
-        from tokensift.export.hub import from_pretrained  # hub.py builds on this module
-
+        """An artifact from a local folder or a hub id ``org/name`` (:func:`from_pretrained`)."""
         return from_pretrained(id_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
 
     def push_to_hub(
@@ -92,9 +91,7 @@ class Artifact:
         private: bool | None = None,
         commit_message: str = "Upload tokensift artifact",
     ):
-        """Upload this artifact to the hub repo ``repo_id`` (see :func:`tokensift.export.hub.push_to_hub`)."""
-        from tokensift.export.hub import push_to_hub
-
+        """Upload this artifact to the hub repo ``repo_id`` (see :func:`push_to_hub`)."""
         return push_to_hub(self, repo_id, token=token, private=private, commit_message=commit_message)
 
 
@@ -386,3 +383,65 @@ def check_fingerprint(manifest: dict, fingerprint: dict, strict: bool = True) ->
             f"the model differs from the artifact's backbone ({detail}); pass strict=False to apply it anyway."
         )
     return soft
+
+
+# -- the Hub: tokensift.export.hub moves the directories, these functions check what they hold -------------------------
+def from_pretrained(
+    id_or_path: str | os.PathLike,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+) -> Artifact:
+    """An artifact from a local folder or a hub id (``tokensift.export.hub.resolve_artifact_dir``), validated, never
+    unpickled."""
+    folder = resolve_artifact_dir(id_or_path, revision, cache_dir, local_files_only)
+    if not (folder / MANIFEST).is_file() and folder != Path(id_or_path):
+        raise InvalidArtifact(
+            f"hub repo {os.fspath(id_or_path)!r} (snapshot {folder}) has no {MANIFEST}: it is not a tokensift "
+            "artifact. Push one with Artifact.push_to_hub, or give a folder `tokensift export` wrote."
+        )
+    return load_artifact(folder)
+
+
+def push_to_hub(
+    artifact: Artifact,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload tokensift artifact",
+):
+    """Create the model repo ``repo_id`` if needed and upload the artifact's folder; returns the ``CommitInfo``.
+
+    An artifact held in memory only (no ``path``) is saved to a temporary folder first. A folder holding a pickle
+    file is refused rather than filtered: leaving a file out would upload a different artifact than the one
+    tested.
+    """
+    import tempfile
+
+    check_repo_id(repo_id)  # before any work
+    with tempfile.TemporaryDirectory(prefix="tokensift-push-") as scratch:
+        folder = Path(
+            artifact.path if artifact.path is not None else artifact.save_pretrained(Path(scratch) / "artifact")
+        )
+        load_artifact(folder)  # upload only what ts.load reads back
+        pickled = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise InvalidArtifact(
+                f"{folder} holds pickle files {pickled[:3]}; an artifact is safetensors and JSON only: re-export it "
+                "(`tokensift export`) or remove them."
+            )
+        return upload_folder(folder, repo_id, token=token, private=private, commit_message=commit_message)
+
+
+def write_model_card(artifact_dir: str | os.PathLike, bench_results: str | os.PathLike | None = None) -> Path:
+    """Rewrite ``artifact_dir``'s ``README.md`` from its manifest, with the rows of the ``tokensift bench``
+    ``results.json`` at ``bench_results`` measured for this artifact; returns the card's path.
+
+    Args:
+        artifact_dir: the artifact directory (`tokensift export` wrote it); its README.md is replaced.
+        bench_results: a `tokensift bench` results.json; its rows whose 'artifact' is this directory (and the
+            unpruned row) become the card's benchmark table.
+    """
+    artifact = load_artifact(artifact_dir)
+    rows = None if bench_results is None else bench_rows_for(bench_results, artifact_dir)
+    return write_text_atomic(Path(artifact_dir) / CARD, model_card_text(artifact.manifest, rows))

@@ -15,8 +15,6 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from tokensift.io import write_text_atomic
-
 CARD = "README.md"
 # the fingerprint's per-block digests are long and only matter to the mismatch message, not to a reader
 _FINGERPRINT_HIDDEN = ("weights_groups",)
@@ -132,22 +130,6 @@ def bench_rows_for(results_path: str | os.PathLike, artifact_dir: str | os.PathL
         )
     unpruned = [dict(row) for row in rows if row.get("kind") == "none"]
     return unpruned[:1] + mine
-
-
-def write_model_card(artifact_dir: str | os.PathLike, bench_results: str | os.PathLike | None = None) -> Path:
-    """Rewrite ``artifact_dir``'s ``README.md`` from its manifest, with the rows of the ``tokensift bench``
-    ``results.json`` at ``bench_results`` measured for this artifact; returns the card's path.
-
-    Args:
-        artifact_dir: the artifact directory (`tokensift export` wrote it); its README.md is replaced.
-        bench_results: a `tokensift bench` results.json; its rows whose 'artifact' is this directory (and the
-            unpruned row) become the card's benchmark table.
-    """
-    from tokensift.export.artifact import load_artifact  # validates the manifest; artifact.py imports this module
-
-    artifact = load_artifact(artifact_dir)
-    rows = None if bench_results is None else bench_rows_for(bench_results, artifact_dir)
-    return write_text_atomic(Path(artifact_dir) / CARD, model_card_text(artifact.manifest, rows))
 
 
 def _bench_table(rows: Sequence[Mapping]) -> list[str]:

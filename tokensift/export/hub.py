@@ -8,14 +8,14 @@ unpickled.
 
 Plain functions rather than ``huggingface_hub.ModelHubMixin``: the mixin's ``save_pretrained`` writes into a
 directory it creates first and adds its own ``config.json`` and card, which would bypass the artifact's atomic,
-validated writer and put a second, unvalidated config beside ``tokensift.json``.
+validated writer and put a second, unvalidated config beside ``tokensift.json``. This module moves directories
+only; ``tokensift.export.artifact`` checks what they hold (``Artifact.from_pretrained`` / ``push_to_hub``).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants, snapshot_download
@@ -25,8 +25,6 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-
-from tokensift.export.artifact import MANIFEST, Artifact, InvalidArtifact, load_artifact
 
 # the Hub's own rule for a repo id: `owner/name`, letters, digits, `-`, `_`, `.`; no `--` or `..`
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -39,6 +37,12 @@ def looks_like_hub_id(value: str | os.PathLike) -> bool:
     if isinstance(value, os.PathLike):
         return False
     return bool(_HUB_ID.match(value)) and "--" not in value and ".." not in value and not value.endswith(".git")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A ValueError unless ``repo_id`` is a hub repo id (``owner/name``)."""
+    if not looks_like_hub_id(repo_id):
+        raise ValueError(f"repo_id {repo_id!r} is not a hub repo id; write it as owner/name, e.g. 'my-org/dynamicvit'.")
 
 
 def resolve_artifact_dir(
@@ -86,52 +90,19 @@ def resolve_artifact_dir(
             f"artifact {repo_id!r}: no local folder of that name, and no hub repo ({type(error).__name__}: "
             f"{str(error).splitlines()[0]}); check the id, or give a local artifact folder."
         ) from None
-    snapshot = Path(snapshot)
-    if not (snapshot / MANIFEST).is_file():
-        raise InvalidArtifact(
-            f"hub repo {repo_id!r} (snapshot {snapshot}) has no {MANIFEST}: it is not a tokensift artifact. Push one "
-            "with Artifact.push_to_hub, or give a folder `tokensift export` wrote."
-        )
-    return snapshot
+    return Path(snapshot)
 
 
-def from_pretrained(
-    id_or_path: str | os.PathLike,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool | None = None,
-) -> Artifact:
-    """Load an artifact from a local folder or a hub id (:func:`resolve_artifact_dir`), validated, never pickled."""
-    return load_artifact(resolve_artifact_dir(id_or_path, revision, cache_dir, local_files_only))
-
-
-def push_to_hub(
-    artifact: Artifact,
+def upload_folder(
+    folder: str | os.PathLike,
     repo_id: str,
     token: str | None = None,
     private: bool | None = None,
     commit_message: str = "Upload tokensift artifact",
 ):
-    """Create the model repo ``repo_id`` if needed and upload the artifact's folder; returns the ``CommitInfo``.
-
-    An artifact held in memory only (no ``path``) is saved to a temporary folder first. A folder holding a pickle
-    file is refused rather than filtered: leaving a file out would upload a different artifact than the one
-    tested.
-    """
-    if not looks_like_hub_id(repo_id):
-        raise ValueError(f"repo_id {repo_id!r} is not a hub repo id; write it as owner/name, e.g. 'my-org/dynamicvit'.")
+    """Create the model repo ``repo_id`` if needed and upload ``folder`` (a checked artifact directory) as its
+    contents; returns the ``CommitInfo``."""
+    check_repo_id(repo_id)
     api = HfApi(token=token)
-    with tempfile.TemporaryDirectory(prefix="tokensift-push-") as scratch:
-        folder = artifact.path
-        if folder is None:
-            folder = artifact.save_pretrained(Path(scratch) / "artifact")
-        folder = Path(folder)
-        load_artifact(folder)  # upload only what ts.load reads back
-        pickled = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
-        if pickled:
-            raise InvalidArtifact(
-                f"{folder} holds pickle files {pickled[:3]}; an artifact is safetensors and JSON only: re-export it "
-                "(`tokensift export`) or remove them."
-            )
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        return api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=commit_message)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    return api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=commit_message)
