@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first: the pinned CPU wheel; every later install is held to it by the constraints file.
 	$(PIP) install torch==2.13.0
-	$(PIP) install -c constraints.txt -e ".[dev,peft,deepspeed]"
+	$(PIP) install -c constraints.txt -e ".[dev,peft,deepspeed,diffusion,tensorboard]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -252,6 +252,18 @@ def test_card_with_bench_rows(tmp_path, monkeypatch):
         write_model_card(moved, tmp_path / "bad.json")
 
 
+def test_card_license(tmp_path):
+    _, local = tiny_artifact(tmp_path / "art")
+    assert ModelCard.load(local / "README.md").data.license is None
+    main(["card", str(local), "--license", "apache-2.0"])
+    assert ModelCard.load(local / "README.md").data.license == "apache-2.0"
+    write_model_card(local)  # a rewrite without --license keeps the card's license
+    assert ModelCard.load(local / "README.md").data.license == "apache-2.0"
+    with pytest.raises(ValueError, match=r"license='Apache 2\.0' is not a Hub license identifier.*'apache-2\.0'"):
+        write_model_card(local, license="Apache 2.0")
+    assert ModelCard.load(local / "README.md").data.license == "apache-2.0"  # the refused call wrote nothing
+
+
 def test_export_records_the_training_data_and_base_model(tmp_path):
     """``tokensift export`` carries the checkpoint's data module and a hub-id backbone into the manifest and card;
     a local training path never becomes ``base_model``."""

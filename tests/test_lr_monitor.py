@@ -128,3 +128,20 @@ def test_a_manually_optimised_trainer_logs_each_group(tmp_path):
     for group in ("scorer", "policy_layer"):  # the policy head, the copied LLM layer (GRPOTrainer.parameter_groups)
         lrs = [float(row[f"lr-AdamW/{group}"]) for row in rows if row.get(f"lr-AdamW/{group}")]
         assert len(lrs) == 3 and lrs[0] < max(lrs), (group, lrs)
+
+
+def test_a_tensorboard_run_logs_the_same_curves(backbone, tmp_path):
+    """``--trainer.logger`` TensorBoardLogger (the ``tensorboard`` extra): the event file holds the training loss and
+    the per-step learning rate that a CSV run writes to metrics.csv, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path)}}
+    cli = _fit(_recipe(tmp_path / "recipe.yaml", backbone, {"logger": board}))
+    assert len(_monitors(cli)) == 1
+    events = EventAccumulator(cli.trainer.logger.log_dir)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"lr-AdamW/scorer", "train/loss"} <= tags, tags
+    lrs = [event.value for event in events.Scalars("lr-AdamW/scorer")]
+    assert len(lrs) == STEPS and math.isclose(max(lrs), LR, rel_tol=0.05) and lrs[0] < LR / 2
+    assert any(tag.startswith("val/") for tag in tags), tags

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tokensift.budget import Budget
-from tokensift.export.card import CARD, bench_rows_for, model_card_text
+from tokensift.export.card import CARD, bench_rows_for, card_license, check_license, model_card_text
 from tokensift.export.hub import PICKLE_SUFFIXES, check_repo_id, resolve_artifact_dir, upload_folder
 from tokensift.io import atomic_directory, check_replaceable, write_text_atomic
 from tokensift.scorers.base import Method, is_skip_method
@@ -433,7 +433,9 @@ def push_to_hub(
         return upload_folder(folder, repo_id, token=token, private=private, commit_message=commit_message)
 
 
-def write_model_card(artifact_dir: str | os.PathLike, bench_results: str | os.PathLike | None = None) -> Path:
+def write_model_card(
+    artifact_dir: str | os.PathLike, bench_results: str | os.PathLike | None = None, license: str | None = None
+) -> Path:
     """Rewrite ``artifact_dir``'s ``README.md`` from its manifest, with the rows of the ``tokensift bench``
     ``results.json`` at ``bench_results`` measured for this artifact; returns the card's path.
 
@@ -441,7 +443,11 @@ def write_model_card(artifact_dir: str | os.PathLike, bench_results: str | os.Pa
         artifact_dir: the artifact directory (`tokensift export` wrote it); its README.md is replaced.
         bench_results: a `tokensift bench` results.json; its rows whose 'artifact' is this directory (and the
             unpruned row) become the card's benchmark table.
+        license: the Hub license identifier of the scorer's weights (`apache-2.0`, `mit`, `other`, ...), in the
+            card's metadata; without it the card keeps the license it had.
     """
     artifact = load_artifact(artifact_dir)
+    card = Path(artifact_dir) / CARD
+    license = card_license(card) if license is None else check_license(license)
     rows = None if bench_results is None else bench_rows_for(bench_results, artifact_dir)
-    return write_text_atomic(Path(artifact_dir) / CARD, model_card_text(artifact.manifest, rows))
+    return write_text_atomic(card, model_card_text(artifact.manifest, rows, license))

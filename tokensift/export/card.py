@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,8 +21,32 @@ CARD = "README.md"
 _FINGERPRINT_HIDDEN = ("weights_groups",)
 
 
-def model_card_text(manifest: Mapping, bench_rows: Sequence[Mapping] | None = None) -> str:
-    """The card of the artifact described by ``manifest``, with a table of ``bench_rows`` when given."""
+_LICENSE = re.compile(r"[a-z0-9][a-z0-9.+-]*")
+
+
+def check_license(license: str) -> str:
+    """A Hub license identifier: lower-case letters, digits, ``.``, ``-``, ``+`` (``apache-2.0``, ``cc-by-4.0``)."""
+    if not isinstance(license, str) or not _LICENSE.fullmatch(license):
+        raise ValueError(
+            f"license={license!r} is not a Hub license identifier: give a lower-case one such as 'apache-2.0', "
+            "'mit' or 'cc-by-4.0' (https://huggingface.co/docs/hub/repositories-licenses), or 'other'"
+        )
+    return license
+
+
+def card_license(card_path: str | os.PathLike) -> str | None:
+    """The license in an existing card's metadata, so rewriting the card keeps it."""
+    path = Path(card_path)
+    return ModelCard.load(path).data.license if path.is_file() else None
+
+
+def model_card_text(
+    manifest: Mapping, bench_rows: Sequence[Mapping] | None = None, license: str | None = None
+) -> str:
+    """The card of the artifact described by ``manifest``, with a table of ``bench_rows`` and the Hub ``license``
+    identifier (``apache-2.0``, ``mit``, ``other``, ...) when given."""
+    if license is not None:
+        check_license(license)
     fp = manifest["backbone"]
     skips = "skip_layers" in manifest["default_budget"]
     what = "layer-skip method (whole blocks replaced by adapters)" if skips else "token scorer"
@@ -29,7 +54,7 @@ def model_card_text(manifest: Mapping, bench_rows: Sequence[Mapping] | None = No
         library_name="tokensift",
         tags=["tokensift", "token-pruning", manifest["method"], manifest["kind"]],
         base_model=manifest.get("base_model"),
-        license=manifest.get("license"),
+        license=license,
     )
     lines = [
         f"# tokensift artifact: {manifest['method']}",
