@@ -185,6 +185,54 @@ def test_llava_needs_a_question_and_a_processor(llava_dir, user_images, tmp_path
         show(str(llava_dir), "l2norm", images, 0.25, str(tmp_path / "x.png"), question="is there a 3 ?")
 
 
+@pytest.fixture(scope="module")
+def qwen2_vl_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2-VL from the recipe: a tokenizer and an image processor, no Qwen2VLProcessor (no torchvision)."""
+    from tokensift.backbones.pretrain_mllm import pretrain_mllm
+    from tokensift.data.digit_vqa import DigitVQADataModule
+
+    data = DigitVQADataModule(batch_size=16, train_samples=16, val_samples=16, test_samples=16, seed=1)
+    tiny = dict(vision_hidden_size=32, vision_layers=1, text_hidden_size=32, text_layers=2)
+    quiet = dict(enable_progress_bar=False, enable_model_summary=False, logger=False)
+    out, _ = pretrain_mllm(
+        tmp_path_factory.mktemp("mllm") / "qwen2_vl", data, family="qwen2_vl", trainer_kwargs=quiet, **tiny
+    )
+    # the recipe's processor reads canvases as they are; a user's photos are resized to about the canvas's area
+    image_processor = AutoImageProcessor.from_pretrained(out, local_files_only=True)
+    image_processor.do_resize = True
+    image_processor.save_pretrained(out)
+    return out
+
+
+def test_qwen2_vl_without_a_processor_class(qwen2_vl_dir, user_images, tmp_path):
+    """Each user image gets its own token grid from the folder's image processor; the placeholders are expanded
+    to one per LM token (t·h·w / 2²), as Qwen2VLProcessor would, and show keeps what the handle keeps."""
+    from tokensift.backbones.loading import Qwen2VLImagePrompts, load_mllm_backbone, load_mllm_processor
+
+    processor = load_mllm_processor(str(qwen2_vl_dir))
+    assert isinstance(processor, Qwen2VLImagePrompts)
+    question = "is there a 3 ?"
+    out = tmp_path / "qwen.png"
+    _, kept = show(str(qwen2_vl_dir), "visionzip", [str(p) for p in user_images], 0.25, str(out), question=question)
+    assert out.is_file()
+    model = load_mllm_backbone(str(qwen2_vl_dir))
+    prompt = chat_prompt(processor, question)
+    for path, shown in zip(user_images, kept, strict=True):
+        encoded = processor(images=[Image.open(path).convert("RGB")], text=[prompt], return_tensors="pt")
+        visual = (encoded["input_ids"][0] == model.config.image_token_id).nonzero().flatten().tolist()
+        assert len(visual) == int(encoded["image_grid_thw"].prod()) // 4
+        with torch.no_grad(), ts.apply(model, "visionzip", keep_ratio=0.25) as handle:
+            model(**mllm_inputs(model, encoded))
+            survivors = set(handle.kept_orig_index[0].tolist())
+        expected = [rank for rank, position in enumerate(visual) if position in survivors]
+        assert shown == expected and len(shown) == math.ceil(0.25 * len(visual))
+    image = Image.open(user_images[0]).convert("RGB")
+    with pytest.raises(ValueError, match=r"text: the prompts hold more .* placeholders than the 1 images"):
+        processor(images=[image], text=[prompt + " " + processor.image_token])
+    with pytest.raises(ValueError, match=r"images: 2 images but fewer .* placeholders"):
+        processor(images=[image, image], text=[prompt])
+
+
 def test_argument_errors_name_the_field_and_the_fix(vit_dir, user_images, tmp_path):
     images = [str(p) for p in user_images]
     out = str(tmp_path / "x.png")

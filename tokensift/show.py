@@ -21,7 +21,7 @@ from torch import nn
 
 import tokensift as ts
 from tokensift.backbones import adapt, load_backbone
-from tokensift.backbones.loading import load_mllm_backbone
+from tokensift.backbones.loading import load_mllm_backbone, load_mllm_processor
 from tokensift.bench.runner import is_multimodal_dir
 from tokensift.bench.specs import MethodSpec, parse_methods
 from tokensift.data.vqa import ANSWER_CUE, IGNORE_INDEX, IMAGE_TOKEN
@@ -129,20 +129,13 @@ def _image_processor(model_path: Path):
 
 
 def _mllm_processor(model_path: Path):
-    from transformers import AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(model_path, local_files_only=True)
-    except (OSError, ValueError, TypeError) as error:
-        processor, reason = None, f"{type(error).__name__}: {error}"
-    else:
-        reason = f"AutoProcessor gives a {type(processor).__name__}"
-    if processor is None or getattr(processor, "image_processor", None) is None:
+    processor = load_mllm_processor(str(model_path))
+    if processor is None:
         raise ValueError(
-            f"model: {model_path} has no multimodal processor ({reason}); a multimodal LLM needs one that builds "
-            "its prompt with the image tokens and its pixels: save it into the folder with "
+            f"model: {model_path} has no multimodal processor; a multimodal LLM needs one that builds its prompt "
+            "with the image tokens and its pixels: save it into the folder with "
             f"processor.save_pretrained({str(model_path)!r}) (e.g. a LlavaProcessor of the model's tokenizer and "
-            "image processor)."
+            "image processor; for Qwen2-VL its tokenizer and image processor are enough)."
         )
     return processor
 
