@@ -469,3 +469,31 @@ def test_several_artifacts_of_one_method_are_named_by_their_folder(run, tmp_path
     entries = [f"dynamicvit:{tmp_path / 'seed1'}", f"dynamicvit:{tmp_path / 'other' / 'seed1'}"]
     specs, _ = parse_methods(entries)
     assert [s.label for s in specs] == entries
+
+
+def test_hub_ids_as_methods(run, tmp_path, monkeypatch):
+    """``--methods`` takes hub ids (``NAME:org/name`` or ``org/name``) resolved from the local hub cache, as
+    ``ts.apply`` does; rows are named by the repo, not by the snapshot's commit folder."""
+    import huggingface_hub
+
+    from tests.test_hub import cache_repo
+
+    cache = tmp_path / "hub_cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    for repo in ("my-org/seed-a", "my-org/seed-b"):
+        cache_repo(cache, repo, run.artifact)
+    monkeypatch.chdir(tmp_path)
+    data = ClutteredDigitsDataModule(**DATA)
+    common = dict(batch_size=None, timing_batches=1, repeats=1, warmup=0, overlay_ratio=0.5)
+    result = run_bench(
+        str(run.backbone), data, ["dynamicvit:my-org/seed-a", "my-org/seed-b"], [0.5], tmp_path / "out", **common
+    )
+    rows = {row["method"]: row for row in result["rows"] if row["keep_ratio"] == 0.5}
+    local = _by_method(run.result["rows"])["dynamicvit"][0.5]
+    assert set(rows) - {"oracle"} == {"dynamicvit:seed-a", "dynamicvit:seed-b"}
+    assert rows["dynamicvit:seed-a"]["accuracy"] == rows["dynamicvit:seed-b"]["accuracy"] == local["accuracy"]
+    with pytest.raises(FileNotFoundError, match=r"methods: 'dynamicvit:my-org/absent': .*not in the cache"):
+        run_bench(str(run.backbone), data, ["dynamicvit:my-org/absent"], [0.5], tmp_path / "o2", **common)

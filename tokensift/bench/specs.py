@@ -11,6 +11,7 @@ from pathlib import Path
 import tokensift as ts
 from tokensift.bench.oracle import OracleMethod
 from tokensift.export.artifact import MANIFEST, Artifact
+from tokensift.export.hub import looks_like_hub_id, resolve_artifact_dir
 from tokensift.scorers import TokenMethod, build_method
 from tokensift.scorers.base import is_skip_method
 
@@ -41,6 +42,11 @@ def _registered_names() -> dict[str, str]:
 
 
 def _load_artifact_for(entry: str, name: str | None, path: Path) -> Artifact:
+    if not (path / MANIFEST).is_file() and looks_like_hub_id(str(path)):
+        try:  # a hub id: its snapshot in the local hub cache (or downloaded when online), as ts.apply resolves it
+            path = resolve_artifact_dir(str(path))
+        except (FileNotFoundError, ValueError) as error:
+            raise FileNotFoundError(f"methods: {entry!r}: {error}") from None
     if not (path / MANIFEST).is_file():
         what = "does not exist" if not path.exists() else f"has no {MANIFEST}"
         raise FileNotFoundError(
@@ -89,7 +95,7 @@ def parse_methods(methods: Sequence[str] | str) -> tuple[list[MethodSpec], bool]
                     f"write {entry}:ARTIFACT_DIR (an exported artifact directory)."
                 )
             specs.append(MethodSpec(entry, entry, "training-free", entry))
-        elif (Path(entry) / MANIFEST).is_file():
+        elif (Path(entry) / MANIFEST).is_file() or looks_like_hub_id(entry):
             artifact = _load_artifact_for(entry, None, Path(entry))
             name = artifact.manifest["method"]
             specs.append(MethodSpec(name, name, artifact.method.kind, entry, artifact))
@@ -109,7 +115,8 @@ def parse_methods(methods: Sequence[str] | str) -> tuple[list[MethodSpec], bool]
     for spec in specs:
         if seen[spec.label] > 1 and spec.artifact is not None:
             # several artifacts of one method (e.g. seeds): name each row by its artifact folder
-            spec.label = f"{spec.label}:{Path(spec.artifact.path).name}"
+            # (the entry's last part, not the resolved folder's: a hub id's snapshot folder is a commit hash)
+            spec.label = f"{spec.label}:{Path(spec.entry.partition(':')[2] or spec.entry).name}"
     tails = [s.label for s in specs]
     for spec in specs:
         if tails.count(spec.label) > 1:  # folders of the same name in different places
